@@ -265,7 +265,7 @@ def synthetic_mel(rng, batch: int) -> np.ndarray:
     return np.clip(rng.standard_normal((batch, 1, 80, 16)) * 1.5 - 1.0, -4, 4).astype(np.float32)
 
 
-def build_unet(tiny: bool, seed: int):
+def build_unet(tiny: bool, seed: int, calibrated: bool = True):
     g = Graph(seed)
     inputs = [("input", ["N", 6, 320, 320]), ("audio", ["N", 32, 16, 16])]
     logits = (unet_tiny if tiny else unet_full)(g, "input", "audio")
@@ -273,19 +273,21 @@ def build_unet(tiny: bool, seed: int):
         "input": face_input(4),
         "audio": np.abs(np.random.default_rng(seed + 1).standard_normal((4, 32, 16, 16))).astype(np.float32),
     }
-    calibrate(g, inputs, feeds, logits, out_std=1.5)
+    if calibrated:
+        calibrate(g, inputs, feeds, logits, out_std=1.5)
     g.nodes.append(helper.make_node("Sigmoid", [logits], ["output"], name="sigmoid_out"))
     model = to_model(g, inputs, [("output", ["N", 3, 320, 320])],
                      "SyncTalk_2D 328/ave UNet" + (" (tiny)" if tiny else ""))
     return model, g.params, feeds
 
 
-def build_encoder(tiny: bool, seed: int):
+def build_encoder(tiny: bool, seed: int, calibrated: bool = True):
     g = Graph(seed)
     inputs = [("mel_spectrogram", ["N", 1, 80, 16])]
     y = (encoder_tiny if tiny else encoder_full)(g, "mel_spectrogram")
     feeds = {"mel_spectrogram": synthetic_mel(np.random.default_rng(seed + 1), 16)}
-    calibrate(g, inputs, feeds, y, out_std=None)
+    if calibrated:
+        calibrate(g, inputs, feeds, y, out_std=None)
     g.nodes.append(helper.make_node("Flatten", [y], ["audio_features"], name="flatten_out", axis=1))
     model = to_model(g, inputs, [("audio_features", ["N", 512])],
                      "Wav2Lip SyncNet audio encoder" + (" (tiny)" if tiny else ""))

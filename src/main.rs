@@ -1,1 +1,68 @@
-fn main(){}
+//! `lipsync`: speech to talking-head video in real time (SyncTalk_2D family on ONNX Runtime).
+
+mod avatar_cmd;
+mod doctor;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgAction, Parser, Subcommand};
+
+/// Turn speech into a talking-head video, exactly and fast.
+#[derive(Debug, Parser)]
+#[command(name = "lipsync", version, about, long_about = None)]
+pub struct Cli {
+    /// ONNX Runtime shared library (else $LIPSYNC_ORT_LIB, $ORT_DYLIB_PATH, then the project .venv).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub ort_lib: Option<PathBuf>,
+    /// More logging (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    pub verbose: u8,
+    /// Less logging (errors only).
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show what lipsync found: ONNX Runtime, execution providers, FFmpeg, CPUs; check models.
+    Doctor(doctor::DoctorArgs),
+    /// Create, import and check avatars (template video + crop boxes + models).
+    #[command(subcommand)]
+    Avatar(avatar_cmd::AvatarCommand),
+}
+
+fn init_tracing(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose, cli.quiet);
+    let result = match &cli.command {
+        Command::Doctor(args) => doctor::run(&cli, args),
+        Command::Avatar(cmd) => avatar_cmd::run(&cli, cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,15 @@
+//! Compute stages of the lipsync pipeline as plain structs, with no threads or channels.
+//!
+//! Each module is one stage (or a type shared between stages) and is testable on its own:
+//!
+//! - [`onnx`]: finding and loading ONNX Runtime, opening models, checking their signatures.
+//! - [`video`]: probing template videos and frame directories.
+//! - [`avatar`]: the avatar directory format (template, boxes, models), loaded and validated.
+//! - [`synctalk`]: converting SyncTalk_2D dataset directories (frames + landmarks).
+//! - [`npy`]: reading and writing `.npy` arrays (numpy interchange).
 
+pub mod avatar;
+pub mod npy;
+pub mod onnx;
+pub mod synctalk;
+pub mod video;

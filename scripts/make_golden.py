@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Regenerates the committed test fixtures under tests/fixtures/ (run after make_sample.sh).
+
+* ``models/``: the tiny UNet and audio encoder (make_models.py --tiny, fixed seed).
+* ``golden/``: a small avatar (5 template frames of the sample, downscaled to 640x360, as PNG,
+  so decoding is lossless), 2 s of the sample speech, and what scripts/reference.py makes of
+  them: ``ref/mel.npy``, ``ref/features.npy`` and, for frames 0, 7 and the last,
+  ``crop328_*.png``, ``pred_*.png`` and the finished ``frame_*.png``; ``ref/meta.json`` lists
+  the counts. ``cargo test`` checks parity against these without Python.
+* ``synctalk/``: a 3-frame SyncTalk_2D dataset (JPEG frames + 110-point .lms landmarks).
+* ``seed-mel/``: the mel reference data of the original Python implementation (copied from
+  ../shared/fixtures/seed-mel when present; kept otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import soundfile as sf
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from avatar_io import load_avatar, read_frames, write_avatar  # noqa: E402
+
+FIX = ROOT / "tests" / "fixtures"
+PY = sys.executable
+DUMP_FRAMES = "0,7,last"
+
+
+def main() -> int:
+    sample = ROOT / "sample"
+    if not (sample / "avatar-tiny" / "avatar.toml").exists():
+        raise SystemExit("run scripts/make_sample.sh first")
+    FIX.mkdir(parents=True, exist_ok=True)
+
+    subprocess.run([PY, str(HERE / "make_models.py"), "--tiny", "--out", str(FIX / "models")], check=True)
+
+    golden = FIX / "golden"
+    if golden.exists():
+        shutil.rmtree(golden)
+    (golden / "avatar" / "frames").mkdir(parents=True)
+    src = load_avatar(sample / "avatar-tiny")
+    frames = read_frames(src.video)[:5]
+    boxes = []
+    for i, f in enumerate(frames):
+        small = cv2.resize(f, (640, 360), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(str(golden / "avatar" / "frames" / f"{i:06d}.png"), small)
+        boxes.append([v // 2 for v in src.boxes[i]])
+    write_avatar(golden / "avatar", "frames", boxes, "../../models/unet.onnx",
+                 "../../models/audio_encoder.onnx")
+
+    wav, sr = sf.read(str(sample / "speech_16k.wav"), dtype="int16")
+    assert sr == 16000
+    sf.write(str(golden / "speech_2s.wav"), wav[8000:8000 + 32000], 16000, subtype="PCM_16")
+
+    ref = golden / "ref"
+    tmp_out = golden / ".frames"
+    subprocess.run([PY, str(HERE / "reference.py"), "--avatar", str(golden / "avatar"),
+                    "--audio", str(golden / "speech_2s.wav"), "-o", str(tmp_out),
+                    "--dump", str(ref), "--dump-frames", DUMP_FRAMES,
+                    "--timings", str(ref / "meta.json")], check=True)
+    meta = json.loads((ref / "meta.json").read_text())
+    meta.pop("seconds", None)
+    meta.pop("frames_per_second", None)
+    kept = []
+    for p in sorted(ref.glob("input_*.npy")):
+        i = int(p.stem.split("_")[1])
+        kept.append(i)
+        shutil.copy(tmp_out / f"{i:06d}.png", ref / f"frame_{i:06d}.png")
+    for pattern in ("input_*.npy", "audio_*.npy", "output_*.npy"):
+        for p in ref.glob(pattern):
+            p.unlink()
+    shutil.rmtree(tmp_out)
+    meta["dumped_frames"] = kept
+    (ref / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    st = FIX / "synctalk"
+    if st.exists():
+        shutil.rmtree(st)
+    (st / "full_body_img").mkdir(parents=True)
+    (st / "landmarks").mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(3):
+        img = cv2.resize(frames[i], (160, 90), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(str(st / "full_body_img" / f"{i}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        pts = rng.uniform(10, 60, size=(110, 2))
+        pts[1] = (60.7 + i, 40.2)
+        pts[31] = (100.9 + i, 41.0)
+        pts[52] = (80.0, 30.6 + i)
+        (st / "landmarks" / f"{i}.lms").write_text(
+            "\n".join(f"{x:.6f} {y:.6f}" for x, y in pts) + "\n")
+
+    seed = ROOT.parent / "shared" / "fixtures" / "seed-mel"
+    if seed.is_dir():
+        (FIX / "seed-mel").mkdir(exist_ok=True)
+        for name in ("mel_filters.json", "ref_correct.json", "ref_video.json"):
+            shutil.copy(seed / name, FIX / "seed-mel" / name)
+    print(f"fixtures written to {FIX}: golden frames {kept}, {meta}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

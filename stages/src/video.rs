@@ -1,0 +1,226 @@
+//! Template video sources: a video file (anything the system FFmpeg demuxes) or a directory of
+//! numbered JPEG/PNG frames. This module probes them (frame count, size, fps) without decoding.
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+/// Errors from probing a template source.
+#[derive(Debug, thiserror::Error)]
+pub enum VideoError {
+    /// The path does not exist.
+    #[error("template video not found: {0}")]
+    Missing(PathBuf),
+    /// FFmpeg could not open or read the file.
+    #[error("could not read video {path}: {message} (expected a video file FFmpeg can demux, e.g. H.264 MP4)")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// FFmpeg's message.
+        message: String,
+    },
+    /// The file has no video stream.
+    #[error("{0} has no video stream")]
+    NoVideoStream(PathBuf),
+    /// The source holds zero frames.
+    #[error("{0} has no frames")]
+    NoFrames(PathBuf),
+    /// A frame file could not be read as an image.
+    #[error("could not read frame image {path}: {message} (expected a JPEG or PNG file)")]
+    BadFrame {
+        /// The frame file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// Frames of a directory differ in size.
+    #[error("frame {path} is {got_w}x{got_h}, but the first frame is {want_w}x{want_h}: all frames must be one size")]
+    SizeMismatch {
+        /// The odd frame.
+        path: PathBuf,
+        /// Its width.
+        got_w: u32,
+        /// Its height.
+        got_h: u32,
+        /// The first frame's width.
+        want_w: u32,
+        /// The first frame's height.
+        want_h: u32,
+    },
+    /// An I/O error on a directory.
+    #[error("could not list {path}: {source}")]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// What a template source holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VideoInfo {
+    /// Number of frames.
+    pub frames: usize,
+    /// Frame width in pixels.
+    pub width: u32,
+    /// Frame height in pixels.
+    pub height: u32,
+    /// Frame rate, when the source states one (a frames directory does not).
+    pub fps: Option<f64>,
+    /// Codec name (`h264`, ...) or `images` for a frames directory.
+    pub codec: String,
+}
+
+/// Initialises FFmpeg once and quiets its logging to errors.
+pub fn init_ffmpeg() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        let _ = ffmpeg_next::init();
+        ffmpeg_next::util::log::set_level(ffmpeg_next::util::log::Level::Error);
+    });
+}
+
+/// FFmpeg's version string (`5.1.x-...`).
+pub fn ffmpeg_version() -> String {
+    init_ffmpeg();
+    // SAFETY: av_version_info returns a static NUL-terminated string.
+    unsafe {
+        let p = ffmpeg_next::ffi::av_version_info();
+        if p.is_null() {
+            "unknown".into()
+        } else {
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
+/// Extensions accepted in a frames directory.
+pub const FRAME_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
+
+/// The numbered frame files of a directory in numeric order (`0.jpg, 1.jpg, 2.jpg, ..., 10.jpg`).
+pub fn frame_files(dir: &Path) -> Result<Vec<PathBuf>, VideoError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| VideoError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut files: Vec<(u64, String, PathBuf)> = Vec::new();
+    for entry in entries {
+        let path = entry
+            .map_err(|source| VideoError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?
+            .path();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        if !ext.is_some_and(|e| FRAME_EXTENSIONS.contains(&e.as_str())) {
+            continue;
+        }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let stem = path
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let digits: String = stem.chars().filter(char::is_ascii_digit).collect();
+        files.push((digits.parse().unwrap_or(0), name, path));
+    }
+    files.sort();
+    Ok(files.into_iter().map(|(_, _, p)| p).collect())
+}
+
+/// Probes a video file or a frames directory.
+pub fn probe(path: &Path) -> Result<VideoInfo, VideoError> {
+    if !path.exists() {
+        return Err(VideoError::Missing(path.to_path_buf()));
+    }
+    if path.is_dir() {
+        probe_dir(path)
+    } else {
+        probe_file(path)
+    }
+}
+
+fn probe_dir(dir: &Path) -> Result<VideoInfo, VideoError> {
+    let files = frame_files(dir)?;
+    let first = files
+        .first()
+        .ok_or_else(|| VideoError::NoFrames(dir.to_path_buf()))?;
+    let size = |p: &Path| {
+        imagesize::size(p)
+            .map(|s| (s.width as u32, s.height as u32))
+            .map_err(|e| VideoError::BadFrame {
+                path: p.to_path_buf(),
+                message: e.to_string(),
+            })
+    };
+    let (width, height) = size(first)?;
+    for file in &files[1..] {
+        let (w, h) = size(file)?;
+        if (w, h) != (width, height) {
+            return Err(VideoError::SizeMismatch {
+                path: file.clone(),
+                got_w: w,
+                got_h: h,
+                want_w: width,
+                want_h: height,
+            });
+        }
+    }
+    Ok(VideoInfo {
+        frames: files.len(),
+        width,
+        height,
+        fps: None,
+        codec: "images".into(),
+    })
+}
+
+fn probe_file(path: &Path) -> Result<VideoInfo, VideoError> {
+    init_ffmpeg();
+    let open = |message: String| VideoError::Open {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut input = ffmpeg_next::format::input(path).map_err(|e| open(e.to_string()))?;
+    let stream = input
+        .streams()
+        .best(ffmpeg_next::media::Type::Video)
+        .ok_or_else(|| VideoError::NoVideoStream(path.to_path_buf()))?;
+    let index = stream.index();
+    let rate = stream.avg_frame_rate();
+    let fps = (rate.denominator() != 0 && rate.numerator() > 0).then(|| f64::from(rate));
+    let ctx = ffmpeg_next::codec::context::Context::from_parameters(stream.parameters())
+        .map_err(|e| open(e.to_string()))?;
+    let codec = ctx.id().name().to_string();
+    let decoder = ctx
+        .decoder()
+        .video()
+        .map_err(|e| open(format!("no decoder for the video stream: {e}")))?;
+    let (width, height) = (decoder.width(), decoder.height());
+    if width == 0 || height == 0 {
+        return Err(open("video stream has no frame size".into()));
+    }
+    let mut frames = 0usize;
+    for result in input.packets() {
+        match result {
+            (s, _) if s.index() == index => frames += 1,
+            _ => {}
+        }
+    }
+    if frames == 0 {
+        return Err(VideoError::NoFrames(path.to_path_buf()));
+    }
+    Ok(VideoInfo {
+        frames,
+        width,
+        height,
+        fps,
+        codec,
+    })
+}
