@@ -82,57 +82,33 @@ pub fn run(cli: &Cli, cmd: &AvatarCommand) -> Result<()> {
         AvatarCommand::ImportSynctalk(args) => {
             let data = synctalk::read_dataset(&args.dir)
                 .with_context(|| format!("reading SyncTalk_2D dataset {}", args.dir.display()))?;
-            tracing::info!(
-                "{} frames with landmarks in {}",
-                data.frames.len(),
-                args.dir.display()
-            );
-            create(
-                cli,
-                &args.out,
-                args.dir.join("full_body_img"),
-                data.boxes,
-                &args.models,
-            )
+            tracing::info!("{} frames with landmarks in {}", data.frames.len(), args.dir.display());
+            create(cli, &args.out, args.dir.join("full_body_img"), data.boxes, &args.models)
         }
         AvatarCommand::Check { dir } => {
-            let avatar =
-                Avatar::open(dir).with_context(|| format!("loading avatar {}", dir.display()))?;
+            let avatar = Avatar::open(dir).with_context(|| format!("loading avatar {}", dir.display()))?;
             let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;
-            avatar
-                .check_models(&rt)
-                .with_context(|| format!("checking the models of avatar {}", dir.display()))?;
+            avatar.check_models(&rt).with_context(|| format!("checking the models of avatar {}", dir.display()))?;
             print_summary(&avatar);
             Ok(())
         }
     }
 }
 
-fn create(
-    cli: &Cli,
-    out: &Path,
-    video: PathBuf,
-    boxes: Vec<avatar::CropBox>,
-    m: &ModelArgs,
-) -> Result<()> {
+fn create(cli: &Cli, out: &Path, video: PathBuf, boxes: Vec<avatar::CropBox>, m: &ModelArgs) -> Result<()> {
     let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;
     let spec = CreateSpec {
         video,
         boxes,
         unet: m.unet.clone(),
         encoder: m.encoder.clone(),
-        models: if m.copy_models {
-            ModelStorage::Copy
-        } else {
-            ModelStorage::Reference
-        },
+        models: if m.copy_models { ModelStorage::Copy } else { ModelStorage::Reference },
         fps: m.fps,
         start_frame: m.start_frame,
         jpeg_quality: m.jpeg_quality,
         io: ModelIo::default(),
     };
-    let avatar = avatar::create(out, &spec, &rt)
-        .with_context(|| format!("creating avatar {}", out.display()))?;
+    let avatar = avatar::create(out, &spec, &rt).with_context(|| format!("creating avatar {}", out.display()))?;
     print_summary(&avatar);
     Ok(())
 }

@@ -21,25 +21,15 @@ pub struct DoctorArgs {
 }
 
 pub fn run(cli: &Cli, args: &DoctorArgs) -> Result<()> {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let cores = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(0);
     println!("lipsync {}", env!("CARGO_PKG_VERSION"));
     println!("CPUs: {cpus} available to this process ({cores} pinnable cores)");
     println!("FFmpeg: {}", lipsync_stages::video::ffmpeg_version());
     let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;
-    println!(
-        "ONNX Runtime: {} from {} (found via {})",
-        rt.version(),
-        rt.library.path.display(),
-        rt.library.source
-    );
+    println!("ONNX Runtime: {} from {} (found via {})", rt.version(), rt.library.path.display(), rt.library.source);
     println!("ONNX Runtime build: {}", rt.build_info());
-    println!(
-        "Execution providers: {}",
-        rt.available_providers().join(", ")
-    );
+    println!("Execution providers: {}", rt.available_providers().join(", "));
 
     let io = ModelIo::default();
     for path in &args.model {
@@ -51,21 +41,15 @@ pub fn run(cli: &Cli, args: &DoctorArgs) -> Result<()> {
         let enc = check_signature(&session, &io.encoder_signature(), "audio encoder", path);
         match (unet, enc) {
             (Ok(()), _) => println!("  matches the UNet signature: {}", io.unet_signature(320)),
-            (_, Ok(())) => println!(
-                "  matches the audio encoder signature: {}",
-                io.encoder_signature()
-            ),
+            (_, Ok(())) => println!("  matches the audio encoder signature: {}", io.encoder_signature()),
             (Err(u), Err(e)) => {
                 anyhow::bail!("{} matches no lipsync model:\n  {u}\n  {e}", path.display())
             }
         }
     }
     if let Some(dir) = &args.avatar {
-        let avatar =
-            Avatar::open(dir).with_context(|| format!("loading avatar {}", dir.display()))?;
-        avatar
-            .check_models(&rt)
-            .with_context(|| format!("checking the models of avatar {}", dir.display()))?;
+        let avatar = Avatar::open(dir).with_context(|| format!("loading avatar {}", dir.display()))?;
+        avatar.check_models(&rt).with_context(|| format!("checking the models of avatar {}", dir.display()))?;
         crate::avatar_cmd::print_summary(&avatar);
     }
     Ok(())

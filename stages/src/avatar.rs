@@ -58,9 +58,7 @@ pub enum AvatarError {
     #[error(transparent)]
     Video(#[from] VideoError),
     /// The box count differs from the frame count.
-    #[error(
-        "{boxes} crop boxes for {frames} template frames in {video}: expected one box per frame"
-    )]
+    #[error("{boxes} crop boxes for {frames} template frames in {video}: expected one box per frame")]
     BoxCount {
         /// Number of boxes.
         boxes: usize,
@@ -159,22 +157,14 @@ pub struct CropParams {
 
 impl Default for CropParams {
     fn default() -> Self {
-        Self {
-            template_size: 328,
-            inner_offset: 4,
-            model_size: 320,
-            mask: [5, 5, 314, 309],
-        }
+        Self { template_size: 328, inner_offset: 4, model_size: 320, mask: [5, 5, 314, 309] }
     }
 }
 
 impl CropParams {
     /// Checks that the inner square and the mask fit.
     pub fn validate(&self) -> Result<(), AvatarError> {
-        let bad = |message: String| AvatarError::Setting {
-            field: "crop",
-            message,
-        };
+        let bad = |message: String| AvatarError::Setting { field: "crop", message };
         if self.model_size == 0 || self.inner_offset + self.model_size > self.template_size {
             return Err(bad(format!(
                 "inner square {}+{} does not fit the {} template",
@@ -183,10 +173,7 @@ impl CropParams {
         }
         let [x1, y1, x2, y2] = self.mask;
         if x1 > x2 || y1 > y2 || x2 >= self.model_size || y2 >= self.model_size {
-            return Err(bad(format!(
-                "mask {:?} must lie inside the {} model input",
-                self.mask, self.model_size
-            )));
+            return Err(bad(format!("mask {:?} must lie inside the {} model input", self.mask, self.model_size)));
         }
         Ok(())
     }
@@ -270,24 +257,13 @@ pub fn read_boxes(path: &Path) -> Result<Vec<CropBox>, AvatarError> {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_json::from_str(&text).map_err(|e| AvatarError::BoxesJson {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    serde_json::from_str(&text).map_err(|e| AvatarError::BoxesJson { path: path.to_path_buf(), message: e.to_string() })
 }
 
 /// Checks that `boxes` has one usable box per frame of `info`.
-pub fn validate_boxes(
-    boxes: &[CropBox],
-    info: &VideoInfo,
-    video: &Path,
-) -> Result<(), AvatarError> {
+pub fn validate_boxes(boxes: &[CropBox], info: &VideoInfo, video: &Path) -> Result<(), AvatarError> {
     if boxes.len() != info.frames {
-        return Err(AvatarError::BoxCount {
-            boxes: boxes.len(),
-            frames: info.frames,
-            video: video.to_path_buf(),
-        });
+        return Err(AvatarError::BoxCount { boxes: boxes.len(), frames: info.frames, video: video.to_path_buf() });
     }
     for (index, b) in boxes.iter().enumerate() {
         if let Some(problem) = b.problem(info.width, info.height) {
@@ -335,10 +311,8 @@ impl Avatar {
             path: toml_path.clone(),
             source,
         })?;
-        let config: AvatarConfig = toml::from_str(&text).map_err(|e| AvatarError::Toml {
-            path: toml_path.clone(),
-            message: e.to_string(),
-        })?;
+        let config: AvatarConfig =
+            toml::from_str(&text).map_err(|e| AvatarError::Toml { path: toml_path.clone(), message: e.to_string() })?;
         config.validate()?;
         let video = dir.join(&config.video);
         let video_info = probe(&video)?;
@@ -352,10 +326,7 @@ impl Avatar {
             }
         }
         if (config.fps - 25.0).abs() > 0.01 {
-            tracing::warn!(
-                "avatar fps is {}, the model family is trained at 25; frames are used in order",
-                config.fps
-            );
+            tracing::warn!("avatar fps is {}, the model family is trained at 25; frames are used in order", config.fps);
         }
         let boxes = read_boxes(&dir.join(&config.boxes))?;
         validate_boxes(&boxes, &video_info, &video)?;
@@ -363,34 +334,16 @@ impl Avatar {
         let encoder = dir.join(&config.models.encoder);
         for (what, path) in [("UNet", &unet), ("audio encoder", &encoder)] {
             if !path.is_file() {
-                return Err(OnnxError::ModelMissing {
-                    what: what.into(),
-                    path: path.clone(),
-                }
-                .into());
+                return Err(OnnxError::ModelMissing { what: what.into(), path: path.clone() }.into());
             }
         }
-        Ok(Self {
-            root: dir.to_path_buf(),
-            config,
-            video,
-            video_info,
-            boxes,
-            unet,
-            encoder,
-        })
+        Ok(Self { root: dir.to_path_buf(), config, video, video_info, boxes, unet, encoder })
     }
 
     /// Opens both models and checks their inputs and outputs against the avatar's I/O names and
     /// crop geometry.
     pub fn check_models(&self, rt: &OrtRuntime) -> Result<(), AvatarError> {
-        check_model_pair(
-            rt,
-            &self.unet,
-            &self.encoder,
-            &self.config.models.io,
-            &self.config.crop,
-        )
+        check_model_pair(rt, &self.unet, &self.encoder, &self.config.models.io, &self.config.crop)
     }
 
     /// Number of template frames.
@@ -409,12 +362,7 @@ pub fn check_model_pair(
 ) -> Result<(), AvatarError> {
     let opts = SessionOptions::default();
     let session = rt.open_model("UNet", unet, &opts)?;
-    check_signature(
-        &session,
-        &io.unet_signature(i64::from(crop.model_size)),
-        "UNet",
-        unet,
-    )?;
+    check_signature(&session, &io.unet_signature(i64::from(crop.model_size)), "UNet", unet)?;
     let session = rt.open_model("audio encoder", encoder, &opts)?;
     check_signature(&session, &io.encoder_signature(), "audio encoder", encoder)?;
     Ok(())
@@ -422,15 +370,8 @@ pub fn check_model_pair(
 
 /// Writes `bytes` to `path` whole or not at all (temporary file in the same directory, then rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AvatarError> {
-    let io = |action, source| AvatarError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let io = |action, source| AvatarError::Io { action, path: path.to_path_buf(), source };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(|e| io("could not write", e))?;
@@ -483,10 +424,7 @@ pub fn create(out: &Path, spec: &CreateSpec, rt: &OrtRuntime) -> Result<Avatar, 
     let crop = CropParams::default();
     check_model_pair(rt, &spec.unet, &spec.encoder, &spec.io, &crop)?;
 
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|source| AvatarError::Io {
         action: "could not create",
         path: parent.to_path_buf(),
@@ -510,13 +448,11 @@ pub fn create(out: &Path, spec: &CreateSpec, rt: &OrtRuntime) -> Result<Avatar, 
 }
 
 fn copy(from: &Path, to: &Path) -> Result<(), AvatarError> {
-    std::fs::copy(from, to)
-        .map(|_| ())
-        .map_err(|source| AvatarError::Io {
-            action: "could not copy",
-            path: from.to_path_buf(),
-            source,
-        })
+    std::fs::copy(from, to).map(|_| ()).map_err(|source| AvatarError::Io {
+        action: "could not copy",
+        path: from.to_path_buf(),
+        source,
+    })
 }
 
 fn write_avatar_dir(dir: &Path, spec: &CreateSpec, crop: &CropParams) -> Result<(), AvatarError> {
@@ -536,11 +472,7 @@ fn write_avatar_dir(dir: &Path, spec: &CreateSpec, crop: &CropParams) -> Result<
         }
         PathBuf::from("frames")
     } else {
-        let ext = spec
-            .video
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or("mp4");
+        let ext = spec.video.extension().and_then(|e| e.to_str()).unwrap_or("mp4");
         let name = PathBuf::from(format!("template.{ext}"));
         copy(&spec.video, &dir.join(&name))?;
         name
@@ -553,13 +485,11 @@ fn write_avatar_dir(dir: &Path, spec: &CreateSpec, crop: &CropParams) -> Result<
                 copy(src, &dir.join(&rel))?;
                 Ok(rel)
             }
-            ModelStorage::Reference => {
-                std::fs::canonicalize(src).map_err(|source| AvatarError::Io {
-                    action: "could not resolve",
-                    path: src.to_path_buf(),
-                    source,
-                })
-            }
+            ModelStorage::Reference => std::fs::canonicalize(src).map_err(|source| AvatarError::Io {
+                action: "could not resolve",
+                path: src.to_path_buf(),
+                source,
+            }),
         }
     };
     let config = AvatarConfig {
@@ -578,12 +508,7 @@ fn write_avatar_dir(dir: &Path, spec: &CreateSpec, crop: &CropParams) -> Result<
     config.validate()?;
     let boxes = serde_json::to_string(&spec.boxes).expect("boxes serialise");
     write_atomic(&dir.join("boxes.json"), format!("{boxes}\n").as_bytes())?;
-    let text = toml::to_string(&config).map_err(|e| AvatarError::Toml {
-        path: dir.join(AVATAR_TOML),
-        message: e.to_string(),
-    })?;
-    write_atomic(
-        &dir.join(AVATAR_TOML),
-        format!("# lipsync avatar (docs/avatar.md)\n{text}").as_bytes(),
-    )
+    let text = toml::to_string(&config)
+        .map_err(|e| AvatarError::Toml { path: dir.join(AVATAR_TOML), message: e.to_string() })?;
+    write_atomic(&dir.join(AVATAR_TOML), format!("# lipsync avatar (docs/avatar.md)\n{text}").as_bytes())
 }

@@ -115,11 +115,7 @@ pub struct OrtLibrary {
 /// project `.venv` in the ancestors of the executable, of the working directory, or of this
 /// source tree. A flag or variable that names a missing file is an error (no silent fallback).
 pub fn locate_ort_library(flag: Option<&Path>) -> Result<OrtLibrary, OnnxError> {
-    let env = |name: &str| {
-        std::env::var_os(name)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
+    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     let given = [
         (flag.map(Path::to_path_buf), OrtLibSource::Flag),
         (env("LIPSYNC_ORT_LIB"), OrtLibSource::LipsyncEnv),
@@ -128,10 +124,7 @@ pub fn locate_ort_library(flag: Option<&Path>) -> Result<OrtLibrary, OnnxError> 
     for (path, source) in given {
         if let Some(path) = path {
             if !path.is_file() {
-                return Err(OnnxError::GivenPathMissing {
-                    source_name: source.to_string(),
-                    path,
-                });
+                return Err(OnnxError::GivenPathMissing { source_name: source.to_string(), path });
             }
             return Ok(OrtLibrary { path, source });
         }
@@ -139,17 +132,10 @@ pub fn locate_ort_library(flag: Option<&Path>) -> Result<OrtLibrary, OnnxError> 
     let roots = venv_search_roots();
     for root in &roots {
         if let Some(path) = find_in_venv(&root.join(".venv")) {
-            return Ok(OrtLibrary {
-                path,
-                source: OrtLibSource::ProjectVenv,
-            });
+            return Ok(OrtLibrary { path, source: OrtLibSource::ProjectVenv });
         }
     }
-    let searched = roots
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
+    let searched = roots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
     Err(OnnxError::NotFound { searched })
 }
 
@@ -179,11 +165,7 @@ pub fn find_in_venv(venv: &Path) -> Option<PathBuf> {
     let mut pythons: Vec<PathBuf> = std::fs::read_dir(&lib)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("python3"))
-        })
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("python3")))
         .collect();
     pythons.sort();
     for py in pythons {
@@ -195,11 +177,7 @@ pub fn find_in_venv(venv: &Path) -> Option<PathBuf> {
         let mut libs: Vec<PathBuf> = std::fs::read_dir(&capi)
             .ok()?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("libonnxruntime.so"))
-            })
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so")))
             .collect();
         libs.sort();
         if let Some(lib) = libs.pop() {
@@ -220,9 +198,7 @@ pub struct OrtRuntime {
 
 impl fmt::Debug for OrtRuntime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OrtRuntime")
-            .field("library", &self.library)
-            .finish()
+        f.debug_struct("OrtRuntime").field("library", &self.library).finish()
     }
 }
 
@@ -230,19 +206,14 @@ impl OrtRuntime {
     /// Locates (see [`locate_ort_library`]) and loads ONNX Runtime, and creates the environment.
     pub fn load(flag: Option<&Path>) -> Result<Self, OnnxError> {
         let library = locate_ort_library(flag)?;
-        let builder = ort::init_from(&library.path).map_err(|e| OnnxError::Load {
-            path: library.path.clone(),
-            message: e.to_string(),
-        })?;
+        let builder = ort::init_from(&library.path)
+            .map_err(|e| OnnxError::Load { path: library.path.clone(), message: e.to_string() })?;
         let env = builder
             .with_name("lipsync")
             .with_telemetry(false)
             .build()
             .map_err(|e| OnnxError::Environment(e.to_string()))?;
-        Ok(Self {
-            library,
-            env: Arc::new(env),
-        })
+        Ok(Self { library, env: Arc::new(env) })
     }
 
     /// ONNX Runtime's build string (`ORT Build Info: git-branch=rel-1.31.1, ...`).
@@ -272,11 +243,7 @@ impl OrtRuntime {
                 return Vec::new();
             }
             let names = (0..n as isize)
-                .map(|i| {
-                    std::ffi::CStr::from_ptr(*list.offset(i))
-                        .to_string_lossy()
-                        .into_owned()
-                })
+                .map(|i| std::ffi::CStr::from_ptr(*list.offset(i)).to_string_lossy().into_owned())
                 .collect();
             let status = (api.ReleaseAvailableProviders)(list, n);
             if !status.0.is_null() {
@@ -288,23 +255,11 @@ impl OrtRuntime {
 
     /// Opens a model for CPU inference with explicit threading: `intra_threads` intra-op threads,
     /// one inter-op thread, spinning as given, all graph optimisations.
-    pub fn open_model(
-        &self,
-        what: &str,
-        path: &Path,
-        opts: &SessionOptions,
-    ) -> Result<Session, OnnxError> {
+    pub fn open_model(&self, what: &str, path: &Path, opts: &SessionOptions) -> Result<Session, OnnxError> {
         if !path.is_file() {
-            return Err(OnnxError::ModelMissing {
-                what: what.to_string(),
-                path: path.to_path_buf(),
-            });
+            return Err(OnnxError::ModelMissing { what: what.to_string(), path: path.to_path_buf() });
         }
-        let err = |message: String| OnnxError::ModelOpen {
-            what: what.to_string(),
-            path: path.to_path_buf(),
-            message,
-        };
+        let err = |message: String| OnnxError::ModelOpen { what: what.to_string(), path: path.to_path_buf(), message };
         let msg = |e: ort::Error<ort::session::builder::SessionBuilder>| err(e.to_string());
         let builder = Session::builder(&self.env).map_err(|e| err(e.to_string()))?;
         let builder = builder.with_optimization_level(GraphOptimizationLevel::All).map_err(msg)?;
@@ -312,9 +267,7 @@ impl OrtRuntime {
         let builder = builder.with_inter_threads(1).map_err(msg)?;
         let builder = builder.with_intra_op_spinning(opts.spinning).map_err(msg)?;
         let mut builder = builder.with_inter_op_spinning(false).map_err(msg)?;
-        builder
-            .commit_from_file(path)
-            .map_err(|e| err(e.to_string()))
+        builder.commit_from_file(path).map_err(|e| err(e.to_string()))
     }
 }
 
@@ -347,10 +300,7 @@ pub struct SessionOptions {
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        Self {
-            intra_threads: 1,
-            spinning: false,
-        }
+        Self { intra_threads: 1, spinning: false }
     }
 }
 
@@ -397,18 +347,8 @@ pub struct Signature {
 
 impl fmt::Display for Signature {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let list = |v: &[TensorSpec]| {
-            v.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        write!(
-            f,
-            "inputs {} -> outputs {}",
-            list(&self.inputs),
-            list(&self.outputs)
-        )
+        let list = |v: &[TensorSpec]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        write!(f, "inputs {} -> outputs {}", list(&self.inputs), list(&self.outputs))
     }
 }
 
@@ -441,10 +381,7 @@ impl Default for ModelIo {
 }
 
 fn spec(name: &str, dims: &[Dim]) -> TensorSpec {
-    TensorSpec {
-        name: name.to_string(),
-        dims: dims.to_vec(),
-    }
+    TensorSpec { name: name.to_string(), dims: dims.to_vec() }
 }
 
 impl ModelIo {
@@ -453,19 +390,10 @@ impl ModelIo {
         use Dim::*;
         Signature {
             inputs: vec![
-                spec(
-                    &self.unet_image_input,
-                    &[Batch, Fixed(6), Fixed(size), Fixed(size)],
-                ),
-                spec(
-                    &self.unet_audio_input,
-                    &[Batch, Fixed(32), Fixed(16), Fixed(16)],
-                ),
+                spec(&self.unet_image_input, &[Batch, Fixed(6), Fixed(size), Fixed(size)]),
+                spec(&self.unet_audio_input, &[Batch, Fixed(32), Fixed(16), Fixed(16)]),
             ],
-            outputs: vec![spec(
-                &self.unet_output,
-                &[Batch, Fixed(3), Fixed(size), Fixed(size)],
-            )],
+            outputs: vec![spec(&self.unet_output, &[Batch, Fixed(3), Fixed(size), Fixed(size)])],
         }
     }
 
@@ -473,10 +401,7 @@ impl ModelIo {
     pub fn encoder_signature(&self) -> Signature {
         use Dim::*;
         Signature {
-            inputs: vec![spec(
-                &self.encoder_input,
-                &[Batch, Fixed(1), Fixed(80), Fixed(16)],
-            )],
+            inputs: vec![spec(&self.encoder_input, &[Batch, Fixed(1), Fixed(80), Fixed(16)])],
             outputs: vec![spec(&self.encoder_output, &[Batch, Fixed(512)])],
         }
     }
@@ -485,32 +410,16 @@ impl ModelIo {
 /// A model's actual inputs and outputs, printed as `name type [dims]` with `-1` for dynamic.
 pub fn describe(session: &Session) -> String {
     let list = |outlets: &[ort::value::Outlet]| {
-        outlets
-            .iter()
-            .map(|o| format!("`{}` {}", o.name(), describe_type(o.dtype())))
-            .collect::<Vec<_>>()
-            .join(", ")
+        outlets.iter().map(|o| format!("`{}` {}", o.name(), describe_type(o.dtype()))).collect::<Vec<_>>().join(", ")
     };
-    format!(
-        "inputs {} -> outputs {}",
-        list(session.inputs()),
-        list(session.outputs())
-    )
+    format!("inputs {} -> outputs {}", list(session.inputs()), list(session.outputs()))
 }
 
 fn describe_type(t: &ValueType) -> String {
     match (t.tensor_type(), t.tensor_shape()) {
         (Some(ty), Some(shape)) => {
-            let dims: Vec<String> = shape
-                .iter()
-                .map(|d| {
-                    if *d < 0 {
-                        "N".to_string()
-                    } else {
-                        d.to_string()
-                    }
-                })
-                .collect();
+            let dims: Vec<String> =
+                shape.iter().map(|d| if *d < 0 { "N".to_string() } else { d.to_string() }).collect();
             format!("{ty} [{}]", dims.join(","))
         }
         _ => format!("{t}"),
@@ -519,12 +428,7 @@ fn describe_type(t: &ValueType) -> String {
 
 /// Checks `session` against `expected`; the error names the first mismatch, the whole
 /// expected signature and what the model has.
-pub fn check_signature(
-    session: &Session,
-    expected: &Signature,
-    what: &str,
-    path: &Path,
-) -> Result<(), OnnxError> {
+pub fn check_signature(session: &Session, expected: &Signature, what: &str, path: &Path) -> Result<(), OnnxError> {
     let fail = |problem: String| OnnxError::Signature {
         what: what.to_string(),
         path: path.to_path_buf(),
@@ -532,51 +436,32 @@ pub fn check_signature(
         expected: expected.to_string(),
         actual: describe(session),
     };
-    let check =
-        |outlets: &[ort::value::Outlet], spec: &TensorSpec, kind: &str| -> Result<(), OnnxError> {
-            let outlet = outlets
-                .iter()
-                .find(|o| o.name() == spec.name)
-                .ok_or_else(|| fail(format!("no {kind} named `{}`", spec.name)))?;
-            let ty = outlet.dtype();
-            if ty.tensor_type() != Some(ort::value::TensorElementType::Float32) {
-                return Err(fail(format!(
-                    "{kind} `{}` is {}, not f32",
-                    spec.name,
-                    describe_type(ty)
-                )));
-            }
-            let shape = ty
-                .tensor_shape()
-                .ok_or_else(|| fail(format!("{kind} `{}` is not a tensor", spec.name)))?;
-            if shape.len() != spec.dims.len() {
-                return Err(fail(format!(
-                    "{kind} `{}` has rank {}, expected {}",
-                    spec.name,
-                    shape.len(),
-                    spec.dims.len()
-                )));
-            }
-            for (axis, (have, want)) in shape.iter().zip(&spec.dims).enumerate() {
-                if let Dim::Fixed(want) = want {
-                    if *have >= 0 && have != want {
-                        return Err(fail(format!(
-                            "{kind} `{}` axis {axis} is {have}, expected {want}",
-                            spec.name
-                        )));
-                    }
+    let check = |outlets: &[ort::value::Outlet], spec: &TensorSpec, kind: &str| -> Result<(), OnnxError> {
+        let outlet = outlets
+            .iter()
+            .find(|o| o.name() == spec.name)
+            .ok_or_else(|| fail(format!("no {kind} named `{}`", spec.name)))?;
+        let ty = outlet.dtype();
+        if ty.tensor_type() != Some(ort::value::TensorElementType::Float32) {
+            return Err(fail(format!("{kind} `{}` is {}, not f32", spec.name, describe_type(ty))));
+        }
+        let shape = ty.tensor_shape().ok_or_else(|| fail(format!("{kind} `{}` is not a tensor", spec.name)))?;
+        if shape.len() != spec.dims.len() {
+            return Err(fail(format!("{kind} `{}` has rank {}, expected {}", spec.name, shape.len(), spec.dims.len())));
+        }
+        for (axis, (have, want)) in shape.iter().zip(&spec.dims).enumerate() {
+            if let Dim::Fixed(want) = want {
+                if *have >= 0 && have != want {
+                    return Err(fail(format!("{kind} `{}` axis {axis} is {have}, expected {want}", spec.name)));
                 }
             }
-            Ok(())
-        };
+        }
+        Ok(())
+    };
     for spec in &expected.inputs {
         check(session.inputs(), spec, "input")?;
     }
-    if let Some(extra) = session
-        .inputs()
-        .iter()
-        .find(|o| !expected.inputs.iter().any(|s| s.name == o.name()))
-    {
+    if let Some(extra) = session.inputs().iter().find(|o| !expected.inputs.iter().any(|s| s.name == o.name())) {
         return Err(fail(format!("unexpected extra input `{}`", extra.name())));
     }
     for spec in &expected.outputs {

@@ -9,7 +9,9 @@ use crate::avatar::CropBox;
 #[derive(Debug, thiserror::Error)]
 pub enum SyncTalkError {
     /// A required sub-directory is missing.
-    #[error("{0} is not a SyncTalk_2D dataset directory: missing {1}/ (expected full_body_img/N.jpg and landmarks/N.lms)")]
+    #[error(
+        "{0} is not a SyncTalk_2D dataset directory: missing {1}/ (expected full_body_img/N.jpg and landmarks/N.lms)"
+    )]
     Layout(PathBuf, &'static str),
     /// No frames were found.
     #[error("no frames in {0} (expected full_body_img/0.jpg, 1.jpg, ...)")]
@@ -55,15 +57,9 @@ pub const LANDMARKS: usize = 110;
 
 /// Parses an `.lms` file into points, each coordinate read as f32 (as SyncTalk does).
 pub fn parse_lms(path: &Path) -> Result<Vec<(f32, f32)>, SyncTalkError> {
-    let text = std::fs::read_to_string(path).map_err(|source| SyncTalkError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let bad = |line: usize, message: String| SyncTalkError::BadLandmarks {
-        path: path.to_path_buf(),
-        line,
-        message,
-    };
+    let text =
+        std::fs::read_to_string(path).map_err(|source| SyncTalkError::Io { path: path.to_path_buf(), source })?;
+    let bad = |line: usize, message: String| SyncTalkError::BadLandmarks { path: path.to_path_buf(), line, message };
     let mut points = Vec::with_capacity(LANDMARKS);
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -71,12 +67,8 @@ pub fn parse_lms(path: &Path) -> Result<Vec<(f32, f32)>, SyncTalkError> {
         }
         let mut parts = line.split_whitespace();
         let mut coord = |axis: &str| -> Result<f32, SyncTalkError> {
-            let s = parts
-                .next()
-                .ok_or_else(|| bad(i + 1, format!("missing {axis}")))?;
-            let v: f32 = s
-                .parse()
-                .map_err(|_| bad(i + 1, format!("{axis} `{s}` is not a number")))?;
+            let s = parts.next().ok_or_else(|| bad(i + 1, format!("missing {axis}")))?;
+            let v: f32 = s.parse().map_err(|_| bad(i + 1, format!("{axis} `{s}` is not a number")))?;
             if !v.is_finite() {
                 return Err(bad(i + 1, format!("{axis} `{s}` is not finite")));
             }
@@ -99,12 +91,7 @@ pub fn box_from_landmarks(lms: &[(f32, f32)]) -> CropBox {
     let x1 = t(lms[1].0);
     let x2 = t(lms[31].0);
     let y1 = t(lms[52].1);
-    CropBox {
-        x1,
-        y1,
-        x2,
-        y2: y1 + (x2 - x1),
-    }
+    CropBox { x1, y1, x2, y2: y1 + (x2 - x1) }
 }
 
 /// A SyncTalk_2D dataset: frame files in order and one box per frame.
@@ -132,19 +119,12 @@ pub fn read_dataset(dir: &Path) -> Result<SyncTalkDataset, SyncTalkError> {
     }
     let mut boxes = Vec::with_capacity(frames.len());
     for (i, frame) in frames.iter().enumerate() {
-        let stem = frame
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default();
+        let stem = frame.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
         if stem.parse::<usize>().ok() != Some(i) {
             return Err(SyncTalkError::Sequence {
                 dir: img_dir.clone(),
                 n: frames.len(),
-                name: frame
-                    .file_name()
-                    .and_then(|s| s.to_str())
-                    .unwrap_or_default()
-                    .to_string(),
+                name: frame.file_name().and_then(|s| s.to_str()).unwrap_or_default().to_string(),
             });
         }
         let lms = lms_dir.join(format!("{i}.lms"));

@@ -99,34 +99,16 @@ pub const FRAME_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
 /// The numbered frame files of a directory in numeric order (`0.jpg, 1.jpg, 2.jpg, ..., 10.jpg`).
 pub fn frame_files(dir: &Path) -> Result<Vec<PathBuf>, VideoError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| VideoError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    let entries = std::fs::read_dir(dir).map_err(|source| VideoError::Io { path: dir.to_path_buf(), source })?;
     let mut files: Vec<(u64, String, PathBuf)> = Vec::new();
     for entry in entries {
-        let path = entry
-            .map_err(|source| VideoError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?
-            .path();
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase);
+        let path = entry.map_err(|source| VideoError::Io { path: dir.to_path_buf(), source })?.path();
+        let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
         if !ext.is_some_and(|e| FRAME_EXTENSIONS.contains(&e.as_str())) {
             continue;
         }
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_string();
-        let stem = path
-            .file_stem()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let stem = path.file_stem().and_then(|n| n.to_str()).unwrap_or_default();
         let digits: String = stem.chars().filter(char::is_ascii_digit).collect();
         files.push((digits.parse().unwrap_or(0), name, path));
     }
@@ -148,16 +130,11 @@ pub fn probe(path: &Path) -> Result<VideoInfo, VideoError> {
 
 fn probe_dir(dir: &Path) -> Result<VideoInfo, VideoError> {
     let files = frame_files(dir)?;
-    let first = files
-        .first()
-        .ok_or_else(|| VideoError::NoFrames(dir.to_path_buf()))?;
+    let first = files.first().ok_or_else(|| VideoError::NoFrames(dir.to_path_buf()))?;
     let size = |p: &Path| {
         imagesize::size(p)
             .map(|s| (s.width as u32, s.height as u32))
-            .map_err(|e| VideoError::BadFrame {
-                path: p.to_path_buf(),
-                message: e.to_string(),
-            })
+            .map_err(|e| VideoError::BadFrame { path: p.to_path_buf(), message: e.to_string() })
     };
     let (width, height) = size(first)?;
     for file in &files[1..] {
@@ -172,21 +149,12 @@ fn probe_dir(dir: &Path) -> Result<VideoInfo, VideoError> {
             });
         }
     }
-    Ok(VideoInfo {
-        frames: files.len(),
-        width,
-        height,
-        fps: None,
-        codec: "images".into(),
-    })
+    Ok(VideoInfo { frames: files.len(), width, height, fps: None, codec: "images".into() })
 }
 
 fn probe_file(path: &Path) -> Result<VideoInfo, VideoError> {
     init_ffmpeg();
-    let open = |message: String| VideoError::Open {
-        path: path.to_path_buf(),
-        message,
-    };
+    let open = |message: String| VideoError::Open { path: path.to_path_buf(), message };
     let mut input = ffmpeg_next::format::input(path).map_err(|e| open(e.to_string()))?;
     let stream = input
         .streams()
@@ -195,13 +163,10 @@ fn probe_file(path: &Path) -> Result<VideoInfo, VideoError> {
     let index = stream.index();
     let rate = stream.avg_frame_rate();
     let fps = (rate.denominator() != 0 && rate.numerator() > 0).then(|| f64::from(rate));
-    let ctx = ffmpeg_next::codec::context::Context::from_parameters(stream.parameters())
-        .map_err(|e| open(e.to_string()))?;
+    let ctx =
+        ffmpeg_next::codec::context::Context::from_parameters(stream.parameters()).map_err(|e| open(e.to_string()))?;
     let codec = ctx.id().name().to_string();
-    let decoder = ctx
-        .decoder()
-        .video()
-        .map_err(|e| open(format!("no decoder for the video stream: {e}")))?;
+    let decoder = ctx.decoder().video().map_err(|e| open(format!("no decoder for the video stream: {e}")))?;
     let (width, height) = (decoder.width(), decoder.height());
     if width == 0 || height == 0 {
         return Err(open("video stream has no frame size".into()));
@@ -216,11 +181,5 @@ fn probe_file(path: &Path) -> Result<VideoInfo, VideoError> {
     if frames == 0 {
         return Err(VideoError::NoFrames(path.to_path_buf()));
     }
-    Ok(VideoInfo {
-        frames,
-        width,
-        height,
-        fps,
-        codec,
-    })
+    Ok(VideoInfo { frames, width, height, fps, codec })
 }

@@ -16,19 +16,12 @@ pub fn fixture(rel: &str) -> PathBuf {
 
 /// Runs the `lipsync` binary with `args`.
 pub fn lipsync(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lipsync"))
-        .args(args)
-        .output()
-        .expect("run lipsync")
+    Command::new(env!("CARGO_BIN_EXE_lipsync")).args(args).output().expect("run lipsync")
 }
 
 /// stdout + stderr as one string.
 pub fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 /// Asserts success and returns the output text.
@@ -43,10 +36,7 @@ pub fn ok(args: &[&str]) -> String {
 pub fn fails(args: &[&str]) -> String {
     let out = lipsync(args);
     let t = text(&out);
-    assert!(
-        !out.status.success(),
-        "lipsync {args:?} should have failed:\n{t}"
-    );
+    assert!(!out.status.success(), "lipsync {args:?} should have failed:\n{t}");
     assert!(!t.contains("panicked"), "lipsync {args:?} panicked:\n{t}");
     t
 }
