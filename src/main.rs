@@ -1,5 +1,6 @@
 //! `lipsync`: speech to talking-head video in real time (SyncTalk_2D family on ONNX Runtime).
 
+mod audio_cmd;
 mod avatar_cmd;
 mod doctor;
 
@@ -33,6 +34,10 @@ pub enum Command {
     /// Create, import and check avatars (template video + crop boxes + models).
     #[command(subcommand)]
     Avatar(avatar_cmd::AvatarCommand),
+    /// Compute the mel spectrogram of an audio file (T x 80 .npy).
+    Mel(audio_cmd::MelArgs),
+    /// Compute the padded audio feature list F of an audio file ((L+2) x 512 .npy).
+    Features(audio_cmd::FeaturesArgs),
 }
 
 fn init_tracing(verbose: u8, quiet: bool) {
@@ -53,6 +58,8 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Doctor(args) => doctor::run(&cli, args),
         Command::Avatar(cmd) => avatar_cmd::run(&cli, cmd),
+        Command::Mel(args) => audio_cmd::mel(args),
+        Command::Features(args) => audio_cmd::features(&cli, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
