@@ -34,6 +34,40 @@ PY = sys.executable
 DUMP_FRAMES = "0,7,last"
 
 
+def ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", *args], check=True)
+
+
+def make_audio_fixtures(speech: Path, golden_wav: Path) -> None:
+    """Small clips in each supported container/codec, plus broken inputs."""
+    out = FIX / "audio"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    clip = ["-ss", "0.5", "-t", "0.6", "-i", str(speech)]
+    ffmpeg(*clip, "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", str(out / "clip.wav"))
+    ffmpeg("-i", str(out / "clip.wav"), "-c:a", "flac", str(out / "clip.flac"))
+    ffmpeg("-i", str(out / "clip.wav"), "-ac", "2", "-ar", "44100", "-c:a", "libmp3lame", "-b:a", "64k",
+           str(out / "clip.mp3"))
+    ffmpeg("-i", str(out / "clip.wav"), "-ar", "22050", "-c:a", "aac", "-b:a", "48k", str(out / "clip.m4a"))
+    ffmpeg("-i", str(out / "clip.wav"), "-ac", "2", "-ar", "48000", "-c:a", "libvorbis", str(out / "clip.ogg"))
+    ffmpeg("-i", str(out / "clip.wav"), "-ac", "2", "-ar", "44100", "-c:a", "pcm_s16le",
+           str(out / "clip_44k_stereo.wav"))
+    ffmpeg("-f", "lavfi", "-i", "color=c=gray:s=64x48:r=25:d=0.6", "-i", str(out / "clip.wav"),
+           "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(out / "clip_av.mp4"))
+    ffmpeg("-f", "lavfi", "-i", "color=c=gray:s=64x48:r=25:d=0.4", "-c:v", "libx264", "-pix_fmt",
+           "yuv420p", str(out / "video_only.mp4"))
+    sf.write(str(out / "empty.wav"), np.zeros(0, np.int16), 16000, subtype="PCM_16")
+    wav, _ = sf.read(str(golden_wav), dtype="int16")
+    sf.write(str(out / "short_0.1s.wav"), wav[:1600], 16000, subtype="PCM_16")
+    (out / "not_audio.wav").write_bytes(b"this is not audio at all" * 40)
+    # garbage in the middle of the AAC data: the demuxer is fine, the decoder is not
+    m4a = bytearray((out / "clip.m4a").read_bytes())
+    mid = len(m4a) // 2
+    m4a[mid:mid + 600] = bytes((i * 37) % 256 for i in range(600))
+    (out / "corrupt.m4a").write_bytes(bytes(m4a))
+
+
 def main() -> int:
     sample = ROOT / "sample"
     if not (sample / "avatar-tiny" / "avatar.toml").exists():
@@ -96,6 +130,8 @@ def main() -> int:
         pts[52] = (80.0, 30.6 + i)
         (st / "landmarks" / f"{i}.lms").write_text(
             "\n".join(f"{x:.6f} {y:.6f}" for x, y in pts) + "\n")
+
+    make_audio_fixtures(sample / "speech_16k.wav", golden / "speech_2s.wav")
 
     seed = ROOT.parent / "shared" / "fixtures" / "seed-mel"
     if seed.is_dir():

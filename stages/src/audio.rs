@@ -232,11 +232,10 @@ pub fn pcm_to_mono(
     }
     scratch.clear();
     match format {
-        PcmFormat::S16Le => scratch
-            .extend(bytes.chunks_exact(2).map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32_768.0)),
-        PcmFormat::F32Le => {
-            scratch.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+        PcmFormat::S16Le => {
+            scratch.extend(bytes.chunks_exact(2).map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32_768.0))
         }
+        PcmFormat::F32Le => scratch.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
     }
     mix_to_mono(scratch, channels, out);
     Ok(())
@@ -297,8 +296,8 @@ impl StreamResampler {
 
     fn run_chunk(&mut self, partial: Option<usize>, out: &mut Vec<f32>, limit: u64) -> Result<(), AudioError> {
         let fft = self.inner.as_mut().expect("resampling path");
-        let input =
-            InterleavedSlice::new(&self.pending[..], 1, RESAMPLE_CHUNK).map_err(|e| AudioError::Resample(e.to_string()))?;
+        let input = InterleavedSlice::new(&self.pending[..], 1, RESAMPLE_CHUNK)
+            .map_err(|e| AudioError::Resample(e.to_string()))?;
         let frames = self.out_buf.len();
         let mut output = InterleavedSlice::new_mut(&mut self.out_buf[..], 1, frames)
             .map_err(|e| AudioError::Resample(e.to_string()))?;

@@ -153,7 +153,8 @@ impl AudioEncoder {
             let tensor = TensorRef::from_array_view(([n, 1, N_MELS, WINDOW], chunk)).map_err(|e| run(e.to_string()))?;
             let outputs =
                 self.session.run(ort::inputs![self.input.as_str() => tensor]).map_err(|e| run(e.to_string()))?;
-            let (_, data) = outputs[self.output.as_str()].try_extract_tensor::<f32>().map_err(|e| run(e.to_string()))?;
+            let (_, data) =
+                outputs[self.output.as_str()].try_extract_tensor::<f32>().map_err(|e| run(e.to_string()))?;
             if data.len() != n * FEATURE_DIM {
                 return Err(FeatureError::OutputSize { batch: n, got: data.len(), expected: n * FEATURE_DIM });
             }

@@ -204,8 +204,24 @@ impl fmt::Debug for OrtRuntime {
 
 impl OrtRuntime {
     /// Locates (see [`locate_ort_library`]) and loads ONNX Runtime, and creates the environment.
+    /// ONNX Runtime allows one environment per process: later calls return the same runtime
+    /// (an error if they locate a different library).
     pub fn load(flag: Option<&Path>) -> Result<Self, OnnxError> {
+        static RUNTIME: std::sync::Mutex<Option<OrtRuntime>> = std::sync::Mutex::new(None);
         let library = locate_ort_library(flag)?;
+        let mut slot = RUNTIME.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rt) = slot.as_ref() {
+            if rt.library.path != library.path {
+                return Err(OnnxError::Load {
+                    path: library.path,
+                    message: format!(
+                        "ONNX Runtime is already loaded from {} in this process",
+                        rt.library.path.display()
+                    ),
+                });
+            }
+            return Ok(rt.clone());
+        }
         let builder = ort::init_from(&library.path)
             .map_err(|e| OnnxError::Load { path: library.path.clone(), message: e.to_string() })?;
         let env = builder
@@ -213,7 +229,9 @@ impl OrtRuntime {
             .with_telemetry(false)
             .build()
             .map_err(|e| OnnxError::Environment(e.to_string()))?;
-        Ok(Self { library, env: Arc::new(env) })
+        let rt = Self { library, env: Arc::new(env) };
+        *slot = Some(rt.clone());
+        Ok(rt)
     }
 
     /// ONNX Runtime's build string (`ORT Build Info: git-branch=rel-1.31.1, ...`).
