@@ -2,6 +2,7 @@
 
 mod audio_cmd;
 mod avatar_cmd;
+mod bench_cmd;
 mod doctor;
 
 use std::path::PathBuf;
@@ -38,6 +39,9 @@ pub enum Command {
     Mel(audio_cmd::MelArgs),
     /// Compute the padded audio feature list F of an audio file ((L+2) x 512 .npy).
     Features(audio_cmd::FeaturesArgs),
+    /// Time stages on real input (JSON), for comparisons with the Python reference.
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCommand),
 }
 
 fn init_tracing(verbose: u8, quiet: bool) {
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
         Command::Avatar(cmd) => avatar_cmd::run(&cli, cmd),
         Command::Mel(args) => audio_cmd::mel(args),
         Command::Features(args) => audio_cmd::features(&cli, args),
+        Command::Bench(cmd) => bench_cmd::run(&cli, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -47,7 +47,7 @@ impl Rng {
 #[test]
 fn filterbank_equals_librosa_bit_for_bit() {
     let want: Vec<f32> =
-        json("seed-mel/mel_filters.json")["filters"].as_array().unwrap().iter().flat_map(|row| f32s(row)).collect();
+        json("seed-mel/mel_filters.json")["filters"].as_array().unwrap().iter().flat_map(f32s).collect();
     let got = mel_filterbank();
     assert_eq!(got.len(), N_MELS * N_BINS);
     let mismatches = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
