@@ -68,6 +68,31 @@ def make_audio_fixtures(speech: Path, golden_wav: Path) -> None:
     (out / "corrupt.m4a").write_bytes(bytes(m4a))
 
 
+def make_resize_fixtures(frame: np.ndarray) -> None:
+    """cv2.resize INTER_CUBIC on real and random content, up and down, odd sizes: the default
+    (IPP-accelerated) path the reference uses, and OpenCV's generic algorithm."""
+    out = FIX / "resize"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(11)
+    cases = []
+    real = frame[300:514, 530:744]  # a 214x214 face crop
+    noise = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    for name, src in (("face", real), ("noise", noise)):
+        cv2.imwrite(str(out / f"{name}.png"), src)
+        for w, h in ((328, 328), (41, 29), (101, 77), (7, 5), (214, 214)):
+            dst = cv2.resize(src, (w, h), interpolation=cv2.INTER_CUBIC)
+            cv2.imwrite(str(out / f"{name}_{w}x{h}.png"), dst)
+            # OpenCV's own algorithm, without the IPP acceleration the default path uses
+            cv2.setUseOptimized(False)
+            dst = cv2.resize(src, (w, h), interpolation=cv2.INTER_CUBIC)
+            cv2.setUseOptimized(True)
+            cv2.imwrite(str(out / f"{name}_{w}x{h}_generic.png"), dst)
+            cases.append([name, w, h])
+    (out / "cases.json").write_text(json.dumps(cases) + "\n")
+
+
 def main() -> int:
     sample = ROOT / "sample"
     if not (sample / "avatar-tiny" / "avatar.toml").exists():
@@ -132,6 +157,7 @@ def main() -> int:
             "\n".join(f"{x:.6f} {y:.6f}" for x, y in pts) + "\n")
 
     make_audio_fixtures(sample / "speech_16k.wav", golden / "speech_2s.wav")
+    make_resize_fixtures(frames[0])
 
     seed = ROOT.parent / "shared" / "fixtures" / "seed-mel"
     if seed.is_dir():

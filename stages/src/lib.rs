@@ -14,8 +14,11 @@
 pub mod audio;
 pub mod avatar;
 pub mod features;
+pub mod frame;
+pub mod image_io;
 pub mod mel;
 pub mod npy;
 pub mod onnx;
+pub mod resize;
 pub mod synctalk;
 pub mod video;
