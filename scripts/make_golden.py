@@ -68,6 +68,32 @@ def make_audio_fixtures(speech: Path, golden_wav: Path) -> None:
     (out / "corrupt.m4a").write_bytes(bytes(m4a))
 
 
+def make_video_fixtures(frames_dir: Path) -> None:
+    """The golden template frames in several containers/codecs, the system FFmpeg's BGR
+    decode of the H.264 one (what reference.py reads), and broken files."""
+    out = FIX / "video"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    src = ["-framerate", "25", "-i", str(frames_dir / "%06d.png")]
+    ffmpeg(*src, "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "20", str(out / "h264.mp4"))
+    ffmpeg(*src, "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "20", str(out / "h264.mov"))
+    ffmpeg(*src, "-c:v", "libvpx-vp9", "-b:v", "300k", "-pix_fmt", "yuv420p", str(out / "vp9.webm"))
+    ffmpeg(*src, "-c:v", "mjpeg", "-q:v", "3", "-pix_fmt", "yuvj420p", str(out / "mjpeg.avi"))
+    ffmpeg(*src, "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "20", str(out / "h264.mkv"))
+    ffmpeg("-framerate", "30", "-i", str(frames_dir / "%06d.png"), "-c:v", "libx264", "-pix_fmt", "yuv420p",
+           str(out / "h264_30fps.mp4"))
+    frames = read_frames(out / "h264.mp4")
+    for i in (0, len(frames) - 1):
+        cv2.imwrite(str(out / f"h264_decoded_{i}.png"), frames[i])
+    data = (out / "h264.mkv").read_bytes()
+    (out / "truncated.mkv").write_bytes(data[: len(data) * 2 // 3])
+    raw = bytearray((out / "h264.mp4").read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 2000] = bytes((i * 91) % 256 for i in range(2000))
+    (out / "corrupt.mp4").write_bytes(bytes(raw))
+
+
 def make_resize_fixtures(frame: np.ndarray) -> None:
     """cv2.resize INTER_CUBIC on real and random content, up and down, odd sizes: the default
     (IPP-accelerated) path the reference uses, and OpenCV's generic algorithm."""
@@ -158,6 +184,7 @@ def main() -> int:
 
     make_audio_fixtures(sample / "speech_16k.wav", golden / "speech_2s.wav")
     make_resize_fixtures(frames[0])
+    make_video_fixtures(golden / "avatar" / "frames")
 
     seed = ROOT.parent / "shared" / "fixtures" / "seed-mel"
     if seed.is_dir():

@@ -152,7 +152,8 @@ impl JpegEncoder {
 
     /// Encodes `frame`; the JPEG bytes stay valid until the next call.
     pub fn encode(&mut self, frame: &BgrFrame) -> Result<&[u8], ImageError> {
-        let err = |message: String| ImageError::Encode { format: "JPEG", width: frame.width, height: frame.height, message };
+        let err =
+            |message: String| ImageError::Encode { format: "JPEG", width: frame.width, height: frame.height, message };
         let need = self.compressor.buf_len(frame.width, frame.height).map_err(|e| err(e.to_string()))?;
         if self.buf.len() < need {
             self.buf.resize(need, 0);

@@ -13,6 +13,7 @@
 
 pub mod audio;
 pub mod avatar;
+pub mod face;
 pub mod features;
 pub mod frame;
 pub mod image_io;
@@ -21,4 +22,6 @@ pub mod npy;
 pub mod onnx;
 pub mod resize;
 pub mod synctalk;
+pub mod template;
+pub mod unet;
 pub mod video;

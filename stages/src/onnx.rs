@@ -289,6 +289,25 @@ impl OrtRuntime {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl OrtRuntime {
+    /// Opens a model on the CUDA execution provider; an error when CUDA cannot be registered.
+    pub fn open_model_cuda(&self, what: &str, path: &Path, opts: &SessionOptions) -> Result<Session, OnnxError> {
+        if !path.is_file() {
+            return Err(OnnxError::ModelMissing { what: what.to_string(), path: path.to_path_buf() });
+        }
+        let err = |message: String| OnnxError::ModelOpen { what: what.to_string(), path: path.to_path_buf(), message };
+        let msg = |e: ort::Error<ort::session::builder::SessionBuilder>| err(e.to_string());
+        let builder = Session::builder(&self.env).map_err(|e| err(e.to_string()))?;
+        let builder =
+            builder.with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()]).map_err(msg)?;
+        let builder = builder.with_optimization_level(GraphOptimizationLevel::All).map_err(msg)?;
+        let builder = builder.with_intra_threads(opts.intra_threads.max(1)).map_err(msg)?;
+        let mut builder = builder.with_intra_op_spinning(opts.spinning).map_err(msg)?;
+        builder.commit_from_file(path).map_err(|e| err(e.to_string()))
+    }
+}
+
 /// Reads the version string of an ONNX Runtime library without creating anything.
 pub fn library_version(path: &Path) -> Option<String> {
     // SAFETY: OrtGetApiBase takes no arguments and returns a pointer to a static struct whose

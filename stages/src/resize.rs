@@ -94,7 +94,13 @@ impl CubicResizer {
                 *slot = sy % 4;
                 if self.row_of[sy % 4] != sy as i64 {
                     let row = &src[sy * src_stride..sy * src_stride + src_w * 3];
-                    hresize(row, src_w, &self.xofs, &self.alpha, &mut self.rows[(sy % 4) * width..(sy % 4 + 1) * width]);
+                    hresize(
+                        row,
+                        src_w,
+                        &self.xofs,
+                        &self.alpha,
+                        &mut self.rows[(sy % 4) * width..(sy % 4 + 1) * width],
+                    );
                     self.row_of[sy % 4] = sy as i64;
                 }
             }

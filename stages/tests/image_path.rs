@@ -30,9 +30,208 @@ fn cubic_resize_matches_opencv() {
         let generic = load(&format!("resize/{name}_{w}x{h}_generic.png"));
         assert!(got.data == generic.data, "{name} -> {w}x{h}: differs from OpenCV's generic resize");
         let ipp = load(&format!("resize/{name}_{w}x{h}.png"));
-        let diffs: Vec<i32> = got.data.iter().zip(&ipp.data).map(|(a, b)| (i32::from(*a) - i32::from(*b)).abs()).collect();
+        let diffs: Vec<i32> =
+            got.data.iter().zip(&ipp.data).map(|(a, b)| (i32::from(*a) - i32::from(*b)).abs()).collect();
         let max = diffs.iter().copied().max().unwrap();
         let off = diffs.iter().filter(|&&d| d > 0).count() as f64 / diffs.len() as f64;
         assert!(max <= 1 && off < 0.1, "{name} -> {w}x{h}: max diff {max}, {:.2}% differ", off * 100.0);
     }
+}
+
+use lipsync_stages::avatar::{Avatar, CropParams};
+use lipsync_stages::face::{input_len, output_len, template_index, template_len, Blend, Compositor, FacePrep};
+use lipsync_stages::features::{frame_audio, FRAME_AUDIO_LEN};
+use lipsync_stages::image_io::{decode_image, encode_png, JpegEncoder};
+use lipsync_stages::npy::read_f32_2d;
+use lipsync_stages::onnx::{ModelIo, OrtRuntime, SessionOptions};
+use lipsync_stages::template::{TemplateFrames, DEFAULT_BUDGET};
+use lipsync_stages::unet::{Provider, Unet};
+use lipsync_stages::video::VideoError;
+
+fn diff_stats(a: &[u8], b: &[u8]) -> (u8, f64) {
+    assert_eq!(a.len(), b.len());
+    let max = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0);
+    let mean = a.iter().zip(b).map(|(x, y)| f64::from(x.abs_diff(*y))).sum::<f64>() / a.len() as f64;
+    (max, mean)
+}
+
+fn psnr(a: &[u8], b: &[u8]) -> f64 {
+    let mse = a.iter().zip(b).map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2)).sum::<f64>() / a.len() as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    }
+}
+
+#[test]
+fn ping_pong_order() {
+    let seq: Vec<usize> = (0..13).map(|i| template_index(i, 5, 0)).collect();
+    assert_eq!(seq, vec![1, 2, 3, 4, 3, 2, 1, 0, 1, 2, 3, 4, 3]);
+    assert_eq!((0..4).map(|i| template_index(i, 2, 0)).collect::<Vec<_>>(), vec![1, 0, 1, 0]);
+    assert_eq!((0..3).map(|i| template_index(i, 1, 0)).collect::<Vec<_>>(), vec![0, 0, 0]);
+    assert_eq!((0..4).map(|i| template_index(i, 5, 3)).collect::<Vec<_>>(), vec![4, 0, 1, 2]);
+}
+
+/// Prep, UNet and paste-back on the golden avatar against the reference's dumps: the crop, the
+/// prediction and the finished frame (identical outside the box, PSNR >= 45 dB inside).
+#[test]
+fn image_path_matches_the_reference() {
+    let avatar = Avatar::open(&fixture("golden/avatar")).unwrap();
+    let crop: CropParams = avatar.config.crop;
+    let template = TemplateFrames::load(&avatar.video, DEFAULT_BUDGET).unwrap();
+    assert_eq!(template.len(), 5);
+    let f = read_f32_2d(&fixture("golden/ref/features.npy")).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("golden/ref/meta.json")).unwrap()).unwrap();
+    let rt = OrtRuntime::load(None).unwrap();
+    let mut unet =
+        Unet::open(&rt, &avatar.unet, &ModelIo::default(), &crop, 4, &SessionOptions::default(), Provider::Cpu)
+            .unwrap();
+    let mut prep = FacePrep::new();
+    let mut comp = Compositor::new();
+    let mut frame = BgrFrame::default();
+    let mut tmpl = vec![0u8; template_len(&crop)];
+    let mut tensor = vec![0f32; input_len(&crop)];
+    let mut audio = vec![0f32; FRAME_AUDIO_LEN];
+    let mut out = vec![0f32; output_len(&crop)];
+    for i in meta["dumped_frames"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize) {
+        let t = template_index(i, template.len(), avatar.config.start_frame);
+        template.get(t, &mut frame);
+        let b = avatar.boxes[t];
+        prep.prep(&frame, b, &crop, &mut tmpl, &mut tensor);
+
+        let want = load(&format!("golden/ref/crop328_{i:06}.png"));
+        let (max, mean) = diff_stats(&tmpl, &want.data);
+        assert!(max <= 1 && mean <= 0.1, "frame {i} crop: max {max}, mean {mean}");
+        // The input tensor is the crop / 255 with the mask: within 1/255, mean <= 0.1/255.
+        let s = 320;
+        let mut worst = 0f32;
+        let mut total = 0f64;
+        for c in 0..3 {
+            for y in 0..s {
+                for x in 0..s {
+                    let r = f32::from(want.data[((y + 4) * 328 + x + 4) * 3 + c]) / 255.0;
+                    let d = (tensor[c * s * s + y * s + x] - r).abs();
+                    worst = worst.max(d);
+                    total += f64::from(d);
+                    let masked = tensor[(3 + c) * s * s + y * s + x];
+                    let in_mask = (5..=309).contains(&y) && (5..=314).contains(&x);
+                    assert_eq!(masked, if in_mask { 0.0 } else { tensor[c * s * s + y * s + x] });
+                }
+            }
+        }
+        assert!(worst <= 1.0 / 255.0 + 1e-7 && total / (3 * s * s) as f64 <= 0.1 / 255.0, "frame {i}: tensor {worst}");
+
+        frame_audio(f.as_slice().unwrap(), i, &mut audio);
+        unet.run(1, &tensor, &audio, &mut out).unwrap();
+        comp.paste(&mut frame, b, &crop, &tmpl, &out, Blend::Hard);
+        let want = load(&format!("golden/ref/frame_{i:06}.png"));
+        let (bx1, by1, bx2, by2) = (b.x1 as usize, b.y1 as usize, b.x2 as usize, b.y2 as usize);
+        let (mut inside_a, mut inside_b, mut outside_diff) = (Vec::new(), Vec::new(), 0usize);
+        for y in 0..frame.height {
+            for x in 0..frame.width {
+                let p = (y * frame.width + x) * 3;
+                if (bx1..bx2).contains(&x) && (by1..by2).contains(&y) {
+                    inside_a.extend_from_slice(&frame.data[p..p + 3]);
+                    inside_b.extend_from_slice(&want.data[p..p + 3]);
+                } else if frame.data[p..p + 3] != want.data[p..p + 3] {
+                    outside_diff += 1;
+                }
+            }
+        }
+        assert_eq!(outside_diff, 0, "frame {i}: pixels outside the box differ");
+        let p = psnr(&inside_a, &inside_b);
+        assert!(p >= 45.0, "frame {i}: PSNR inside the box {p:.1} dB");
+        eprintln!("frame {i}: crop max {max} mean {mean:.4}; box PSNR {p:.1} dB");
+    }
+}
+
+#[test]
+fn feather_blend_ramps_at_the_edge_only() {
+    let crop = CropParams::default();
+    let mut base = BgrFrame::new(200, 160);
+    base.data.fill(10);
+    let b = lipsync_stages::avatar::CropBox { x1: 40, y1: 30, x2: 140, y2: 130 };
+    let tmpl = vec![200u8; template_len(&crop)];
+    let out = vec![1.0f32; output_len(&crop)];
+    let mut hard = base.clone();
+    Compositor::new().paste(&mut hard, b, &crop, &tmpl, &out, Blend::Hard);
+    let mut soft = base.clone();
+    Compositor::new().paste(&mut soft, b, &crop, &tmpl, &out, Blend::Feather { px: 8 });
+    let at = |f: &BgrFrame, x: usize, y: usize| f.data[(y * f.width + x) * 3];
+    assert_eq!(at(&hard, 90, 80), 255);
+    assert_eq!(at(&soft, 90, 80), 255, "interior unchanged");
+    assert_eq!(at(&soft, 10, 10), 10, "outside untouched");
+    let edge = at(&soft, 40, 80);
+    assert!(edge > 10 && edge < 60, "edge mostly original: {edge}");
+    let mid = at(&soft, 44, 80);
+    assert!(mid > 100 && mid < 200, "ramp: {mid}");
+    assert!("feather=0".parse::<Blend>().is_err() && "soft".parse::<Blend>().is_err());
+    assert_eq!("feather=12".parse::<Blend>().unwrap(), Blend::Feather { px: 12 });
+}
+
+#[test]
+fn video_containers_decode_like_ffmpeg() {
+    let want0 = load("video/h264_decoded_0.png");
+    let want4 = load("video/h264_decoded_4.png");
+    let mut frame = BgrFrame::default();
+    let t = TemplateFrames::load(&fixture("video/h264.mp4"), DEFAULT_BUDGET).unwrap();
+    assert_eq!((t.len(), t.size(), t.fps()), (5, (640, 360), Some(25.0)));
+    t.get(0, &mut frame);
+    assert!(frame.data == want0.data, "frame 0 equals the reference's decode");
+    t.get(4, &mut frame);
+    assert!(frame.data == want4.data, "frame 4 equals the reference's decode");
+    // The same frames held compressed (budget 0) come back identical.
+    let z = TemplateFrames::load(&fixture("video/h264.mp4"), 0).unwrap();
+    assert_eq!(z.compressed_frames(), 5);
+    assert!(z.memory_bytes() < t.memory_bytes());
+    z.get(4, &mut frame);
+    assert!(frame.data == want4.data);
+    for name in ["h264.mov", "h264.mkv", "vp9.webm", "mjpeg.avi"] {
+        let v = TemplateFrames::load(&fixture(&format!("video/{name}")), DEFAULT_BUDGET).unwrap();
+        assert_eq!((v.len(), v.size()), (5, (640, 360)), "{name}");
+        v.get(0, &mut frame);
+        let (_, mean) = diff_stats(&frame.data, &load("golden/avatar/frames/000000.png").data);
+        assert!(mean < 4.0, "{name}: mean abs diff to the source frame {mean}");
+    }
+    let v = TemplateFrames::load(&fixture("video/h264_30fps.mp4"), DEFAULT_BUDGET).unwrap();
+    assert_eq!(v.fps(), Some(30.0));
+}
+
+#[test]
+fn bad_videos_have_clear_errors() {
+    let e = TemplateFrames::load(&fixture("audio/clip.wav"), DEFAULT_BUDGET).unwrap_err();
+    assert!(matches!(e, VideoError::NoVideoStream(_)), "{e}");
+    let e = TemplateFrames::load(&fixture("video/absent.mp4"), DEFAULT_BUDGET).unwrap_err();
+    assert!(matches!(e, VideoError::Missing(_)), "{e}");
+    let e = TemplateFrames::load(&fixture("audio/not_audio.wav"), DEFAULT_BUDGET).unwrap_err();
+    assert!(e.to_string().contains("could not read video"), "{e}");
+    // A truncated file yields the frames before the cut, or an error naming the problem.
+    match TemplateFrames::load(&fixture("video/truncated.mkv"), DEFAULT_BUDGET) {
+        Ok(t) => assert!(t.len() < 5, "truncated file cannot hold all frames"),
+        Err(e) => assert!(e.to_string().contains("truncated.mkv"), "{e}"),
+    }
+    match TemplateFrames::load(&fixture("video/corrupt.mp4"), DEFAULT_BUDGET) {
+        Ok(t) => assert_eq!(t.len(), 5, "corrupt payload may decode with artefacts"),
+        Err(e) => assert!(e.to_string().contains("corrupt.mp4"), "{e}"),
+    }
+}
+
+#[test]
+fn jpeg_and_png_round_trip() {
+    let src = load("golden/avatar/frames/000000.png");
+    let mut enc = JpegEncoder::new(90).unwrap();
+    let jpeg = enc.encode(&src).unwrap().to_vec();
+    assert!(jpeg.starts_with(&[0xFF, 0xD8]) && jpeg.len() < src.data.len() / 5);
+    let mut back = BgrFrame::default();
+    decode_image(&jpeg, &mut back).unwrap();
+    assert_eq!((back.width, back.height), (640, 360));
+    let p = psnr(&back.data, &src.data);
+    assert!(p > 33.0, "JPEG q90 PSNR {p:.1}");
+    let (mut png, mut scratch) = (Vec::new(), Vec::new());
+    encode_png(&src, &mut png, &mut scratch).unwrap();
+    decode_image(&png, &mut back).unwrap();
+    assert!(back.data == src.data, "PNG is lossless");
+    assert!(decode_image(b"garbage", &mut back).is_err());
 }

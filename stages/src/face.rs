@@ -1,0 +1,177 @@
+//! Face tensor prep and paste-back (SPEC.md section 3).
+//!
+//! Prep: crop the box, resize it to the 328 template (bicubic, OpenCV-exact), take the inner
+//! 320, mask the rectangle, and write the 6-channel NCHW f32 tensor (reference BGR / 255, then
+//! masked BGR / 255) straight into a batch slot. Paste-back: the model output becomes u8 by
+//! truncation, goes into the 328 template, is resized back to the box and pasted (hard, or with
+//! a feathered edge).
+
+use crate::avatar::{CropBox, CropParams};
+use crate::frame::BgrFrame;
+use crate::resize::CubicResizer;
+
+/// How the regenerated box is written over the frame.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Blend {
+    /// Overwrite the box (the reference's behaviour).
+    #[default]
+    Hard,
+    /// Alpha ramp from 0 at the box edge to 1 at `px` pixels inside it, hiding the square seam.
+    Feather {
+        /// Width of the ramp in pixels.
+        px: u32,
+    },
+}
+
+impl std::str::FromStr for Blend {
+    type Err = String;
+
+    /// `hard` or `feather=PX`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('=') {
+            None if s == "hard" => Ok(Blend::Hard),
+            Some(("feather", px)) => match px.parse::<u32>() {
+                Ok(px) if px > 0 => Ok(Blend::Feather { px }),
+                _ => Err(format!("feather width `{px}` must be a positive integer")),
+            },
+            _ => Err(format!("unknown blend `{s}` (expected `hard` or `feather=PX`)")),
+        }
+    }
+}
+
+/// Values per image tensor slot ([6, S, S]).
+pub fn input_len(crop: &CropParams) -> usize {
+    6 * (crop.model_size as usize).pow(2)
+}
+
+/// Values per output slot ([3, S, S]).
+pub fn output_len(crop: &CropParams) -> usize {
+    3 * (crop.model_size as usize).pow(2)
+}
+
+/// Bytes of the 328 template kept between prep and paste-back.
+pub fn template_len(crop: &CropParams) -> usize {
+    3 * (crop.template_size as usize).pow(2)
+}
+
+/// Crops, resizes and writes model inputs; reuses its buffers.
+#[derive(Debug, Default)]
+pub struct FacePrep {
+    resizer: CubicResizer,
+}
+
+impl FacePrep {
+    /// A prep stage with empty buffers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Prepares one frame: writes the resized crop into `template` (`template_len` bytes, kept
+    /// for paste-back) and the model input into `tensor` (`input_len` values).
+    /// The box must lie inside the frame (avatars are validated when loaded).
+    pub fn prep(&mut self, frame: &BgrFrame, b: CropBox, crop: &CropParams, template: &mut [u8], tensor: &mut [f32]) {
+        let t = crop.template_size as usize;
+        let (x1, y1, w, h) = (b.x1 as usize, b.y1 as usize, b.width() as usize, b.height() as usize);
+        let stride = frame.stride();
+        let src = &frame.data[y1 * stride + x1 * 3..];
+        self.resizer.resize(src, w, h, stride, template, t, t, t * 3);
+        let s = crop.model_size as usize;
+        let off = crop.inner_offset as usize;
+        let [mx1, my1, mx2, my2] = crop.mask.map(|v| v as usize);
+        let plane = s * s;
+        let (real, masked) = tensor.split_at_mut(3 * plane);
+        for y in 0..s {
+            let row = &template[((y + off) * t + off) * 3..((y + off) * t + off + s) * 3];
+            let in_mask_row = (my1..=my2).contains(&y);
+            for (x, px) in row.chunks_exact(3).enumerate() {
+                let masked_px = in_mask_row && (mx1..=mx2).contains(&x);
+                for c in 0..3 {
+                    let v = f32::from(px[c]) / 255.0;
+                    real[c * plane + y * s + x] = v;
+                    masked[c * plane + y * s + x] = if masked_px { 0.0 } else { v };
+                }
+            }
+        }
+    }
+}
+
+/// Pastes model outputs back into frames; reuses its buffers.
+#[derive(Debug, Default)]
+pub struct Compositor {
+    resizer: CubicResizer,
+    tmpl: Vec<u8>,
+    patch: Vec<u8>,
+}
+
+impl Compositor {
+    /// A compositor with empty buffers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The model output (`output_len` values, [3, S, S], B G R in [0, 1]) goes into a copy of
+    /// `template` as u8 (truncated), is resized to the box and written over `frame`.
+    pub fn paste(
+        &mut self,
+        frame: &mut BgrFrame,
+        b: CropBox,
+        crop: &CropParams,
+        template: &[u8],
+        output: &[f32],
+        blend: Blend,
+    ) {
+        let t = crop.template_size as usize;
+        let s = crop.model_size as usize;
+        let off = crop.inner_offset as usize;
+        self.tmpl.clear();
+        self.tmpl.extend_from_slice(template);
+        let plane = s * s;
+        for y in 0..s {
+            let row = &mut self.tmpl[((y + off) * t + off) * 3..((y + off) * t + off + s) * 3];
+            for (x, px) in row.chunks_exact_mut(3).enumerate() {
+                for (c, v) in px.iter_mut().enumerate() {
+                    *v = (output[c * plane + y * s + x] * 255.0).clamp(0.0, 255.0) as u8;
+                }
+            }
+        }
+        let (x1, y1, w, h) = (b.x1 as usize, b.y1 as usize, b.width() as usize, b.height() as usize);
+        let stride = frame.stride();
+        match blend {
+            Blend::Hard => {
+                let dst = &mut frame.data[y1 * stride + x1 * 3..];
+                self.resizer.resize(&self.tmpl, t, t, t * 3, dst, w, h, stride);
+            }
+            Blend::Feather { px } => {
+                self.patch.resize(w * h * 3, 0);
+                self.resizer.resize(&self.tmpl, t, t, t * 3, &mut self.patch, w, h, w * 3);
+                let ramp = px as f32;
+                for y in 0..h {
+                    let dy = (y as f32 + 0.5).min(h as f32 - y as f32 - 0.5);
+                    let row = &mut frame.data[(y1 + y) * stride + x1 * 3..(y1 + y) * stride + (x1 + w) * 3];
+                    let src = &self.patch[y * w * 3..(y + 1) * w * 3];
+                    for x in 0..w {
+                        let dx = (x as f32 + 0.5).min(w as f32 - x as f32 - 0.5);
+                        let a = (dx.min(dy) / ramp).min(1.0);
+                        for c in 0..3 {
+                            let i = x * 3 + c;
+                            let v = f32::from(src[i]) * a + f32::from(row[i]) * (1.0 - a);
+                            row[i] = v.round().clamp(0.0, 255.0) as u8;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Template frame for output frame `i` of an `n`-frame template: the SyncTalk ping-pong
+/// `1, 2, ..., n-1, n-2, ..., 1, 0, 1, ...`, shifted by `start` (wrapping).
+pub fn template_index(i: usize, n: usize, start: usize) -> usize {
+    if n <= 1 {
+        return 0;
+    }
+    let period = 2 * (n - 1);
+    let j = (i + 1) % period;
+    let p = if j < n { j } else { period - j };
+    (p + start) % n
+}

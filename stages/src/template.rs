@@ -1,0 +1,282 @@
+//! Template frames: decoded once from a video file (FFmpeg: any container/codec the system
+//! libraries decode) or a directory of numbered JPEG/PNG frames, converted to BGR, and held
+//! within a memory budget.
+//!
+//! Memory bound: decoded frames are kept raw (`w * h * 3` bytes each) until the budget is
+//! reached; every further frame is kept zstd-compressed (lossless, typically 30-60 % of raw for
+//! camera footage) and decompressed into the caller's buffer on use. A template therefore holds
+//! at most `budget + compressed(rest)` bytes. Pixels are identical either way.
+
+use std::path::{Path, PathBuf};
+
+use ffmpeg_next as ff;
+
+use crate::frame::BgrFrame;
+use crate::video::{frame_files, init_ffmpeg, VideoError};
+
+/// Default raw-frame budget of one template (bytes).
+pub const DEFAULT_BUDGET: usize = 768 << 20;
+
+/// Sequential decoder of a video file's first video stream into BGR frames.
+pub struct VideoReader {
+    path: PathBuf,
+    input: ff::format::context::Input,
+    decoder: ff::decoder::Video,
+    stream: usize,
+    scaler: Option<ff::software::scaling::Context>,
+    yuv: ff::frame::Video,
+    bgr: ff::frame::Video,
+    eof_sent: bool,
+    frames: usize,
+    width: u32,
+    height: u32,
+    fps: Option<f64>,
+}
+
+impl std::fmt::Debug for VideoReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VideoReader").field("path", &self.path).field("frames", &self.frames).finish()
+    }
+}
+
+impl VideoReader {
+    /// Opens `path` and its best video stream.
+    pub fn open(path: &Path) -> Result<Self, VideoError> {
+        init_ffmpeg();
+        if !path.exists() {
+            return Err(VideoError::Missing(path.to_path_buf()));
+        }
+        let open = |message: String| VideoError::Open { path: path.to_path_buf(), message };
+        let input = ff::format::input(path).map_err(|e| open(e.to_string()))?;
+        let stream = input
+            .streams()
+            .best(ff::media::Type::Video)
+            .ok_or_else(|| VideoError::NoVideoStream(path.to_path_buf()))?;
+        let index = stream.index();
+        let rate = stream.avg_frame_rate();
+        let fps = (rate.denominator() != 0 && rate.numerator() > 0).then(|| f64::from(rate));
+        let ctx = ff::codec::context::Context::from_parameters(stream.parameters()).map_err(|e| open(e.to_string()))?;
+        let decoder = ctx.decoder().video().map_err(|e| open(format!("no decoder for the video stream: {e}")))?;
+        let (width, height) = (decoder.width(), decoder.height());
+        Ok(Self {
+            path: path.to_path_buf(),
+            input,
+            decoder,
+            stream: index,
+            scaler: None,
+            yuv: ff::frame::Video::empty(),
+            bgr: ff::frame::Video::empty(),
+            eof_sent: false,
+            frames: 0,
+            width,
+            height,
+            fps,
+        })
+    }
+
+    /// Frame size.
+    pub fn size(&self) -> (u32, u32) {
+        (self.width, self.height)
+    }
+
+    /// Frame rate, when the stream states one.
+    pub fn fps(&self) -> Option<f64> {
+        self.fps
+    }
+
+    /// Decodes the next frame into `out`; `Ok(false)` at the end of the stream.
+    pub fn next(&mut self, out: &mut BgrFrame) -> Result<bool, VideoError> {
+        let corrupt = |frames: usize, e: String| VideoError::Open {
+            path: PathBuf::new(),
+            message: format!("decoding failed after {frames} frames: {e} (corrupt or truncated video?)"),
+        };
+        loop {
+            match self.decoder.receive_frame(&mut self.yuv) {
+                Ok(()) => break,
+                Err(ff::Error::Eof) => return Ok(false),
+                Err(ff::Error::Other { errno }) if errno == ff::util::error::EAGAIN => {}
+                Err(e) => return Err(self.with_path(corrupt(self.frames, e.to_string()))),
+            }
+            if self.eof_sent {
+                return Ok(false);
+            }
+            let mut sent = false;
+            while let Some((stream, packet)) = self.input.packets().next() {
+                if stream.index() != self.stream {
+                    continue;
+                }
+                self.decoder.send_packet(&packet).map_err(|e| self.with_path(corrupt(self.frames, e.to_string())))?;
+                sent = true;
+                break;
+            }
+            if !sent {
+                self.decoder.send_eof().map_err(|e| self.with_path(corrupt(self.frames, e.to_string())))?;
+                self.eof_sent = true;
+            }
+        }
+        let (w, h) = (self.yuv.width(), self.yuv.height());
+        if (w, h) != (self.width, self.height) {
+            return Err(VideoError::Open {
+                path: self.path.clone(),
+                message: format!(
+                    "frame {} is {w}x{h}, the stream started at {}x{}",
+                    self.frames, self.width, self.height
+                ),
+            });
+        }
+        if self.scaler.is_none() {
+            let scaler = ff::software::scaling::Context::get(
+                self.yuv.format(),
+                w,
+                h,
+                ff::format::Pixel::BGR24,
+                w,
+                h,
+                ff::software::scaling::Flags::BICUBIC,
+            )
+            .map_err(|e| VideoError::Open { path: self.path.clone(), message: format!("no BGR conversion: {e}") })?;
+            self.scaler = Some(scaler);
+        }
+        let scaler = self.scaler.as_mut().expect("set above");
+        scaler.run(&self.yuv, &mut self.bgr).map_err(|e| VideoError::Open {
+            path: self.path.clone(),
+            message: format!("BGR conversion failed: {e}"),
+        })?;
+        let (w, h) = (w as usize, h as usize);
+        out.reshape(w, h);
+        let stride = self.bgr.stride(0);
+        let data = self.bgr.data(0);
+        for y in 0..h {
+            out.data[y * w * 3..(y + 1) * w * 3].copy_from_slice(&data[y * stride..y * stride + w * 3]);
+        }
+        self.frames += 1;
+        Ok(true)
+    }
+
+    fn with_path(&self, e: VideoError) -> VideoError {
+        match e {
+            VideoError::Open { message, .. } => VideoError::Open { path: self.path.clone(), message },
+            other => other,
+        }
+    }
+}
+
+enum Stored {
+    Raw(Box<[u8]>),
+    Zstd(Box<[u8]>),
+}
+
+/// All frames of a template, held within a memory budget (see the module docs).
+pub struct TemplateFrames {
+    width: usize,
+    height: usize,
+    fps: Option<f64>,
+    frames: Vec<Stored>,
+    bytes: usize,
+}
+
+impl std::fmt::Debug for TemplateFrames {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TemplateFrames")
+            .field("frames", &self.frames.len())
+            .field("size", &(self.width, self.height))
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl TemplateFrames {
+    /// Decodes every frame of a video file or frames directory, keeping raw frames up to
+    /// `budget` bytes and compressing the rest.
+    pub fn load(path: &Path, budget: usize) -> Result<Self, VideoError> {
+        let mut store = Self { width: 0, height: 0, fps: None, frames: Vec::new(), bytes: 0 };
+        let mut frame = BgrFrame::default();
+        if path.is_dir() {
+            for file in frame_files(path)? {
+                crate::image_io::read_image(&file, &mut frame)
+                    .map_err(|e| VideoError::BadFrame { path: file.clone(), message: e.to_string() })?;
+                store.push(&frame, budget, &file)?;
+            }
+        } else {
+            let mut reader = VideoReader::open(path)?;
+            store.fps = reader.fps();
+            while reader.next(&mut frame)? {
+                store.push(&frame, budget, path)?;
+            }
+        }
+        if store.frames.is_empty() {
+            return Err(VideoError::NoFrames(path.to_path_buf()));
+        }
+        Ok(store)
+    }
+
+    fn push(&mut self, frame: &BgrFrame, budget: usize, path: &Path) -> Result<(), VideoError> {
+        if self.frames.is_empty() {
+            self.width = frame.width;
+            self.height = frame.height;
+        } else if (frame.width, frame.height) != (self.width, self.height) {
+            return Err(VideoError::SizeMismatch {
+                path: path.to_path_buf(),
+                got_w: frame.width as u32,
+                got_h: frame.height as u32,
+                want_w: self.width as u32,
+                want_h: self.height as u32,
+            });
+        }
+        let stored = if self.bytes + frame.data.len() <= budget {
+            Stored::Raw(frame.data.clone().into_boxed_slice())
+        } else {
+            let z = zstd::bulk::compress(&frame.data, 1)
+                .map_err(|e| VideoError::Open { path: path.to_path_buf(), message: format!("zstd: {e}") })?;
+            Stored::Zstd(z.into_boxed_slice())
+        };
+        self.bytes += match &stored {
+            Stored::Raw(b) | Stored::Zstd(b) => b.len(),
+        };
+        self.frames.push(stored);
+        Ok(())
+    }
+
+    /// Number of frames.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Whether there are no frames (never true for a loaded template).
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Frame size.
+    pub fn size(&self) -> (usize, usize) {
+        (self.width, self.height)
+    }
+
+    /// Frame rate of a video file (none for a frames directory).
+    pub fn fps(&self) -> Option<f64> {
+        self.fps
+    }
+
+    /// Bytes held.
+    pub fn memory_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Frames held compressed.
+    pub fn compressed_frames(&self) -> usize {
+        self.frames.iter().filter(|f| matches!(f, Stored::Zstd(_))).count()
+    }
+
+    /// Copies frame `i` into `out` (reusing its allocation). Panics if `i` is out of range.
+    pub fn get(&self, i: usize, out: &mut BgrFrame) {
+        out.reshape(self.width, self.height);
+        match &self.frames[i] {
+            Stored::Raw(b) => out.data.copy_from_slice(b),
+            Stored::Zstd(z) => {
+                let n =
+                    zstd::bulk::decompress_to_buffer(z, &mut out.data[..]).expect("frames compressed by this store");
+                assert_eq!(n, out.data.len(), "compressed frame has the frame's size");
+            }
+        }
+    }
+}
