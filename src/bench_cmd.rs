@@ -18,6 +18,22 @@ use crate::Cli;
 pub enum BenchCommand {
     /// Time decode, mel, windows (and the encoder with --encoder) on one audio file.
     Audio(BenchAudioArgs),
+    /// Time the per-frame image work on an avatar: decode, prep, paste-back, JPEG encode.
+    Image(BenchImageArgs),
+}
+
+/// Arguments of `lipsync bench image`.
+#[derive(Debug, Args)]
+pub struct BenchImageArgs {
+    /// The avatar directory.
+    #[arg(long)]
+    pub avatar: PathBuf,
+    /// Frames to time (cycling through the template).
+    #[arg(long, default_value_t = 100)]
+    pub frames: usize,
+    /// JPEG quality.
+    #[arg(long, default_value_t = 90)]
+    pub quality: u8,
 }
 
 /// Arguments of `lipsync bench audio`.
@@ -49,7 +65,85 @@ fn median_secs<T>(repeat: usize, mut f: impl FnMut() -> Result<T>) -> Result<(f6
 }
 
 pub fn run(cli: &Cli, cmd: &BenchCommand) -> Result<()> {
-    let BenchCommand::Audio(args) = cmd;
+    match cmd {
+        BenchCommand::Audio(args) => audio(cli, args),
+        BenchCommand::Image(args) => image(args),
+    }
+}
+
+fn per_frame_median(times: &mut [f64]) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn image(args: &BenchImageArgs) -> Result<()> {
+    use lipsync_stages::avatar::Avatar;
+    use lipsync_stages::face::{input_len, output_len, template_index, template_len, Blend, Compositor, FacePrep};
+    use lipsync_stages::frame::BgrFrame;
+    use lipsync_stages::image_io::JpegEncoder;
+    use lipsync_stages::template::{TemplateFrames, VideoReader, DEFAULT_BUDGET};
+
+    let avatar = Avatar::open(&args.avatar).with_context(|| format!("loading avatar {}", args.avatar.display()))?;
+    let crop = avatar.config.crop;
+    let n = args.frames.max(1);
+    let mut decode = Vec::with_capacity(n);
+    let mut frame = BgrFrame::default();
+    if avatar.video.is_file() {
+        let mut reader = VideoReader::open(&avatar.video)?;
+        for _ in 0..n {
+            let t = Instant::now();
+            if !reader.next(&mut frame)? {
+                break;
+            }
+            decode.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let template = TemplateFrames::load(&avatar.video, DEFAULT_BUDGET)?;
+    let (mut fetch, mut prep_t, mut paste_t, mut jpeg_t) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut prep = FacePrep::new();
+    let mut comp = Compositor::new();
+    let mut enc = JpegEncoder::new(args.quality)?;
+    let mut tmpl = vec![0u8; template_len(&crop)];
+    let mut tensor = vec![0f32; input_len(&crop)];
+    let output = vec![0.5f32; output_len(&crop)];
+    let mut jpeg_bytes = 0usize;
+    for i in 0..n {
+        let ti = template_index(i, template.len(), avatar.config.start_frame);
+        let b = avatar.boxes[ti];
+        let t = Instant::now();
+        template.get(ti, &mut frame);
+        fetch.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        prep.prep(&frame, b, &crop, &mut tmpl, &mut tensor);
+        prep_t.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        comp.paste(&mut frame, b, &crop, &tmpl, &output, Blend::Hard);
+        paste_t.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        jpeg_bytes = enc.encode(&frame)?.len();
+        jpeg_t.push(t.elapsed().as_secs_f64());
+    }
+    let (w, h) = template.size();
+    let b = avatar.boxes[0];
+    let mut out = serde_json::json!({
+        "avatar": args.avatar.display().to_string(),
+        "frame": format!("{w}x{h}"),
+        "box": format!("{}x{}", b.width(), b.height()),
+        "frames": n,
+        "template_fetch_s": per_frame_median(&mut fetch),
+        "prep_s": per_frame_median(&mut prep_t),
+        "paste_s": per_frame_median(&mut paste_t),
+        "jpeg_s": per_frame_median(&mut jpeg_t),
+        "jpeg_bytes": jpeg_bytes,
+    });
+    if !decode.is_empty() {
+        out["decode_s"] = per_frame_median(&mut decode).into();
+    }
+    println!("{out}");
+    Ok(())
+}
+
+fn audio(cli: &Cli, args: &BenchAudioArgs) -> Result<()> {
     let (decode_s, samples) = median_secs(args.repeat, || Ok(load_16k(&args.audio)?))?;
     let mut mel = MelSpectrogram::new();
     let (mel_s, rows) = median_secs(args.repeat, || Ok(mel.compute(&samples)))?;

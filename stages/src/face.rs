@@ -55,15 +55,23 @@ pub fn template_len(crop: &CropParams) -> usize {
 }
 
 /// Crops, resizes and writes model inputs; reuses its buffers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FacePrep {
     resizer: CubicResizer,
+    /// `f32(v) / 255` for every byte (the same division, looked up).
+    lut: [f32; 256],
+}
+
+impl Default for FacePrep {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl FacePrep {
     /// A prep stage with empty buffers.
     pub fn new() -> Self {
-        Self::default()
+        Self { resizer: CubicResizer::new(), lut: std::array::from_fn(|v| v as f32 / 255.0) }
     }
 
     /// Prepares one frame: writes the resized crop into `template` (`template_len` bytes, kept
@@ -80,15 +88,21 @@ impl FacePrep {
         let [mx1, my1, mx2, my2] = crop.mask.map(|v| v as usize);
         let plane = s * s;
         let (real, masked) = tensor.split_at_mut(3 * plane);
+        let lut = &self.lut;
         for y in 0..s {
             let row = &template[((y + off) * t + off) * 3..((y + off) * t + off + s) * 3];
-            let in_mask_row = (my1..=my2).contains(&y);
-            for (x, px) in row.chunks_exact(3).enumerate() {
-                let masked_px = in_mask_row && (mx1..=mx2).contains(&x);
-                for c in 0..3 {
-                    let v = f32::from(px[c]) / 255.0;
-                    real[c * plane + y * s + x] = v;
-                    masked[c * plane + y * s + x] = if masked_px { 0.0 } else { v };
+            for c in 0..3 {
+                let dst = &mut real[c * plane + y * s..c * plane + (y + 1) * s];
+                for (d, px) in dst.iter_mut().zip(row.chunks_exact(3)) {
+                    *d = lut[usize::from(px[c])];
+                }
+                let (src, dst) = (
+                    &real[c * plane + y * s..c * plane + (y + 1) * s],
+                    &mut masked[c * plane + y * s..c * plane + (y + 1) * s],
+                );
+                dst.copy_from_slice(src);
+                if (my1..=my2).contains(&y) {
+                    dst[mx1..=mx2].fill(0.0);
                 }
             }
         }

@@ -114,7 +114,7 @@ impl CubicResizer {
                 let t = s2[x] as f32 * bf[2] + t;
                 let t = s1[x] as f32 * bf[1] + t;
                 let t = s0[x] as f32 * bf[0] + t;
-                out[x] = t.round_ties_even().clamp(0.0, 255.0) as u8;
+                out[x] = round_ties_even(t).clamp(0.0, 255.0) as u8;
             }
             for x in simd_end..width {
                 let v = s0[x] as i64 * i64::from(b[0])
@@ -125,6 +125,15 @@ impl CubicResizer {
             }
         }
     }
+}
+
+/// Round half to even for |v| < 2^22 (adding and removing 1.5 * 2^23 leaves the nearest
+/// integer under the default rounding mode), without the libm call `f32::round_ties_even`
+/// becomes on baseline x86-64.
+#[inline(always)]
+fn round_ties_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
 }
 
 fn hresize(row: &[u8], src_w: usize, xofs: &[i32], alpha: &[[i16; 4]], out: &mut [i32]) {
