@@ -4,6 +4,8 @@ mod audio_cmd;
 mod avatar_cmd;
 mod bench_cmd;
 mod doctor;
+mod render_cmd;
+mod report;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +37,10 @@ pub enum Command {
     /// Create, import and check avatars (template video + crop boxes + models).
     #[command(subcommand)]
     Avatar(avatar_cmd::AvatarCommand),
+    /// Render a talking-head video: avatar + audio -> frames (directory, MJPEG stream or MP4).
+    Render(Box<render_cmd::RenderArgs>),
+    /// Print a saved latency report as a table (and draw it as SVG).
+    Report(report::ReportArgs),
     /// Compute the mel spectrogram of an audio file (T x 80 .npy).
     Mel(audio_cmd::MelArgs),
     /// Compute the padded audio feature list F of an audio file ((L+2) x 512 .npy).
@@ -62,6 +68,8 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Doctor(args) => doctor::run(&cli, args),
         Command::Avatar(cmd) => avatar_cmd::run(&cli, cmd),
+        Command::Render(args) => render_cmd::run(&cli, args),
+        Command::Report(args) => report::run(args),
         Command::Mel(args) => audio_cmd::mel(args),
         Command::Features(args) => audio_cmd::features(&cli, args),
         Command::Bench(cmd) => bench_cmd::run(&cli, cmd),

@@ -340,6 +340,45 @@ impl Avatar {
         Ok(Self { root: dir.to_path_buf(), config, video, video_info, boxes, unet, encoder })
     }
 
+    /// An avatar from parts (no directory): validates the template, the boxes and the models'
+    /// presence like [`Avatar::open`].
+    pub fn from_parts(
+        video: &Path,
+        boxes: Vec<CropBox>,
+        unet: &Path,
+        encoder: &Path,
+        fps: f64,
+        start_frame: usize,
+        jpeg_quality: u8,
+    ) -> Result<Self, AvatarError> {
+        let config = AvatarConfig {
+            fps,
+            video: video.to_path_buf(),
+            boxes: default_boxes(),
+            start_frame,
+            jpeg_quality,
+            models: ModelPaths { unet: unet.to_path_buf(), encoder: encoder.to_path_buf(), io: ModelIo::default() },
+            crop: CropParams::default(),
+        };
+        config.validate()?;
+        let video_info = probe(video)?;
+        validate_boxes(&boxes, &video_info, video)?;
+        for (what, path) in [("UNet", unet), ("audio encoder", encoder)] {
+            if !path.is_file() {
+                return Err(OnnxError::ModelMissing { what: what.into(), path: path.to_path_buf() }.into());
+            }
+        }
+        Ok(Self {
+            root: PathBuf::from("."),
+            config,
+            video: video.to_path_buf(),
+            video_info,
+            boxes,
+            unet: unet.to_path_buf(),
+            encoder: encoder.to_path_buf(),
+        })
+    }
+
     /// Opens both models and checks their inputs and outputs against the avatar's I/O names and
     /// crop geometry.
     pub fn check_models(&self, rt: &OrtRuntime) -> Result<(), AvatarError> {

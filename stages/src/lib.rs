@@ -13,6 +13,7 @@
 
 pub mod audio;
 pub mod avatar;
+pub mod encode;
 pub mod face;
 pub mod features;
 pub mod frame;

@@ -1,0 +1,203 @@
+//! `lipsync render`: avatar + audio -> frames (directory, MJPEG on stdout, or MP4 with audio).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lipsync_pipelines::render::{render, ImageFormat, Output, ProgressFn, RenderConfig};
+use lipsync_pipelines::runtime::PinPolicy;
+use lipsync_stages::avatar::{read_boxes, Avatar};
+use lipsync_stages::face::Blend;
+use lipsync_stages::onnx::OrtRuntime;
+use lipsync_stages::unet::Provider;
+
+use crate::Cli;
+
+/// Arguments of `lipsync render`.
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// Avatar directory (docs/avatar.md).
+    #[arg(long, value_name = "DIR", required_unless_present = "video", conflicts_with_all = ["video", "boxes"])]
+    pub avatar: Option<PathBuf>,
+    /// Template video file or frames directory (instead of --avatar; needs --boxes, --unet, --encoder).
+    #[arg(long, value_name = "FILE|DIR", requires_all = ["boxes", "unet", "encoder"])]
+    pub video: Option<PathBuf>,
+    /// Crop boxes (with --video).
+    #[arg(long, value_name = "FILE")]
+    pub boxes: Option<PathBuf>,
+    /// UNet model (with --video, or to override the avatar's).
+    #[arg(long, value_name = "ONNX")]
+    pub unet: Option<PathBuf>,
+    /// Audio encoder model (with --video, or to override the avatar's).
+    #[arg(long, value_name = "ONNX")]
+    pub encoder: Option<PathBuf>,
+    /// Speech to lip-sync (any format lipsync decodes).
+    #[arg(long, value_name = "FILE")]
+    pub audio: PathBuf,
+    /// Output: a new directory of frames, `-` for MJPEG on stdout, or a .mp4/.mkv/.mov file.
+    #[arg(short, long, value_name = "OUT")]
+    pub output: PathBuf,
+    /// Frame format of a directory output.
+    #[arg(long, default_value = "jpeg", value_parser = ["jpeg", "png", "raw"])]
+    pub format: String,
+    /// UNet batch size (1..=32).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub batch: u16,
+    /// Audio encoder batch size.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub encoder_batch: u16,
+    /// Capacity of each inter-stage channel (items).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub capacity: u16,
+    /// ONNX Runtime intra-op threads for the UNet (default: all CPUs).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Let ONNX Runtime's threads spin while idle.
+    #[arg(long)]
+    pub spin: bool,
+    /// Pin stage threads: auto, none, or a core list (0,1,2).
+    #[arg(long, default_value = "auto")]
+    pub pin: String,
+    /// Execution provider for the UNet: cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    pub provider: Provider,
+    /// JPEG quality (default: the avatar's, else 90).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub jpeg_quality: Option<u8>,
+    /// Stop after this many frames.
+    #[arg(long)]
+    pub max_frames: Option<usize>,
+    /// Paste-back: hard (the reference) or feather=PX.
+    #[arg(long, default_value = "hard")]
+    pub blend: Blend,
+    /// MiB of template frames kept decoded (the rest is held compressed).
+    #[arg(long, default_value_t = 768)]
+    pub template_cache_mb: usize,
+    /// Write the latency report (JSON).
+    #[arg(long, value_name = "FILE.json")]
+    pub report: Option<PathBuf>,
+    /// Draw the latency percentiles (SVG).
+    #[arg(long, value_name = "FILE.svg")]
+    pub report_svg: Option<PathBuf>,
+    /// Export the histograms in the HdrHistogram interval log format.
+    #[arg(long, value_name = "FILE.hlog")]
+    pub report_hlog: Option<PathBuf>,
+}
+
+fn load_avatar(args: &RenderArgs) -> Result<Avatar> {
+    let mut avatar = if let Some(dir) = &args.avatar {
+        Avatar::open(dir).with_context(|| format!("loading avatar {}", dir.display()))?
+    } else {
+        let video = args.video.as_ref().expect("clap requires --avatar or --video");
+        let boxes = read_boxes(args.boxes.as_ref().expect("clap requires --boxes"))?;
+        Avatar::from_parts(
+            video,
+            boxes,
+            args.unet.as_ref().expect("clap requires --unet"),
+            args.encoder.as_ref().expect("clap requires --encoder"),
+            25.0,
+            0,
+            90,
+        )?
+    };
+    if let Some(u) = &args.unet {
+        avatar.unet = u.clone();
+    }
+    if let Some(e) = &args.encoder {
+        avatar.encoder = e.clone();
+    }
+    Ok(avatar)
+}
+
+pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
+    let avatar = load_avatar(args)?;
+    let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;
+    let output = if args.output.as_os_str() == "-" {
+        Output::Stdout
+    } else {
+        match args.output.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+            Some("mp4" | "mkv" | "mov") => Output::Video(args.output.clone()),
+            Some(ext) if ["jpg", "jpeg", "png", "avi", "webm"].contains(&ext) => {
+                bail!(
+                    "output {} looks like a file: use a directory, `-`, or a .mp4/.mkv/.mov file",
+                    args.output.display()
+                )
+            }
+            _ => Output::Dir {
+                path: args.output.clone(),
+                format: match args.format.as_str() {
+                    "png" => ImageFormat::Png,
+                    "raw" => ImageFormat::Raw,
+                    _ => ImageFormat::Jpeg,
+                },
+            },
+        }
+    };
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = args.threads.unwrap_or(cpus).max(1);
+    let pin = PinPolicy::parse(&args.pin, threads).map_err(anyhow::Error::msg)?;
+    let progress = (std::io::stderr().is_terminal() && !cli.quiet).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {pos}/{len} frames [{elapsed_precise}] {per_sec} eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    let cb: Option<ProgressFn> = progress.clone().map(|bar| {
+        Arc::new(move |done: u64, total: Option<u64>| {
+            if let Some(t) = total {
+                bar.set_length(t);
+            }
+            bar.set_position(done);
+        }) as ProgressFn
+    });
+    let cfg = RenderConfig {
+        jpeg_quality: args.jpeg_quality.unwrap_or(avatar.config.jpeg_quality),
+        avatar,
+        audio: args.audio.clone(),
+        output: output.clone(),
+        batch: args.batch as usize,
+        encoder_batch: args.encoder_batch as usize,
+        capacity: args.capacity as usize,
+        intra_threads: threads,
+        spinning: args.spin,
+        provider: args.provider,
+        pin,
+        max_frames: args.max_frames,
+        blend: args.blend,
+        template_budget: args.template_cache_mb << 20,
+        progress: cb,
+    };
+    let outcome = render(&rt, cfg).context("render failed")?;
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    if !cli.quiet {
+        eprint!("{}", crate::report::table(&outcome.report));
+    }
+    if let Some(path) = &args.report {
+        crate::report::write_json(&outcome.report, path)?;
+    }
+    if let Some(path) = &args.report_svg {
+        crate::report::write_svg(&outcome.report, path)?;
+    }
+    if let Some(path) = &args.report_hlog {
+        let mut buf = Vec::new();
+        lipsync_pipelines::metrics::write_hlog(
+            &mut buf,
+            &outcome.histograms,
+            &outcome.e2e.e2e,
+            std::time::Duration::from_secs_f64(outcome.report.wall_seconds),
+        )?;
+        lipsync_stages::avatar::write_atomic(path, &buf)?;
+    }
+    if !matches!(output, Output::Stdout) {
+        eprintln!("wrote {} frames to {}", outcome.frames, args.output.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! MP4/MKV output: H.264 video (libx264 through libavcodec) with the audio muxed as AAC,
+//! both starting at time 0, written to a temporary file and renamed into place when complete.
+//!
+//! The audio track is the 16 kHz mono signal that drives the lips (what the mel stage saw),
+//! encoded at 64 kb/s AAC; video frame i has pts i at the avatar's frame rate.
+
+use std::path::{Path, PathBuf};
+
+use ffmpeg_next as ff;
+
+use crate::frame::BgrFrame;
+use crate::video::init_ffmpeg;
+
+/// Errors writing a video file.
+#[derive(Debug, thiserror::Error)]
+#[error("could not write video {path}: {message}")]
+pub struct EncodeError {
+    /// The output file.
+    pub path: PathBuf,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// An open MP4/MKV writer (not `Send`: create it on the thread that uses it).
+pub struct VideoWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    octx: ff::format::context::Output,
+    venc: ff::encoder::Video,
+    aenc: ff::encoder::Audio,
+    vindex: usize,
+    aindex: usize,
+    vtb: ff::Rational,
+    atb: ff::Rational,
+    scaler: ff::software::scaling::Context,
+    bgr: ff::frame::Video,
+    yuv: ff::frame::Video,
+    afr: ff::frame::Audio,
+    audio: std::sync::Arc<Vec<f32>>,
+    audio_pos: usize,
+    frames: i64,
+    fps: i32,
+    finished: bool,
+}
+
+impl std::fmt::Debug for VideoWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VideoWriter").field("path", &self.path).field("frames", &self.frames).finish()
+    }
+}
+
+impl VideoWriter {
+    /// Opens `path` (`.mp4`, `.mkv`, `.mov`) for `width x height` frames at `fps`, with
+    /// `audio` (16 kHz mono f32) as the sound track.
+    pub fn create(
+        path: &Path,
+        width: usize,
+        height: usize,
+        fps: i32,
+        audio: std::sync::Arc<Vec<f32>>,
+    ) -> Result<Self, EncodeError> {
+        init_ffmpeg();
+        let err = |message: String| EncodeError { path: path.to_path_buf(), message };
+        let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| err("no file name".into()))?;
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("mp4");
+        let tmp = path.with_file_name(format!(".{name}.tmp{}.{ext}", std::process::id()));
+        let mut octx = ff::format::output(&tmp).map_err(|e| err(format!("cannot create the container: {e}")))?;
+        let global = octx.format().flags().contains(ff::format::Flags::GLOBAL_HEADER);
+
+        let vcodec = ff::encoder::find_by_name("libx264")
+            .or_else(|| ff::encoder::find(ff::codec::Id::H264))
+            .ok_or_else(|| err("no H.264 encoder in this FFmpeg".into()))?;
+        let vindex = octx.add_stream(vcodec).map_err(|e| err(e.to_string()))?.index();
+        let mut venc =
+            ff::codec::context::Context::new_with_codec(vcodec).encoder().video().map_err(|e| err(e.to_string()))?;
+        venc.set_width(width as u32);
+        venc.set_height(height as u32);
+        venc.set_format(ff::format::Pixel::YUV420P);
+        venc.set_time_base((1, fps));
+        venc.set_frame_rate(Some((fps, 1)));
+        if global {
+            venc.set_flags(ff::codec::Flags::GLOBAL_HEADER);
+        }
+        let mut opts = ff::Dictionary::new();
+        opts.set("preset", "veryfast");
+        opts.set("crf", "18");
+        opts.set("tune", "zerolatency");
+        let venc = venc.open_as_with(vcodec, opts).map_err(|e| err(format!("H.264 encoder: {e}")))?;
+        octx.stream_mut(vindex).expect("stream added").set_parameters(&venc);
+
+        let acodec =
+            ff::encoder::find(ff::codec::Id::AAC).ok_or_else(|| err("no AAC encoder in this FFmpeg".into()))?;
+        let aindex = octx.add_stream(acodec).map_err(|e| err(e.to_string()))?.index();
+        let mut aenc =
+            ff::codec::context::Context::new_with_codec(acodec).encoder().audio().map_err(|e| err(e.to_string()))?;
+        aenc.set_rate(crate::audio::SAMPLE_RATE as i32);
+        aenc.set_channel_layout(ff::ChannelLayout::MONO);
+        aenc.set_format(ff::format::Sample::F32(ff::format::sample::Type::Planar));
+        aenc.set_bit_rate(64_000);
+        aenc.set_time_base((1, crate::audio::SAMPLE_RATE as i32));
+        if global {
+            aenc.set_flags(ff::codec::Flags::GLOBAL_HEADER);
+        }
+        let aenc = aenc.open_as(acodec).map_err(|e| err(format!("AAC encoder: {e}")))?;
+        octx.stream_mut(aindex).expect("stream added").set_parameters(&aenc);
+        octx.write_header().map_err(|e| err(format!("header: {e}")))?;
+        let vtb = octx.stream(vindex).expect("stream").time_base();
+        let atb = octx.stream(aindex).expect("stream").time_base();
+
+        let scaler = ff::software::scaling::Context::get(
+            ff::format::Pixel::BGR24,
+            width as u32,
+            height as u32,
+            ff::format::Pixel::YUV420P,
+            width as u32,
+            height as u32,
+            ff::software::scaling::Flags::BICUBIC,
+        )
+        .map_err(|e| err(format!("colour conversion: {e}")))?;
+        let frame_size = (aenc.frame_size() as usize).max(1);
+        Ok(Self {
+            path: path.to_path_buf(),
+            tmp,
+            octx,
+            venc,
+            aenc,
+            vindex,
+            aindex,
+            vtb,
+            atb,
+            scaler,
+            bgr: ff::frame::Video::new(ff::format::Pixel::BGR24, width as u32, height as u32),
+            yuv: ff::frame::Video::empty(),
+            afr: ff::frame::Audio::new(
+                ff::format::Sample::F32(ff::format::sample::Type::Planar),
+                frame_size,
+                ff::ChannelLayout::MONO,
+            ),
+            audio,
+            audio_pos: 0,
+            frames: 0,
+            fps,
+            finished: false,
+        })
+    }
+
+    fn err(&self, message: String) -> EncodeError {
+        EncodeError { path: self.path.clone(), message }
+    }
+
+    /// Encodes the next frame (and the audio up to its end).
+    pub fn write(&mut self, frame: &BgrFrame) -> Result<(), EncodeError> {
+        let stride = self.bgr.stride(0);
+        let row = frame.width * 3;
+        {
+            let data = self.bgr.data_mut(0);
+            for y in 0..frame.height {
+                data[y * stride..y * stride + row].copy_from_slice(&frame.data[y * row..(y + 1) * row]);
+            }
+        }
+        self.scaler.run(&self.bgr, &mut self.yuv).map_err(|e| self.err(format!("colour conversion: {e}")))?;
+        self.yuv.set_pts(Some(self.frames));
+        self.venc.send_frame(&self.yuv).map_err(|e| self.err(format!("H.264 encode: {e}")))?;
+        self.frames += 1;
+        self.drain_video()?;
+        let until = (self.frames as usize * crate::audio::SAMPLE_RATE as usize) / self.fps as usize;
+        self.write_audio(until, false)
+    }
+
+    fn drain_video(&mut self) -> Result<(), EncodeError> {
+        let mut packet = ff::Packet::empty();
+        while self.venc.receive_packet(&mut packet).is_ok() {
+            packet.set_stream(self.vindex);
+            packet.rescale_ts((1, self.fps), self.vtb);
+            packet.write_interleaved(&mut self.octx).map_err(|e| self.err(format!("mux: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn write_audio(&mut self, until: usize, last: bool) -> Result<(), EncodeError> {
+        let until = until.min(self.audio.len());
+        let size = self.afr.samples();
+        while self.audio_pos + size <= until || (last && self.audio_pos < until) {
+            let n = size.min(until - self.audio_pos);
+            let plane = self.afr.plane_mut::<f32>(0);
+            plane[..n].copy_from_slice(&self.audio[self.audio_pos..self.audio_pos + n]);
+            plane[n..].fill(0.0);
+            self.afr.set_pts(Some(self.audio_pos as i64));
+            self.aenc.send_frame(&self.afr).map_err(|e| self.err(format!("AAC encode: {e}")))?;
+            self.audio_pos += n;
+            self.drain_audio()?;
+        }
+        Ok(())
+    }
+
+    fn drain_audio(&mut self) -> Result<(), EncodeError> {
+        let mut packet = ff::Packet::empty();
+        while self.aenc.receive_packet(&mut packet).is_ok() {
+            packet.set_stream(self.aindex);
+            packet.rescale_ts((1, crate::audio::SAMPLE_RATE as i32), self.atb);
+            packet.write_interleaved(&mut self.octx).map_err(|e| self.err(format!("mux: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Flushes both encoders, writes the trailer and renames the file into place.
+    pub fn finish(mut self) -> Result<usize, EncodeError> {
+        let total = self.audio.len();
+        self.write_audio(total, true)?;
+        self.venc.send_eof().map_err(|e| self.err(format!("H.264 flush: {e}")))?;
+        self.drain_video()?;
+        self.aenc.send_eof().map_err(|e| self.err(format!("AAC flush: {e}")))?;
+        self.drain_audio()?;
+        self.octx.write_trailer().map_err(|e| self.err(format!("trailer: {e}")))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| self.err(format!("rename into place: {e}")))?;
+        self.finished = true;
+        Ok(self.frames as usize)
+    }
+}
+
+impl Drop for VideoWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
