@@ -20,6 +20,31 @@ pub enum BenchCommand {
     Audio(BenchAudioArgs),
     /// Time the per-frame image work on an avatar: decode, prep, paste-back, JPEG encode.
     Image(BenchImageArgs),
+    /// Whole-render frames/s against UNet-only frames/s (same session settings, same batch).
+    Render(BenchRenderArgs),
+}
+
+/// Arguments of `lipsync bench render`.
+#[derive(Debug, Args)]
+pub struct BenchRenderArgs {
+    /// The avatar directory.
+    #[arg(long)]
+    pub avatar: PathBuf,
+    /// Speech to render.
+    #[arg(long)]
+    pub audio: PathBuf,
+    /// UNet batch size.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// ONNX Runtime intra-op threads (default: all CPUs).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Frames to render (and to run through the UNet alone).
+    #[arg(long, default_value_t = 200)]
+    pub frames: usize,
+    /// Render output: jpeg (a frames directory) or mp4.
+    #[arg(long, default_value = "jpeg", value_parser = ["jpeg", "mp4"])]
+    pub output: String,
 }
 
 /// Arguments of `lipsync bench image`.
@@ -68,7 +93,86 @@ pub fn run(cli: &Cli, cmd: &BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Audio(args) => audio(cli, args),
         BenchCommand::Image(args) => image(args),
+        BenchCommand::Render(args) => bench_render(cli, args),
     }
+}
+
+fn bench_render(cli: &Cli, args: &BenchRenderArgs) -> Result<()> {
+    use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
+    use lipsync_pipelines::runtime::PinPolicy;
+    use lipsync_stages::avatar::Avatar;
+    use lipsync_stages::face::{input_len, output_len, Blend};
+    use lipsync_stages::unet::{Provider, Unet};
+
+    let avatar = Avatar::open(&args.avatar).with_context(|| format!("loading avatar {}", args.avatar.display()))?;
+    let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let crop = avatar.config.crop;
+    let n = args.batch;
+    let opts = SessionOptions { intra_threads: threads, spinning: false };
+
+    // UNet alone: real prepared inputs are not needed for timing; same shapes, same session options.
+    let inference_fps = {
+        let mut unet = Unet::open(&rt, &avatar.unet, &avatar.config.models.io, &crop, n, &opts, Provider::Cpu)?;
+        let images = vec![0.5f32; n * input_len(&crop)];
+        let audio = vec![0.1f32; n * lipsync_stages::features::FRAME_AUDIO_LEN];
+        let mut out = vec![0f32; n * output_len(&crop)];
+        unet.run(n, &images, &audio, &mut out)?; // warm-up
+        let batches = args.frames.div_ceil(n).max(1);
+        let t = Instant::now();
+        for _ in 0..batches {
+            unet.run(n, &images, &audio, &mut out)?;
+        }
+        (batches * n) as f64 / t.elapsed().as_secs_f64()
+    };
+
+    let tmp = tempfile_dir()?;
+    let output = if args.output == "mp4" {
+        Output::Video(tmp.join("bench.mp4"))
+    } else {
+        Output::Dir { path: tmp.join("frames"), format: ImageFormat::Jpeg }
+    };
+    let cfg = RenderConfig {
+        jpeg_quality: avatar.config.jpeg_quality,
+        avatar,
+        audio: args.audio.clone(),
+        output,
+        batch: n,
+        encoder_batch: 64,
+        capacity: 4,
+        intra_threads: threads,
+        spinning: false,
+        provider: Provider::Cpu,
+        pin: PinPolicy::Auto { reserved: threads },
+        max_frames: Some(args.frames),
+        blend: Blend::Hard,
+        template_budget: lipsync_stages::template::DEFAULT_BUDGET,
+        progress: None,
+    };
+    let outcome = render(&rt, cfg);
+    let _ = std::fs::remove_dir_all(&tmp);
+    let outcome = outcome?;
+    let render_fps = outcome.report.steady_frames_per_second;
+    let out = serde_json::json!({
+        "frames": outcome.frames,
+        "batch": n,
+        "intra_threads": threads,
+        "output": args.output,
+        "inference_only_fps": inference_fps,
+        "render_fps": render_fps,
+        "render_fps_with_startup": outcome.report.frames_per_second,
+        "first_frame_s": outcome.report.first_frame_seconds,
+        "render_over_inference": render_fps / inference_fps,
+        "end_to_end_p50_ms": outcome.report.end_to_end_ms.p50,
+    });
+    println!("{out}");
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("lipsync-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }
 
 fn per_frame_median(times: &mut [f64]) -> f64 {
@@ -98,7 +202,7 @@ fn image(args: &BenchImageArgs) -> Result<()> {
             decode.push(t.elapsed().as_secs_f64());
         }
     }
-    let template = TemplateFrames::load(&avatar.video, DEFAULT_BUDGET)?;
+    let mut template = TemplateFrames::load(&avatar.video, DEFAULT_BUDGET)?;
     let (mut fetch, mut prep_t, mut paste_t, mut jpeg_t) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut prep = FacePrep::new();
     let mut comp = Compositor::new();
@@ -111,7 +215,7 @@ fn image(args: &BenchImageArgs) -> Result<()> {
         let ti = template_index(i, template.len(), avatar.config.start_frame);
         let b = avatar.boxes[ti];
         let t = Instant::now();
-        template.get(ti, &mut frame);
+        template.get(ti, &mut frame)?;
         fetch.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
         prep.prep(&frame, b, &crop, &mut tmpl, &mut tensor);

@@ -32,8 +32,15 @@ pub fn run(args: &ReportArgs) -> Result<()> {
 /// The report as a readable table.
 pub fn table(r: &RunReport) -> String {
     let mut s = format!(
-        "{} frames in {:.2} s: {:.2} frames/s; end to end p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n",
-        r.frames, r.wall_seconds, r.frames_per_second, r.end_to_end_ms.p50, r.end_to_end_ms.p99, r.end_to_end_ms.max
+        "{} frames in {:.2} s: {:.2} frames/s ({:.2} steady, first frame after {:.2} s); end to end p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n",
+        r.frames,
+        r.wall_seconds,
+        r.frames_per_second,
+        r.steady_frames_per_second,
+        r.first_frame_seconds,
+        r.end_to_end_ms.p50,
+        r.end_to_end_ms.p99,
+        r.end_to_end_ms.max
     );
     s += &format!(
         "{:<13} {:>6} | {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>7}\n",

@@ -131,8 +131,12 @@ pub struct RunReport {
     pub frames: u64,
     /// Wall time (s).
     pub wall_seconds: f64,
-    /// Frames per second.
+    /// Frames per second over the whole run (start-up included).
     pub frames_per_second: f64,
+    /// Frames per second from the first frame out to the last (steady state).
+    pub steady_frames_per_second: f64,
+    /// Time from start to the first frame out (s).
+    pub first_frame_seconds: f64,
     /// End-to-end latency per frame.
     pub end_to_end_ms: Percentiles,
     /// Every stage, in pipeline order.

@@ -170,6 +170,7 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
 
     let clock = Clock::new();
     let started = Instant::now();
+    let t0 = clock.now();
     let mut p = Pipeline::new(cfg.pin.clone(), clock.clone());
     let total = Arc::new(AtomicU64::new(u64::MAX));
     let max_frames = cfg.max_frames.unwrap_or(usize::MAX);
@@ -321,14 +322,8 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
         let boxes = cfg.avatar.boxes.len();
         let total = total.clone();
         p.spawn("video", false, move |ctx| {
-            let template = TemplateFrames::load(&video, budget).map_err(failed)?;
-            if template.len() != boxes {
-                return Err(failed(format!(
-                    "{} decoded {} frames but the avatar has {boxes} boxes (truncated or corrupt video?)",
-                    video.display(),
-                    template.len()
-                )));
-            }
+            // Decoded lazily: the first pass of the ping-pong walks the template in order.
+            let mut template = TemplateFrames::open(&video, budget).map_err(failed)?;
             let mut i = 0usize;
             loop {
                 if i as u64 >= total.load(Ordering::SeqCst) {
@@ -337,9 +332,11 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
                 let mut job = pool.take(ctx)?;
                 let t = ctx.clock.now();
                 job.index = i;
-                job.template = template_index(i, template.len(), start);
+                job.template = template_index(i, boxes, start);
                 job.t_in = t;
-                template.get(job.template, &mut job.frame);
+                template.get(job.template, &mut job.frame).map_err(|e| {
+                    StageError::at(i, format!("{e} (the avatar has {boxes} boxes: truncated or corrupt video?)"))
+                })?;
                 ctx.metrics.record_service(ctx.clock.now().duration_since(t));
                 ctx.send(&job_tx, job)?;
                 i += 1;
@@ -498,7 +495,7 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
         })?;
     }
     // sink: files / stdout; latency; progress; jobs back to the pool.
-    let (lat_tx, lat_rx) = bounded::<(LatencyRecorder, usize)>(1);
+    let (lat_tx, lat_rx) = bounded::<(LatencyRecorder, usize, Option<(quanta::Instant, quanta::Instant)>)>(1);
     {
         let output = cfg.output.clone();
         let progress = cfg.progress.clone();
@@ -507,6 +504,7 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
         p.spawn("sink", false, move |ctx| {
             let mut lat = LatencyRecorder::default();
             let mut done = 0usize;
+            let mut span: Option<(quanta::Instant, quanta::Instant)> = None;
             let mut sink = Sink::open(&output).map_err(failed)?;
             while let Some(job) = ctx.recv(&sink_rx)? {
                 let t = ctx.clock.now();
@@ -516,6 +514,7 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
                 sink.write(&job).map_err(|e| StageError::at(job.index, e))?;
                 done += 1;
                 let now = ctx.clock.now();
+                span = Some((span.map_or(now, |s| s.0), now));
                 lat.record(now.duration_since(job.t_in));
                 ctx.metrics.record_service(now.duration_since(t));
                 pool.give(job);
@@ -529,7 +528,7 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
                 return Err(failed(format!("only {done} of {expected} frames reached the sink")));
             }
             sink.finish().map_err(failed)?;
-            let _ = lat_tx.send((lat, done));
+            let _ = lat_tx.send((lat, done, span));
             Ok(())
         })?;
     }
@@ -538,13 +537,21 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
     drop(batch_pool);
 
     let reports = p.join()?;
-    let (e2e, frames) = lat_rx.try_recv().map_err(|_| setup("sink", "no result".into()))?;
+    let (e2e, frames, span) = lat_rx.try_recv().map_err(|_| setup("sink", "no result".into()))?;
     let wall = started.elapsed();
+    let (steady, first) = match span {
+        Some((a, b)) if frames > 1 => {
+            ((frames - 1) as f64 / b.duration_since(a).as_secs_f64().max(1e-9), a.duration_since(t0).as_secs_f64())
+        }
+        _ => (0.0, wall.as_secs_f64()),
+    };
     let report = RunReport {
         kind: "render".into(),
         frames: frames as u64,
         wall_seconds: wall.as_secs_f64(),
         frames_per_second: frames as f64 / wall.as_secs_f64().max(1e-9),
+        steady_frames_per_second: steady,
+        first_frame_seconds: first,
         end_to_end_ms: Percentiles::of(&e2e.e2e),
         stages: reports
             .iter()

@@ -82,9 +82,12 @@ impl VideoWriter {
             venc.set_flags(ff::codec::Flags::GLOBAL_HEADER);
         }
         let mut opts = ff::Dictionary::new();
-        opts.set("preset", "veryfast");
+        // One encoder thread at a light preset: on small machines every other cycle belongs to
+        // the UNet (x264's default thread pool would take cores from ONNX Runtime).
+        opts.set("preset", "superfast");
         opts.set("crf", "18");
         opts.set("tune", "zerolatency");
+        opts.set("threads", "1");
         let venc = venc.open_as_with(vcodec, opts).map_err(|e| err(format!("H.264 encoder: {e}")))?;
         octx.stream_mut(vindex).expect("stream added").set_parameters(&venc);
 

@@ -1,4 +1,4 @@
-//! Template frames: decoded once from a video file (FFmpeg: any container/codec the system
+//! Template frames: decoded on first use from a video file (FFmpeg: any container/codec the system
 //! libraries decode) or a directory of numbered JPEG/PNG frames, converted to BGR, and held
 //! within a memory budget.
 //!
@@ -166,13 +166,24 @@ enum Stored {
     Zstd(Box<[u8]>),
 }
 
-/// All frames of a template, held within a memory budget (see the module docs).
+enum Source {
+    Video(Box<VideoReader>),
+    Files { files: Vec<PathBuf>, next: usize },
+    Done,
+}
+
+/// All frames of a template, decoded on first use (in order, which is how the ping-pong's
+/// first pass needs them) and held within a memory budget (see the module docs).
 pub struct TemplateFrames {
+    path: PathBuf,
     width: usize,
     height: usize,
     fps: Option<f64>,
     frames: Vec<Stored>,
     bytes: usize,
+    budget: usize,
+    source: Source,
+    scratch: BgrFrame,
 }
 
 impl std::fmt::Debug for TemplateFrames {
@@ -186,31 +197,73 @@ impl std::fmt::Debug for TemplateFrames {
 }
 
 impl TemplateFrames {
-    /// Decodes every frame of a video file or frames directory, keeping raw frames up to
-    /// `budget` bytes and compressing the rest.
-    pub fn load(path: &Path, budget: usize) -> Result<Self, VideoError> {
-        let mut store = Self { width: 0, height: 0, fps: None, frames: Vec::new(), bytes: 0 };
-        let mut frame = BgrFrame::default();
-        if path.is_dir() {
-            for file in frame_files(path)? {
-                crate::image_io::read_image(&file, &mut frame)
-                    .map_err(|e| VideoError::BadFrame { path: file.clone(), message: e.to_string() })?;
-                store.push(&frame, budget, &file)?;
+    /// Opens a video file or frames directory; frames are decoded as [`TemplateFrames::get`]
+    /// first asks for them. Raw frames are kept up to `budget` bytes, the rest compressed.
+    pub fn open(path: &Path, budget: usize) -> Result<Self, VideoError> {
+        let (source, fps) = if path.is_dir() {
+            let files = frame_files(path)?;
+            if files.is_empty() {
+                return Err(VideoError::NoFrames(path.to_path_buf()));
             }
+            (Source::Files { files, next: 0 }, None)
         } else {
-            let mut reader = VideoReader::open(path)?;
-            store.fps = reader.fps();
-            while reader.next(&mut frame)? {
-                store.push(&frame, budget, path)?;
-            }
-        }
-        if store.frames.is_empty() {
-            return Err(VideoError::NoFrames(path.to_path_buf()));
-        }
-        Ok(store)
+            let reader = VideoReader::open(path)?;
+            let fps = reader.fps();
+            (Source::Video(Box::new(reader)), fps)
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            width: 0,
+            height: 0,
+            fps,
+            frames: Vec::new(),
+            bytes: 0,
+            budget,
+            source,
+            scratch: BgrFrame::default(),
+        })
     }
 
-    fn push(&mut self, frame: &BgrFrame, budget: usize, path: &Path) -> Result<(), VideoError> {
+    /// Opens and decodes every frame now.
+    pub fn load(path: &Path, budget: usize) -> Result<Self, VideoError> {
+        let mut t = Self::open(path, budget)?;
+        while t.decode_next()? {}
+        if t.frames.is_empty() {
+            return Err(VideoError::NoFrames(path.to_path_buf()));
+        }
+        Ok(t)
+    }
+
+    /// Decodes one more frame; `Ok(false)` when the source is exhausted.
+    fn decode_next(&mut self) -> Result<bool, VideoError> {
+        let mut frame = std::mem::take(&mut self.scratch);
+        let got = match &mut self.source {
+            Source::Done => false,
+            Source::Video(reader) => reader.next(&mut frame)?,
+            Source::Files { files, next } => match files.get(*next) {
+                Some(file) => {
+                    crate::image_io::read_image(file, &mut frame)
+                        .map_err(|e| VideoError::BadFrame { path: file.clone(), message: e.to_string() })?;
+                    *next += 1;
+                    true
+                }
+                None => false,
+            },
+        };
+        if got {
+            let path = match &self.source {
+                Source::Files { files, next } => files[*next - 1].clone(),
+                _ => self.path.clone(),
+            };
+            self.push(&frame, &path)?;
+        } else {
+            self.source = Source::Done;
+        }
+        self.scratch = frame;
+        Ok(got)
+    }
+
+    fn push(&mut self, frame: &BgrFrame, path: &Path) -> Result<(), VideoError> {
         if self.frames.is_empty() {
             self.width = frame.width;
             self.height = frame.height;
@@ -223,7 +276,7 @@ impl TemplateFrames {
                 want_h: self.height as u32,
             });
         }
-        let stored = if self.bytes + frame.data.len() <= budget {
+        let stored = if self.bytes + frame.data.len() <= self.budget {
             Stored::Raw(frame.data.clone().into_boxed_slice())
         } else {
             let z = zstd::bulk::compress(&frame.data, 1)
@@ -237,12 +290,17 @@ impl TemplateFrames {
         Ok(())
     }
 
-    /// Number of frames.
+    /// Frames decoded so far.
+    pub fn decoded(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Number of frames decoded so far (all of them after [`TemplateFrames::load`]).
     pub fn len(&self) -> usize {
         self.frames.len()
     }
 
-    /// Whether there are no frames (never true for a loaded template).
+    /// Whether no frame has been decoded yet.
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
     }
@@ -267,16 +325,25 @@ impl TemplateFrames {
         self.frames.iter().filter(|f| matches!(f, Stored::Zstd(_))).count()
     }
 
-    /// Copies frame `i` into `out` (reusing its allocation). Panics if `i` is out of range.
-    pub fn get(&self, i: usize, out: &mut BgrFrame) {
+    /// Copies frame `i` into `out` (reusing its allocation), decoding up to it first if needed.
+    pub fn get(&mut self, i: usize, out: &mut BgrFrame) -> Result<(), VideoError> {
+        while self.frames.len() <= i {
+            if !self.decode_next()? {
+                return Err(VideoError::Open {
+                    path: self.path.clone(),
+                    message: format!("frame {i} asked for, but the template holds {} frames", self.frames.len()),
+                });
+            }
+        }
         out.reshape(self.width, self.height);
         match &self.frames[i] {
             Stored::Raw(b) => out.data.copy_from_slice(b),
             Stored::Zstd(z) => {
-                let n =
-                    zstd::bulk::decompress_to_buffer(z, &mut out.data[..]).expect("frames compressed by this store");
-                assert_eq!(n, out.data.len(), "compressed frame has the frame's size");
+                let n = zstd::bulk::decompress_to_buffer(z, &mut out.data[..])
+                    .map_err(|e| VideoError::Open { path: self.path.clone(), message: format!("zstd: {e}") })?;
+                debug_assert_eq!(n, out.data.len());
             }
         }
+        Ok(())
     }
 }

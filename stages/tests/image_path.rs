@@ -79,7 +79,7 @@ fn ping_pong_order() {
 fn image_path_matches_the_reference() {
     let avatar = Avatar::open(&fixture("golden/avatar")).unwrap();
     let crop: CropParams = avatar.config.crop;
-    let template = TemplateFrames::load(&avatar.video, DEFAULT_BUDGET).unwrap();
+    let mut template = TemplateFrames::load(&avatar.video, DEFAULT_BUDGET).unwrap();
     assert_eq!(template.len(), 5);
     let f = read_f32_2d(&fixture("golden/ref/features.npy")).unwrap();
     let meta: serde_json::Value =
@@ -97,7 +97,7 @@ fn image_path_matches_the_reference() {
     let mut out = vec![0f32; output_len(&crop)];
     for i in meta["dumped_frames"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize) {
         let t = template_index(i, template.len(), avatar.config.start_frame);
-        template.get(t, &mut frame);
+        template.get(t, &mut frame).unwrap();
         let b = avatar.boxes[t];
         prep.prep(&frame, b, &crop, &mut tmpl, &mut tensor);
 
@@ -176,22 +176,22 @@ fn video_containers_decode_like_ffmpeg() {
     let want0 = load("video/h264_decoded_0.png");
     let want4 = load("video/h264_decoded_4.png");
     let mut frame = BgrFrame::default();
-    let t = TemplateFrames::load(&fixture("video/h264.mp4"), DEFAULT_BUDGET).unwrap();
+    let mut t = TemplateFrames::load(&fixture("video/h264.mp4"), DEFAULT_BUDGET).unwrap();
     assert_eq!((t.len(), t.size(), t.fps()), (5, (640, 360), Some(25.0)));
-    t.get(0, &mut frame);
+    t.get(0, &mut frame).unwrap();
     assert!(frame.data == want0.data, "frame 0 equals the reference's decode");
-    t.get(4, &mut frame);
+    t.get(4, &mut frame).unwrap();
     assert!(frame.data == want4.data, "frame 4 equals the reference's decode");
     // The same frames held compressed (budget 0) come back identical.
-    let z = TemplateFrames::load(&fixture("video/h264.mp4"), 0).unwrap();
+    let mut z = TemplateFrames::load(&fixture("video/h264.mp4"), 0).unwrap();
     assert_eq!(z.compressed_frames(), 5);
     assert!(z.memory_bytes() < t.memory_bytes());
-    z.get(4, &mut frame);
+    z.get(4, &mut frame).unwrap();
     assert!(frame.data == want4.data);
     for name in ["h264.mov", "h264.mkv", "vp9.webm", "mjpeg.avi"] {
-        let v = TemplateFrames::load(&fixture(&format!("video/{name}")), DEFAULT_BUDGET).unwrap();
+        let mut v = TemplateFrames::load(&fixture(&format!("video/{name}")), DEFAULT_BUDGET).unwrap();
         assert_eq!((v.len(), v.size()), (5, (640, 360)), "{name}");
-        v.get(0, &mut frame);
+        v.get(0, &mut frame).unwrap();
         let (_, mean) = diff_stats(&frame.data, &load("golden/avatar/frames/000000.png").data);
         assert!(mean < 4.0, "{name}: mean abs diff to the source frame {mean}");
     }
