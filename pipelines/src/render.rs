@@ -287,29 +287,39 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
         let pool = audio_pool.clone();
         p.spawn("features", false, move |ctx| {
             let mut asm = FeatureAssembler::new();
-            let mut out: Vec<(usize, Vec<f32>)> = Vec::new();
-            let emit = |ctx: &mut StageCtx, items: &mut Vec<(usize, Vec<f32>)>| -> Result<bool, StageError> {
-                for (i, data) in items.drain(..) {
+            // Ready tensors, flat, reused: (frame index, offset into `flat`).
+            let mut ready: Vec<usize> = Vec::new();
+            let mut flat: Vec<f32> = Vec::new();
+            let emit = |ctx: &mut StageCtx, ready: &mut Vec<usize>, flat: &mut Vec<f32>| -> Result<bool, StageError> {
+                for (k, &i) in ready.iter().enumerate() {
                     if i >= max_frames {
                         return Ok(false);
                     }
                     let mut t = pool.take(ctx)?;
                     t.index = i;
-                    t.data.copy_from_slice(&data);
+                    t.data.copy_from_slice(&flat[k * FRAME_AUDIO_LEN..(k + 1) * FRAME_AUDIO_LEN]);
                     ctx.send(&aud_tx, t)?;
                 }
+                ready.clear();
+                flat.clear();
                 Ok(true)
             };
             while let Some(o) = ctx.recv(&o_rx)? {
                 let t = ctx.clock.now();
-                asm.push(&o, |i, tensor| out.push((i, tensor.to_vec())));
+                asm.push(&o, |i, tensor| {
+                    ready.push(i);
+                    flat.extend_from_slice(tensor);
+                });
                 ctx.metrics.record_service(ctx.clock.now().duration_since(t));
-                if !emit(ctx, &mut out)? {
+                if !emit(ctx, &mut ready, &mut flat)? {
                     return Ok(());
                 }
             }
-            asm.finish(|i, tensor| out.push((i, tensor.to_vec())));
-            emit(ctx, &mut out)?;
+            asm.finish(|i, tensor| {
+                ready.push(i);
+                flat.extend_from_slice(tensor);
+            });
+            emit(ctx, &mut ready, &mut flat)?;
             Ok(())
         })?;
     }
@@ -466,6 +476,11 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
                     }
                     Output::Dir { format: ImageFormat::Raw, .. } => {}
                     Output::Dir { format: ImageFormat::Jpeg, .. } | Output::Stdout => {
+                        // Size each job's buffer for the worst case once, so it never regrows.
+                        let max = jpeg.max_len(job.frame.width, job.frame.height);
+                        if job.encoded.capacity() < max {
+                            job.encoded.reserve_exact(max - job.encoded.len());
+                        }
                         let bytes = jpeg.encode(&job.frame).map_err(|e| StageError::at(job.index, e))?;
                         job.encoded.clear();
                         job.encoded.extend_from_slice(bytes);
@@ -600,7 +615,16 @@ fn prepare_output(output: &Output) -> Result<(), String> {
 
 /// The sink's writer.
 enum Sink {
-    Dir { tmp: PathBuf, path: PathBuf, format: ImageFormat, size: (usize, usize), frames: usize, done: bool },
+    Dir {
+        tmp: PathBuf,
+        path: PathBuf,
+        format: ImageFormat,
+        size: (usize, usize),
+        frames: usize,
+        done: bool,
+        file: PathBuf,
+        name: String,
+    },
     Stdout(std::io::BufWriter<std::io::Stdout>),
     Video,
 }
@@ -615,7 +639,17 @@ impl Sink {
                 let tmp = parent.join(format!(".{name}.tmp{}", std::process::id()));
                 let _ = std::fs::remove_dir_all(&tmp);
                 std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-                Sink::Dir { tmp, path: path.clone(), format: *format, size: (0, 0), frames: 0, done: false }
+                let file = tmp.join("000000.ext");
+                Sink::Dir {
+                    tmp,
+                    path: path.clone(),
+                    format: *format,
+                    size: (0, 0),
+                    frames: 0,
+                    done: false,
+                    file,
+                    name: String::with_capacity(32),
+                }
             }
             Output::Stdout => Sink::Stdout(std::io::BufWriter::new(std::io::stdout())),
             Output::Video(_) => Sink::Video,
@@ -625,10 +659,13 @@ impl Sink {
     fn write(&mut self, job: &FrameJob) -> Result<(), String> {
         use std::io::Write;
         match self {
-            Sink::Dir { tmp, format, size, frames, .. } => {
-                let file = tmp.join(format!("{:06}.{}", job.index, format.ext()));
+            Sink::Dir { format, size, frames, file, name, .. } => {
+                use std::fmt::Write as _;
+                name.clear();
+                let _ = write!(name, "{:06}.{}", job.index, format.ext());
+                file.set_file_name(&*name);
                 let bytes: &[u8] = if *format == ImageFormat::Raw { &job.frame.data } else { &job.encoded };
-                std::fs::write(&file, bytes).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+                std::fs::write(&*file, bytes).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
                 *size = (job.frame.width, job.frame.height);
                 *frames += 1;
                 Ok(())
@@ -641,7 +678,7 @@ impl Sink {
     fn finish(&mut self) -> Result<(), String> {
         use std::io::Write;
         match self {
-            Sink::Dir { tmp, path, format, size, frames, done } => {
+            Sink::Dir { tmp, path, format, size, frames, done, .. } => {
                 if *format == ImageFormat::Raw {
                     let meta =
                         serde_json::json!({"format": "bgr24", "width": size.0, "height": size.1, "frames": frames});

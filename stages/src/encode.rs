@@ -38,6 +38,7 @@ pub struct VideoWriter {
     afr: ff::frame::Audio,
     audio: std::sync::Arc<Vec<f32>>,
     audio_pos: usize,
+    frame_size: usize,
     frames: i64,
     fps: i32,
     finished: bool,
@@ -141,6 +142,7 @@ impl VideoWriter {
             ),
             audio,
             audio_pos: 0,
+            frame_size,
             frames: 0,
             fps,
             finished: false,
@@ -174,6 +176,8 @@ impl VideoWriter {
         let mut packet = ff::Packet::empty();
         while self.venc.receive_packet(&mut packet).is_ok() {
             packet.set_stream(self.vindex);
+            // Each frame lasts one frame period; without it the muxer's edit list cuts the last.
+            packet.set_duration(1);
             packet.rescale_ts((1, self.fps), self.vtb);
             packet.write_interleaved(&mut self.octx).map_err(|e| self.err(format!("mux: {e}")))?;
         }
@@ -182,12 +186,14 @@ impl VideoWriter {
 
     fn write_audio(&mut self, until: usize, last: bool) -> Result<(), EncodeError> {
         let until = until.min(self.audio.len());
-        let size = self.afr.samples();
+        let size = self.frame_size;
         while self.audio_pos + size <= until || (last && self.audio_pos < until) {
             let n = size.min(until - self.audio_pos);
+            // The last frame may be short (the AAC encoder takes a small final frame), so the
+            // track lasts exactly as long as the input.
+            self.afr.set_samples(n);
             let plane = self.afr.plane_mut::<f32>(0);
             plane[..n].copy_from_slice(&self.audio[self.audio_pos..self.audio_pos + n]);
-            plane[n..].fill(0.0);
             self.afr.set_pts(Some(self.audio_pos as i64));
             self.aenc.send_frame(&self.afr).map_err(|e| self.err(format!("AAC encode: {e}")))?;
             self.audio_pos += n;

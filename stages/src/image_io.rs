@@ -150,6 +150,11 @@ impl JpegEncoder {
         Ok(Self { compressor, buf: Vec::new(), len: 0 })
     }
 
+    /// The largest JPEG this encoder can produce for a `width x height` frame.
+    pub fn max_len(&self, width: usize, height: usize) -> usize {
+        self.compressor.buf_len(width, height).unwrap_or(width * height * 3 + 2048)
+    }
+
     /// Encodes `frame`; the JPEG bytes stay valid until the next call.
     pub fn encode(&mut self, frame: &BgrFrame) -> Result<&[u8], ImageError> {
         let err =
