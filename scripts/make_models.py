@@ -58,6 +58,12 @@ class Graph:
         n = self.name("conv")
         fan_in = (cin // group) * k * k
         w = self.rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2.0 / fan_in)
+        if group > 1 and k == 3:
+            # Depthwise filters: mostly a smoothing kernel with a little noise, like trained
+            # ones. Zero-mean random 3x3 filters are high-pass: layer after layer they would
+            # amplify pixel noise relative to image content.
+            blur = np.outer([1, 2, 1], [1, 2, 1]) / 16.0
+            w = blur[None, None] * self.rng.normal(1.0, 0.2, (cout, 1, 1, 1)) + w * 0.1
         ins = [x, self.init(n + ".weight", w, True)]
         if bias:
             ins.append(self.init(n + ".bias", self.rng.standard_normal(cout) * 0.01, True))
@@ -74,7 +80,10 @@ class Graph:
     def bn(self, x, c):
         n = self.name("bn")
         gamma = self.init(n + ".gamma", np.ones(c), True)
-        beta = self.init(n + ".beta", self.rng.standard_normal(c) * 0.05, True)
+        # A positive shift keeps most units on the linear side of the following ReLU: random
+        # deep ReLU + BatchNorm networks are otherwise chaotic (a one-level change of a few
+        # input pixels rewrites the whole output), which trained networks are not.
+        beta = self.init(n + ".beta", 3.0 + self.rng.standard_normal(c) * 0.05, True)
         mean = self.init(n + ".running_mean", np.zeros(c), False)
         var = self.init(n + ".running_var", np.ones(c), False)
         self.nodes.append(
@@ -230,7 +239,13 @@ def calibrate(g: Graph, inputs, feeds, out_name: str, out_std: float | None) -> 
         (t,) = run_to(g, inputs, None, feeds, [src])
         axes = (0, 2, 3)
         g.inits[prefix + ".running_mean"] = t.mean(axis=axes).astype(np.float32)
-        g.inits[prefix + ".running_var"] = (t.var(axis=axes) + 1e-3).astype(np.float32)
+        # Floor each channel's variance at a quarter of the layer's median: channels that see
+        # nearly constant input (the masked half of the image is zeros) would otherwise be
+        # divided by a tiny deviation and amplify any change of the input, making the random
+        # network chaotic (a one-level change in a few pixels would change the whole output).
+        var = t.var(axis=axes)
+        floor = max(0.25 * float(np.median(var)), 1e-3)
+        g.inits[prefix + ".running_var"] = np.maximum(var, floor).astype(np.float32)
     if out_std is not None:
         # Scale the final conv so the pre-sigmoid logits have mean 0 and the given std.
         (t,) = run_to(g, inputs, None, feeds, [out_name])

@@ -101,14 +101,22 @@ fn allocations(rt: &OrtRuntime, frames: usize) -> HashMap<String, u64> {
 #[test]
 fn image_hot_path_allocates_nothing_per_frame() {
     let rt = OrtRuntime::load(None).expect("ONNX Runtime (run scripts/setup.sh)");
-    // Both runs cover the whole 5-frame template (ping-pong period 8), so the template cache
-    // and every pooled buffer reach their working size in both; the longer run adds 20 frames.
-    let short = allocations(&rt, 24);
-    let long = allocations(&rt, 44);
+    // Both runs cover the whole 5-frame template (ping-pong period 8) and cycle through every
+    // pooled job, so buffers reach their working size in both; the longer run adds 24 frames.
+    // Channel wake-ups may register a waiter now and then (timing-dependent, a handful per run),
+    // so the bound is "far less than one allocation per frame": a per-frame allocation would add
+    // at least 24.
+    let (short_n, long_n) = (24, 48);
+    let short = allocations(&rt, short_n);
+    let long = allocations(&rt, long_n);
     for stage in ["ls-video", "ls-prep", "ls-composite", "ls-encode", "ls-sink"] {
-        let (a, b) = (short.get(stage).copied(), long.get(stage).copied());
-        assert!(a.is_some(), "stage {stage} ran: {short:?}");
-        assert_eq!(a, b, "stage {stage}: {a:?} allocations for 24 frames, {b:?} for 44");
+        let a = *short.get(stage).unwrap_or_else(|| panic!("stage {stage} ran: {short:?}"));
+        let b = long[stage];
+        let extra = b.saturating_sub(a);
+        assert!(
+            extra * 6 < (long_n - short_n) as u64,
+            "stage {stage}: {a} allocations for {short_n} frames, {b} for {long_n}"
+        );
     }
     // The counter does count: the UNet stage (ONNX Runtime's API) allocates per batch.
     assert!(long["ls-unet"] > short["ls-unet"], "{short:?} vs {long:?}");
