@@ -335,8 +335,18 @@ impl TemplateFrames {
                 });
             }
         }
+        self.get_decoded(i, out)
+    }
+
+    /// Copies an already decoded frame `i` into `out` (for templates shared between threads
+    /// after [`TemplateFrames::load`]).
+    pub fn get_decoded(&self, i: usize, out: &mut BgrFrame) -> Result<(), VideoError> {
+        let stored = self.frames.get(i).ok_or_else(|| VideoError::Open {
+            path: self.path.clone(),
+            message: format!("frame {i} is not decoded (the template holds {})", self.frames.len()),
+        })?;
         out.reshape(self.width, self.height);
-        match &self.frames[i] {
+        match stored {
             Stored::Raw(b) => out.data.copy_from_slice(b),
             Stored::Zstd(z) => {
                 let n = zstd::bulk::decompress_to_buffer(z, &mut out.data[..])
