@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use ffmpeg_next as ff;
 
 use crate::frame::BgrFrame;
-use crate::video::{frame_files, init_ffmpeg, VideoError};
+use crate::video::{frame_files, open_video, OpenedVideo, VideoError};
 
 /// Default raw-frame budget of one template (bytes).
 pub const DEFAULT_BUDGET: usize = 768 << 20;
@@ -42,21 +42,7 @@ impl std::fmt::Debug for VideoReader {
 impl VideoReader {
     /// Opens `path` and its best video stream.
     pub fn open(path: &Path) -> Result<Self, VideoError> {
-        init_ffmpeg();
-        if !path.exists() {
-            return Err(VideoError::Missing(path.to_path_buf()));
-        }
-        let open = |message: String| VideoError::Open { path: path.to_path_buf(), message };
-        let input = ff::format::input(path).map_err(|e| open(e.to_string()))?;
-        let stream = input
-            .streams()
-            .best(ff::media::Type::Video)
-            .ok_or_else(|| VideoError::NoVideoStream(path.to_path_buf()))?;
-        let index = stream.index();
-        let rate = stream.avg_frame_rate();
-        let fps = (rate.denominator() != 0 && rate.numerator() > 0).then(|| f64::from(rate));
-        let ctx = ff::codec::context::Context::from_parameters(stream.parameters()).map_err(|e| open(e.to_string()))?;
-        let decoder = ctx.decoder().video().map_err(|e| open(format!("no decoder for the video stream: {e}")))?;
+        let OpenedVideo { input, index, fps, decoder, .. } = open_video(path)?;
         let (width, height) = (decoder.width(), decoder.height());
         Ok(Self {
             path: path.to_path_buf(),

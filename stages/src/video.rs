@@ -153,10 +153,23 @@ fn probe_dir(dir: &Path) -> Result<VideoInfo, VideoError> {
     Ok(VideoInfo { frames: files.len(), width, height, fps: None, codec: "images".into() })
 }
 
-fn probe_file(path: &Path) -> Result<VideoInfo, VideoError> {
+/// A video file opened on its best video stream, with a decoder for it.
+pub(crate) struct OpenedVideo {
+    pub(crate) input: ffmpeg_next::format::context::Input,
+    pub(crate) index: usize,
+    pub(crate) fps: Option<f64>,
+    pub(crate) codec: String,
+    pub(crate) decoder: ffmpeg_next::decoder::Video,
+}
+
+/// Opens `path`, finds its best video stream and makes its decoder.
+pub(crate) fn open_video(path: &Path) -> Result<OpenedVideo, VideoError> {
     init_ffmpeg();
+    if !path.exists() {
+        return Err(VideoError::Missing(path.to_path_buf()));
+    }
     let open = |message: String| VideoError::Open { path: path.to_path_buf(), message };
-    let mut input = ffmpeg_next::format::input(path).map_err(|e| open(e.to_string()))?;
+    let input = ffmpeg_next::format::input(path).map_err(|e| open(e.to_string()))?;
     let stream = input
         .streams()
         .best(ffmpeg_next::media::Type::Video)
@@ -168,9 +181,14 @@ fn probe_file(path: &Path) -> Result<VideoInfo, VideoError> {
         ffmpeg_next::codec::context::Context::from_parameters(stream.parameters()).map_err(|e| open(e.to_string()))?;
     let codec = ctx.id().name().to_string();
     let decoder = ctx.decoder().video().map_err(|e| open(format!("no decoder for the video stream: {e}")))?;
+    Ok(OpenedVideo { input, index, fps, codec, decoder })
+}
+
+fn probe_file(path: &Path) -> Result<VideoInfo, VideoError> {
+    let OpenedVideo { mut input, index, fps, codec, decoder } = open_video(path)?;
     let (width, height) = (decoder.width(), decoder.height());
     if width == 0 || height == 0 {
-        return Err(open("video stream has no frame size".into()));
+        return Err(VideoError::Open { path: path.to_path_buf(), message: "video stream has no frame size".into() });
     }
     let mut frames = 0usize;
     for result in input.packets() {
