@@ -22,6 +22,28 @@ pub enum AvatarCommand {
         /// The avatar directory.
         dir: PathBuf,
     },
+    /// List a running daemon's avatars: loaded or not, memory, sessions, frames served.
+    List {
+        /// The daemon's socket.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+    },
+    /// Load an avatar into a running daemon's cache.
+    Load {
+        /// Avatar name.
+        name: String,
+        /// The daemon's socket.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+    },
+    /// Unload an avatar from a running daemon (refused while sessions use it).
+    Unload {
+        /// Avatar name.
+        name: String,
+        /// The daemon's socket.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+    },
 }
 
 /// Options shared by `create` and `import-synctalk`.
@@ -85,6 +107,9 @@ pub fn run(cli: &Cli, cmd: &AvatarCommand) -> Result<()> {
             tracing::info!("{} frames with landmarks in {}", data.frames.len(), args.dir.display());
             create(cli, &args.out, args.dir.join("full_body_img"), data.boxes, &args.models)
         }
+        AvatarCommand::List { socket } => crate::client::avatars(socket, "list", None),
+        AvatarCommand::Load { name, socket } => crate::client::avatars(socket, "load", Some(name)),
+        AvatarCommand::Unload { name, socket } => crate::client::avatars(socket, "unload", Some(name)),
         AvatarCommand::Check { dir } => {
             let avatar = Avatar::open(dir).with_context(|| format!("loading avatar {}", dir.display()))?;
             let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;

@@ -22,6 +22,9 @@ pub enum BenchCommand {
     Image(BenchImageArgs),
     /// Whole-render frames/s against UNet-only frames/s (same session settings, same batch).
     Render(BenchRenderArgs),
+    /// Streaming daemon: latency and frames/s for 1, 2, 4... concurrent real-time sessions,
+    /// next to the offline render's frames/s.
+    Serve(crate::bench_serve::BenchServeArgs),
 }
 
 /// Arguments of `lipsync bench render`.
@@ -94,14 +97,13 @@ pub fn run(cli: &Cli, cmd: &BenchCommand) -> Result<()> {
         BenchCommand::Audio(args) => audio(cli, args),
         BenchCommand::Image(args) => image(args),
         BenchCommand::Render(args) => bench_render(cli, args),
+        BenchCommand::Serve(args) => crate::bench_serve::run(cli, args),
     }
 }
 
 fn bench_render(cli: &Cli, args: &BenchRenderArgs) -> Result<()> {
-    use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
-    use lipsync_pipelines::runtime::PinPolicy;
     use lipsync_stages::avatar::Avatar;
-    use lipsync_stages::face::{input_len, output_len, Blend};
+    use lipsync_stages::face::{input_len, output_len};
     use lipsync_stages::unet::{Provider, Unet};
 
     let avatar = Avatar::open(&args.avatar).with_context(|| format!("loading avatar {}", args.avatar.display()))?;
@@ -126,32 +128,7 @@ fn bench_render(cli: &Cli, args: &BenchRenderArgs) -> Result<()> {
         (batches * n) as f64 / t.elapsed().as_secs_f64()
     };
 
-    let tmp = tempfile_dir()?;
-    let output = if args.output == "mp4" {
-        Output::Video(tmp.join("bench.mp4"))
-    } else {
-        Output::Dir { path: tmp.join("frames"), format: ImageFormat::Jpeg }
-    };
-    let cfg = RenderConfig {
-        jpeg_quality: avatar.config.jpeg_quality,
-        avatar,
-        audio: args.audio.clone(),
-        output,
-        batch: n,
-        encoder_batch: 64,
-        capacity: 4,
-        intra_threads: threads,
-        spinning: false,
-        provider: Provider::Cpu,
-        pin: PinPolicy::Auto { reserved: threads },
-        max_frames: Some(args.frames),
-        blend: Blend::Hard,
-        template_budget: lipsync_stages::template::DEFAULT_BUDGET,
-        progress: None,
-    };
-    let outcome = render(&rt, cfg);
-    let _ = std::fs::remove_dir_all(&tmp);
-    let outcome = outcome?;
+    let outcome = render_once(&rt, avatar, &args.audio, n, threads, args.frames, args.output == "mp4")?;
     let render_fps = outcome.report.steady_frames_per_second;
     let out = serde_json::json!({
         "frames": outcome.frames,
@@ -167,6 +144,65 @@ fn bench_render(cli: &Cli, args: &BenchRenderArgs) -> Result<()> {
     });
     println!("{out}");
     Ok(())
+}
+
+/// One offline render of up to `frames` frames into a temporary JPEG directory (or MP4),
+/// removed afterwards.
+fn render_once(
+    rt: &OrtRuntime,
+    avatar: lipsync_stages::avatar::Avatar,
+    audio: &std::path::Path,
+    n: usize,
+    threads: usize,
+    frames: usize,
+    mp4: bool,
+) -> Result<lipsync_pipelines::render::RenderOutcome> {
+    use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
+    use lipsync_pipelines::runtime::PinPolicy;
+    use lipsync_stages::face::Blend;
+    use lipsync_stages::unet::Provider;
+
+    let tmp = tempfile_dir()?;
+    let output = if mp4 {
+        Output::Video(tmp.join("bench.mp4"))
+    } else {
+        Output::Dir { path: tmp.join("frames"), format: ImageFormat::Jpeg }
+    };
+    let cfg = RenderConfig {
+        jpeg_quality: avatar.config.jpeg_quality,
+        avatar,
+        audio: audio.to_path_buf(),
+        output,
+        batch: n,
+        encoder_batch: 64,
+        capacity: 4,
+        intra_threads: threads,
+        spinning: false,
+        provider: Provider::Cpu,
+        pin: PinPolicy::Auto { reserved: threads },
+        max_frames: Some(frames),
+        blend: Blend::Hard,
+        template_budget: lipsync_stages::template::DEFAULT_BUDGET,
+        progress: None,
+    };
+    let outcome = render(rt, cfg);
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(outcome?)
+}
+
+/// Steady-state frames/s of the offline render (for `lipsync bench serve`).
+pub fn render_fps(
+    cli: &Cli,
+    avatar: &std::path::Path,
+    audio: &std::path::Path,
+    batch: usize,
+    threads: usize,
+    frames: usize,
+) -> Result<f64> {
+    let a = lipsync_stages::avatar::Avatar::open(avatar).with_context(|| format!("loading avatar {}", avatar.display()))?;
+    let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;
+    let outcome = render_once(&rt, a, audio, batch, threads, frames, false)?;
+    Ok(outcome.report.steady_frames_per_second)
 }
 
 fn tempfile_dir() -> Result<PathBuf> {

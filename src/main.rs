@@ -3,9 +3,13 @@
 mod audio_cmd;
 mod avatar_cmd;
 mod bench_cmd;
+mod bench_serve;
+mod client;
 mod doctor;
+mod protocol;
 mod render_cmd;
 mod report;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +49,12 @@ pub enum Command {
     Mel(audio_cmd::MelArgs),
     /// Compute the padded audio feature list F of an audio file ((L+2) x 512 .npy).
     Features(audio_cmd::FeaturesArgs),
+    /// Run the streaming daemon: sessions stream audio in over a Unix socket and get frames back.
+    Serve(Box<serve::ServeArgs>),
+    /// Stream an audio file through a running daemon; write the frames; print latencies.
+    Client(Box<client::ClientArgs>),
+    /// Show a running daemon's live statistics: stages, UNet batches, sessions, frames/s.
+    Stats(client::StatsArgs),
     /// Time stages on real input (JSON), for comparisons with the Python reference.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCommand),
@@ -72,6 +82,9 @@ fn main() -> ExitCode {
         Command::Report(args) => report::run(args),
         Command::Mel(args) => audio_cmd::mel(args),
         Command::Features(args) => audio_cmd::features(&cli, args),
+        Command::Serve(args) => serve::run(&cli, args),
+        Command::Client(args) => client::run(args),
+        Command::Stats(args) => client::stats(args),
         Command::Bench(cmd) => bench_cmd::run(&cli, cmd),
     };
     match result {

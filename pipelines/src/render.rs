@@ -240,20 +240,18 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
     })?;
     // windows: final windows as soon as their rows are.
     p.spawn("windows", false, move |ctx| {
-        let mut all = Vec::new();
         let mut tracker = WindowTracker::new();
         while let Some(rows) = ctx.recv(&rows_rx)? {
             let t = ctx.clock.now();
-            all.extend_from_slice(&rows);
             let mut w = Vec::new();
-            tracker.push(&all, &mut w);
+            tracker.push(&rows, &mut w);
             ctx.metrics.record_service(ctx.clock.now().duration_since(t));
             if !w.is_empty() {
                 ctx.send(&win_tx, w)?;
             }
         }
         let mut w = Vec::new();
-        tracker.finish(&all, &mut w).map_err(failed)?;
+        tracker.finish(&mut w).map_err(failed)?;
         ctx.send(&win_tx, w)?;
         Ok(())
     })?;

@@ -179,26 +179,39 @@ pub fn pad_features(o: &[f32]) -> Vec<f32> {
 
 /// Writes frame i's audio tensor (`F[i-8 .. i+8)`, zeros outside `[0, rows)`) into `out`.
 pub fn frame_audio(f: &[f32], i: usize, out: &mut [f32]) {
+    frame_audio_from(f, 0, i, out);
+}
+
+/// [`frame_audio`] over a suffix of F: `f` holds rows `base ..` (rows below `base` must not
+/// be needed, that is `i >= base + 8`, or `base == 0`).
+fn frame_audio_from(f: &[f32], base: usize, i: usize, out: &mut [f32]) {
     let rows = f.len() / FEATURE_DIM;
     for (r, dst) in out.chunks_exact_mut(FEATURE_DIM).enumerate() {
-        let j = (i + r).checked_sub(FRAME_ROWS / 2).filter(|&j| j < rows);
-        match j {
-            Some(j) => dst.copy_from_slice(&f[j * FEATURE_DIM..(j + 1) * FEATURE_DIM]),
+        let j = (i + r).checked_sub(FRAME_ROWS / 2);
+        debug_assert!(j.is_none_or(|j| j >= base), "F row {j:?} was dropped (base {base})");
+        match j.and_then(|j| j.checked_sub(base)).filter(|&k| k < rows) {
+            Some(k) => dst.copy_from_slice(&f[k * FEATURE_DIM..(k + 1) * FEATURE_DIM]),
             None => dst.fill(0.0),
         }
     }
 }
+
+/// Rows a streaming buffer may hold beyond what it needs before it drops the old ones (drops
+/// are a memmove; batching them keeps that cost negligible).
+const SLACK_ROWS: usize = 64;
 
 /// Streaming assembly of per-frame audio tensors from encoder outputs as they arrive.
 ///
 /// Frame i needs `F` rows up to `i + 7`, that is encoder outputs up to `o_{i+6}`: it is emitted
 /// once `i + 7` outputs are known. [`FeatureAssembler::finish`] emits the rest (they need the
 /// trailing duplicate `o_{L-1}` and the zeros past `L + 2`). The tensors equal the offline
-/// [`frame_audio`] over [`pad_features`] bit for bit.
+/// [`frame_audio`] over [`pad_features`] bit for bit. Rows no later frame needs are dropped, so
+/// memory stays bounded however long the stream runs.
 #[derive(Debug, Default)]
 pub struct FeatureAssembler {
-    /// F rows known so far (F[0] = o_0, F[j] = o_{j-1}).
+    /// F rows `base ..` (F[0] = o_0, F[j] = o_{j-1}).
     f: Vec<f32>,
+    base: usize,
     outputs: usize,
     next_frame: usize,
 }
@@ -219,6 +232,12 @@ impl FeatureAssembler {
         self.next_frame
     }
 
+    /// F rows held now (bounded: the 16 rows the next frame needs, plus outputs not yet
+    /// consumed, plus a small slack).
+    pub fn held_rows(&self) -> usize {
+        self.f.len() / FEATURE_DIM
+    }
+
     /// Adds encoder outputs (`n x 512`, in window order); calls `emit(i, tensor)` for each frame
     /// that became final.
     pub fn push(&mut self, o: &[f32], mut emit: impl FnMut(usize, &[f32])) {
@@ -232,9 +251,16 @@ impl FeatureAssembler {
         let mut buf = [0f32; FRAME_AUDIO_LEN];
         // Frame i is final when o_{i+6} is known: outputs >= i + 7.
         while self.outputs >= self.next_frame + 7 {
-            frame_audio(&self.f, self.next_frame, &mut buf);
+            frame_audio_from(&self.f, self.base, self.next_frame, &mut buf);
             emit(self.next_frame, &buf);
             self.next_frame += 1;
+        }
+        // The next frame needs rows from next_frame - 8 on.
+        let keep_from = self.next_frame.saturating_sub(FRAME_ROWS / 2);
+        if keep_from >= self.base + SLACK_ROWS {
+            let drop = keep_from - self.base;
+            self.f.drain(..drop * FEATURE_DIM);
+            self.base = keep_from;
         }
     }
 
@@ -249,24 +275,29 @@ impl FeatureAssembler {
         let total = if l > 0 { l + 2 } else { 0 };
         let mut buf = [0f32; FRAME_AUDIO_LEN];
         while self.next_frame < total {
-            frame_audio(&self.f, self.next_frame, &mut buf);
+            frame_audio_from(&self.f, self.base, self.next_frame, &mut buf);
             emit(self.next_frame, &buf);
             self.next_frame += 1;
         }
         self.f.clear();
+        self.base = 0;
         self.outputs = 0;
         self.next_frame = 0;
         total
     }
 }
 
-/// Streaming windows: given the mel rows known so far, which windows are final.
+/// Streaming windows: fed mel rows as they become final, emits each window once it is.
 ///
 /// Window k is final once rows `s_k .. s_k + 16` (unclamped) are known; the clamped tail
-/// windows wait for [`WindowTracker::finish`], when the row count `T` is known.
+/// windows wait for [`WindowTracker::finish`], when the row count `T` is known. The tracker
+/// keeps only the rows a later window can still use, so memory stays bounded.
 #[derive(Debug, Default)]
 pub struct WindowTracker {
     next: usize,
+    /// Mel rows `base .. base + mel.len() / 80`.
+    mel: Vec<f32>,
+    base: usize,
 }
 
 impl WindowTracker {
@@ -280,34 +311,59 @@ impl WindowTracker {
         self.next
     }
 
-    /// Writes every window final with `rows` known mel rows (`mel` holds them all, `rows x 80`)
-    /// into `out` (appending 1280 values each); returns how many.
-    pub fn push(&mut self, mel: &[f32], out: &mut Vec<f32>) -> usize {
-        let rows = mel.len() / N_MELS;
+    /// Mel rows received so far.
+    pub fn rows(&self) -> usize {
+        self.base + self.mel.len() / N_MELS
+    }
+
+    /// Mel rows held now (bounded: one window, plus rows not yet consumed, plus a small slack).
+    pub fn held_rows(&self) -> usize {
+        self.mel.len() / N_MELS
+    }
+
+    fn write(&self, k: usize, t: usize, out: &mut Vec<f32>) {
+        let s = window_start(k, t) - self.base;
+        let at = out.len();
+        out.resize(at + WINDOW_LEN, 0.0);
+        extract_window(&self.mel[s * N_MELS..], WINDOW, 0, &mut out[at..]);
+    }
+
+    /// Adds the next mel rows (`n x 80`, following those already pushed) and writes every
+    /// window that became final into `out` (appending 1280 values each); returns how many.
+    pub fn push(&mut self, rows: &[f32], out: &mut Vec<f32>) -> usize {
+        self.mel.extend_from_slice(rows);
+        let total = self.rows();
         let mut n = 0;
-        while window_start_unclamped(self.next) + WINDOW <= rows {
-            let at = out.len();
-            out.resize(at + WINDOW_LEN, 0.0);
-            extract_window(mel, rows, self.next, &mut out[at..]);
+        while window_start_unclamped(self.next) + WINDOW <= total {
+            self.write(self.next, total, out);
             self.next += 1;
             n += 1;
+        }
+        // Later windows start at s_next or, clamped at the end, at T - 16 >= total - 16.
+        let keep_from = window_start_unclamped(self.next).min(total.saturating_sub(WINDOW));
+        if keep_from >= self.base + SLACK_ROWS {
+            self.mel.drain(..(keep_from - self.base) * N_MELS);
+            self.base = keep_from;
         }
         n
     }
 
-    /// Ends the stream with all `T` rows in `mel`: writes the remaining windows up to `L`.
-    pub fn finish(&mut self, mel: &[f32], out: &mut Vec<f32>) -> Result<usize, FeatureError> {
-        let t = mel.len() / N_MELS;
-        let l = window_count(t)?;
+    /// Ends the stream (every row pushed, `T` in all): writes the remaining windows up to `L`
+    /// and resets for a new stream.
+    pub fn finish(&mut self, out: &mut Vec<f32>) -> Result<usize, FeatureError> {
+        let t = self.rows();
+        let l = window_count(t);
         let mut n = 0;
-        while self.next < l {
-            let at = out.len();
-            out.resize(at + WINDOW_LEN, 0.0);
-            extract_window(mel, t, self.next, &mut out[at..]);
-            self.next += 1;
-            n += 1;
+        if let Ok(l) = l {
+            while self.next < l {
+                self.write(self.next, t, out);
+                self.next += 1;
+                n += 1;
+            }
         }
         self.next = 0;
-        Ok(n)
+        self.mel.clear();
+        self.base = 0;
+        l.map(|_| n)
     }
 }

@@ -324,22 +324,98 @@ impl TemplateFrames {
         self.get_decoded(i, out)
     }
 
-    /// Copies an already decoded frame `i` into `out` (for templates shared between threads
-    /// after [`TemplateFrames::load`]).
+    /// Copies an already decoded frame `i` into `out`.
     pub fn get_decoded(&self, i: usize, out: &mut BgrFrame) -> Result<(), VideoError> {
-        let stored = self.frames.get(i).ok_or_else(|| VideoError::Open {
-            path: self.path.clone(),
-            message: format!("frame {i} is not decoded (the template holds {})", self.frames.len()),
-        })?;
-        out.reshape(self.width, self.height);
-        match stored {
-            Stored::Raw(b) => out.data.copy_from_slice(b),
-            Stored::Zstd(z) => {
-                let n = zstd::bulk::decompress_to_buffer(z, &mut out.data[..])
-                    .map_err(|e| VideoError::Open { path: self.path.clone(), message: format!("zstd: {e}") })?;
-                debug_assert_eq!(n, out.data.len());
-            }
-        }
-        Ok(())
+        copy_frame(&self.path, &self.frames, self.width, self.height, i, out)
     }
+
+    /// Decodes what is left and returns the frames as a [`SharedTemplate`], which threads
+    /// can read at once (the decoder is dropped).
+    pub fn into_shared(mut self) -> Result<SharedTemplate, VideoError> {
+        while self.decode_next()? {}
+        if self.frames.is_empty() {
+            return Err(VideoError::NoFrames(self.path.clone()));
+        }
+        Ok(SharedTemplate {
+            path: self.path,
+            width: self.width,
+            height: self.height,
+            fps: self.fps,
+            frames: self.frames,
+            bytes: self.bytes,
+        })
+    }
+}
+
+/// A fully decoded template, read-only and shareable between threads (`Arc<SharedTemplate>`):
+/// what `lipsync serve` keeps per loaded avatar.
+pub struct SharedTemplate {
+    path: PathBuf,
+    width: usize,
+    height: usize,
+    fps: Option<f64>,
+    frames: Vec<Stored>,
+    bytes: usize,
+}
+
+impl std::fmt::Debug for SharedTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedTemplate").field("frames", &self.frames.len()).field("bytes", &self.bytes).finish()
+    }
+}
+
+impl SharedTemplate {
+    /// Number of frames.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Whether it holds no frame (never true for one built by [`TemplateFrames::into_shared`]).
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Frame size.
+    pub fn size(&self) -> (usize, usize) {
+        (self.width, self.height)
+    }
+
+    /// Frame rate of a video file (none for a frames directory).
+    pub fn fps(&self) -> Option<f64> {
+        self.fps
+    }
+
+    /// Bytes held (raw and compressed frames).
+    pub fn memory_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Copies frame `i` into `out` (reusing its allocation).
+    pub fn get(&self, i: usize, out: &mut BgrFrame) -> Result<(), VideoError> {
+        copy_frame(&self.path, &self.frames, self.width, self.height, i, out)
+    }
+}
+
+fn copy_frame(
+    path: &Path,
+    frames: &[Stored],
+    width: usize,
+    height: usize,
+    i: usize,
+    out: &mut BgrFrame,
+) -> Result<(), VideoError> {
+    let stored = frames.get(i).ok_or_else(|| VideoError::Open {
+        path: path.to_path_buf(),
+        message: format!("frame {i} is not decoded (the template holds {})", frames.len()),
+    })?;
+    out.reshape(width, height);
+    match stored {
+        Stored::Raw(b) => out.data.copy_from_slice(b),
+        Stored::Zstd(z) => {
+            let n = zstd::bulk::decompress_to_buffer(z, &mut out.data[..])
+                .map_err(|e| VideoError::Open { path: path.to_path_buf(), message: format!("zstd: {e}") })?;
+            debug_assert_eq!(n, out.data.len());
+        }
+    }
+    Ok(())
 }

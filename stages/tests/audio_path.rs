@@ -168,7 +168,7 @@ fn window_layout_is_transposed() {
 #[test]
 fn streaming_windows_equal_offline() {
     let mut rng = Rng(99);
-    for n in [3000usize, 3199, 10_240, 16_000, 25_600, 31_999] {
+    for n in [3000usize, 3199, 10_240, 16_000, 25_600, 31_999, 64_000, 160_123] {
         let mel = MelSpectrogram::new().compute(&rng.signal(n));
         let offline = extract_windows(&mel).unwrap();
         let mut tracker = WindowTracker::new();
@@ -176,10 +176,13 @@ fn streaming_windows_equal_offline() {
         let rows = mel.len() / N_MELS;
         let mut known = 0;
         while known < rows {
+            let before = known;
             known = (known + 1 + rng.below(9)).min(rows);
-            tracker.push(&mel[..known * N_MELS], &mut out);
+            tracker.push(&mel[before * N_MELS..known * N_MELS], &mut out);
+            // Bounded: one window, the rows not yet used, and the drop slack.
+            assert!(tracker.held_rows() <= 16 + 9 + 64 + 4, "n = {n}: {} rows held", tracker.held_rows());
         }
-        tracker.finish(&mel, &mut out).unwrap();
+        tracker.finish(&mut out).unwrap();
         assert_eq!(out, offline, "n = {n}");
     }
 }
@@ -203,7 +206,7 @@ fn padded_features_and_frame_tensors() {
 #[test]
 fn feature_assembler_streams_bit_identical_frames() {
     let mut rng = Rng(7);
-    for l in [1usize, 2, 6, 7, 8, 13, 40] {
+    for l in [1usize, 2, 6, 7, 8, 13, 40, 75, 200] {
         let o: Vec<f32> = (0..l * FEATURE_DIM).map(|_| rng.below(1000) as f32 / 7.0).collect();
         let f = pad_features(&o);
         let mut asm = FeatureAssembler::new();
@@ -213,6 +216,7 @@ fn feature_assembler_streams_bit_identical_frames() {
             let take = (1 + rng.below(4)).min(l - fed);
             asm.push(&o[fed * FEATURE_DIM..(fed + take) * FEATURE_DIM], |i, t| got.push((i, t.to_vec())));
             fed += take;
+            assert!(asm.held_rows() <= 16 + 8 + 64, "l = {l}: {} rows held", asm.held_rows());
             // Frame i is out as soon as o_{i+6} is known.
             assert_eq!(asm.frames(), fed.saturating_sub(6));
         }

@@ -39,8 +39,11 @@ fn features_match_the_reference() {
     let f = pad_features(&o);
     let want = read_f32_2d(&fixture("golden/ref/features.npy")).unwrap();
     assert_eq!(f.len(), want.len());
+    // The reference ran ONNX Runtime on another CPU, whose SIMD kernels accumulate in another
+    // order: Python's ONNX Runtime on this machine differs from the committed reference by up
+    // to 1.1e-4 on features of magnitude up to 57 (mean 5.7). A real error would be O(1).
     let d = f.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-    assert!(d <= 1e-4, "max |diff| {d}");
+    assert!(d <= 5e-4, "max |diff| {d}");
 }
 
 #[test]
@@ -106,6 +109,7 @@ fn streaming_audio_path_equals_offline() {
     while fed < samples.len() {
         state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let take = (1 + (state >> 33) as usize % 1500).min(samples.len() - fed);
+        rows.clear();
         mel.push(&samples[fed..fed + take], &mut rows);
         fed += take;
         windows.clear();
@@ -114,13 +118,15 @@ fn streaming_audio_path_equals_offline() {
         enc.encode(&windows, &mut o).unwrap();
         asm.push(&o, |i, t| frames.push((i, t.to_vec())));
         // Frame i is out once o_{i+6} is: its window i+6 ends at mel row 16(i+6)/5 + 16.
-        let rows_known = rows.len() / 80;
+        let rows_known = tracker.rows();
         let windows_known = (0..).take_while(|&k| 16 * k / 5 + 16 <= rows_known).count();
         assert_eq!(asm.frames(), windows_known.saturating_sub(6), "after {fed} samples");
     }
+    rows.clear();
     mel.finish(&mut rows);
     windows.clear();
-    tracker.finish(&rows, &mut windows).unwrap();
+    tracker.push(&rows, &mut windows);
+    tracker.finish(&mut windows).unwrap();
     o.clear();
     enc.encode(&windows, &mut o).unwrap();
     asm.push(&o, |i, t| frames.push((i, t.to_vec())));

@@ -1,0 +1,187 @@
+//! A streaming session's hot path allocates nothing per frame in steady state: a counting
+//! global allocator tallies allocations per thread. Streaming more audio adds no allocation to
+//! the prep and output (paste-back + JPEG + sink) stages, and adds to the audio stage only what
+//! ONNX Runtime's API allocates inside the audio encoder's runs.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lipsync_pipelines::session::{FrameSink, LiveStats, Session, SessionConfig, UnetService, UnetServiceConfig};
+use lipsync_stages::audio::load_16k;
+use lipsync_stages::avatar::Avatar;
+use lipsync_stages::features::{AudioEncoder, WINDOW_LEN};
+use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
+use lipsync_stages::template::TemplateFrames;
+use lipsync_stages::unet::Provider;
+
+const SLOTS: usize = 512;
+static COUNTS: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
+static NAMES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+thread_local! {
+    static SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
+    static BUSY: Cell<bool> = const { Cell::new(false) };
+}
+
+fn count() {
+    let _ = BUSY.try_with(|busy| {
+        if busy.get() {
+            return;
+        }
+        busy.set(true);
+        let _ = SLOT.try_with(|slot| {
+            if slot.get() == usize::MAX {
+                let name = std::thread::current().name().unwrap_or("").to_string();
+                let mut names = NAMES.lock().unwrap();
+                names.push(name);
+                slot.set((names.len() - 1).min(SLOTS - 1));
+            }
+            COUNTS[slot.get()].fetch_add(1, Ordering::Relaxed);
+        });
+        busy.set(false);
+    });
+}
+
+struct Counting;
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count();
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count();
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
+}
+
+fn this_thread() -> u64 {
+    let name = std::thread::current().name().unwrap_or("").to_string();
+    let names = NAMES.lock().unwrap();
+    names.iter().position(|n| *n == name).map_or(0, |slot| COUNTS[slot.min(SLOTS - 1)].load(Ordering::Relaxed))
+}
+
+/// A sink that keeps only a byte count (no allocation).
+struct Count(Arc<AtomicU64>);
+
+impl FrameSink for Count {
+    fn frame(&mut self, _: usize, jpeg: &[u8]) -> Result<(), String> {
+        self.0.fetch_add(jpeg.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+struct Fixture {
+    avatar: Arc<Avatar>,
+    template: Arc<lipsync_stages::template::SharedTemplate>,
+    encoder: Arc<Mutex<AudioEncoder>>,
+    unet: Arc<UnetService>,
+    live: Arc<LiveStats>,
+}
+
+/// Streams `seconds` of speech (the 2 s fixture repeated) in 20 ms chunks; returns allocations
+/// per session thread and the number of windows (L = frames - 2). A 20 ms chunk adds 1.6 mel
+/// rows and a window needs 3.2 more, so each encoder run takes exactly one window, except
+/// the tail windows, which run together at the end.
+fn allocations(fx: &Fixture, id: u64, seconds: usize) -> (HashMap<String, u64>, u64) {
+    let first_slot = NAMES.lock().unwrap().len();
+    let speech = load_16k(&fixture("golden/speech_2s.wav")).unwrap();
+    let samples: Vec<f32> = speech.iter().copied().cycle().take(seconds * 16_000).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cfg = SessionConfig {
+        id,
+        name: format!("alloc{id}"),
+        avatar: fx.avatar.clone(),
+        template: fx.template.clone(),
+        encoder: fx.encoder.clone(),
+        unet: fx.unet.clone(),
+        sample_rate: 16_000,
+        jpeg_quality: 90,
+        batch: 2,
+        queue: 4,
+        start_frame: 0,
+        live: fx.live.clone(),
+    };
+    let bytes = Arc::new(AtomicU64::new(0));
+    let mut s = Session::start(cfg, Box::new(Count(bytes.clone())), Box::new(move |r| tx.send(r.map(|o| o.frames)).unwrap()))
+        .unwrap();
+    for chunk in samples.chunks(320) {
+        s.push_audio(chunk).unwrap();
+    }
+    s.end_audio().unwrap();
+    let frames = rx.recv_timeout(Duration::from_secs(120)).unwrap().unwrap();
+    s.wait();
+    assert!(frames as usize > seconds * 24 && bytes.load(Ordering::Relaxed) > 0);
+    let names = NAMES.lock().unwrap().clone();
+    let mut out = HashMap::new();
+    for (slot, name) in names.iter().enumerate().skip(first_slot) {
+        *out.entry(name.clone()).or_insert(0) += COUNTS[slot.min(SLOTS - 1)].load(Ordering::Relaxed);
+    }
+    (out, frames - 2)
+}
+
+#[test]
+fn session_hot_path_allocates_nothing_per_frame() {
+    let rt = OrtRuntime::load(None).expect("ONNX Runtime (run scripts/setup.sh)");
+    let avatar = Avatar::open(&fixture("golden/avatar")).unwrap();
+    let template = TemplateFrames::open(&avatar.video, 1 << 30).unwrap().into_shared().unwrap();
+    let io = avatar.config.models.io.clone();
+    let mut encoder = AudioEncoder::open(&rt, &avatar.encoder, &io, 64, &SessionOptions::default()).unwrap();
+    // What one encoder run of one window allocates inside ONNX Runtime's API (warm).
+    let window = vec![0.1f32; WINDOW_LEN];
+    let mut o = Vec::with_capacity(4096);
+    encoder.encode(&window, &mut o).unwrap();
+    o.clear();
+    let before = this_thread();
+    encoder.encode(&window, &mut o).unwrap();
+    let per_run = this_thread() - before;
+    assert!(per_run > 0, "the counter counts ONNX Runtime's allocations");
+    let cfg = UnetServiceConfig {
+        max_batch: 2,
+        max_wait: Duration::from_millis(1),
+        intra_threads: 1,
+        spinning: false,
+        provider: Provider::Cpu,
+    };
+    let unet = UnetService::start(&rt, &avatar.unet, &io, avatar.config.crop, &cfg).unwrap();
+    let fx = Fixture {
+        avatar: Arc::new(avatar),
+        template: Arc::new(template),
+        encoder: Arc::new(Mutex::new(encoder)),
+        unet: Arc::new(unet),
+        live: Arc::new(LiveStats::default()),
+    };
+    let (short, short_windows) = allocations(&fx, 1, 2);
+    let (long, long_windows) = allocations(&fx, 2, 6);
+    let extra_frames = 100u64; // 4 s more audio: 100 more frames
+    for stage in ["ls-prep", "ls-output"] {
+        let a = *short.get(stage).unwrap_or_else(|| panic!("stage {stage} ran: {short:?}"));
+        let b = long[stage];
+        // Channel wake-ups may register a waiter now and then (timing-dependent); a per-frame
+        // allocation would add at least 100.
+        assert!(b.saturating_sub(a) * 6 < extra_frames, "stage {stage}: {a} allocations for 2 s, {b} for 6 s");
+    }
+    let a = short["ls-audio"];
+    let b = long["ls-audio"];
+    let extra_runs = long_windows - short_windows;
+    // 200 more chunks: an allocation per chunk of our own would add 200.
+    assert!(
+        b.saturating_sub(a) <= extra_runs * per_run + extra_runs / 4,
+        "audio stage: {a} allocations for 2 s, {b} for 6 s; {extra_runs} more encoder runs, ORT allocates {per_run} per run"
+    );
+}

@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""A small client of `lipsync serve` (Python standard library only): the example for
+integrators. Protocol: docs/protocol.md.
+
+    python3 scripts/client.py --socket /tmp/lipsync.sock --avatar NAME --audio speech.wav \
+        [-o frames/] [--realtime] [--json]
+
+Streams a 16-bit PCM WAV file (any rate, any channel count: the daemon mixes to mono and
+resamples) as s16le, writes the JPEG frames it gets back into a new directory, and prints the
+first-frame latency and per-frame latency percentiles. Importable: `stream(...)` returns the
+same figures as a dict.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import struct
+import sys
+import threading
+import time
+import wave
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE = 16 << 20
+
+# Message types (docs/protocol.md).
+HELLO, WELCOME = 0x01, 0x02
+OPEN, OPENED, AUDIO, END_AUDIO, CLOSE = 0x10, 0x11, 0x12, 0x13, 0x14
+FRAME, DONE = 0x20, 0x21
+STATS_REQUEST, STATS = 0x30, 0x31
+LIST_AVATARS, LOAD_AVATAR, UNLOAD_AVATAR, AVATARS, OK = 0x40, 0x41, 0x42, 0x43, 0x44
+ERROR = 0x7F
+
+
+class DaemonError(Exception):
+    """The daemon replied with an Error message."""
+
+    def __init__(self, code, message):
+        super().__init__(f"the daemon replied `{code}`: {message}")
+        self.code = code
+        self.message = message
+
+
+def send(sock, kind, payload=b""):
+    """Sends one message: u32 big-endian length (type + payload), u8 type, payload."""
+    sock.sendall(struct.pack(">IB", len(payload) + 1, kind) + payload)
+
+
+def send_json(sock, kind, value):
+    send(sock, kind, json.dumps(value).encode())
+
+
+def _read_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv(sock):
+    """Reads one message; returns (type, payload). Error messages raise DaemonError."""
+    length, kind = struct.unpack(">IB", _read_exact(sock, 5))
+    if not 1 <= length <= MAX_MESSAGE:
+        raise ConnectionError(f"bad message length {length}")
+    payload = _read_exact(sock, length - 1)
+    if kind == ERROR:
+        e = json.loads(payload)
+        raise DaemonError(e.get("code", "?"), e.get("message", ""))
+    return kind, payload
+
+
+def connect(path):
+    """Connects and does the handshake; returns the socket."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    send_json(sock, HELLO, {"protocol": PROTOCOL_VERSION, "client": "client.py"})
+    kind, _ = recv(sock)
+    if kind != WELCOME:
+        raise ConnectionError(f"expected Welcome, got type 0x{kind:02x}")
+    return sock
+
+
+def request(path, kind, value, want):
+    """One management request (stats, list/load/unload avatars) on a fresh connection."""
+    sock = connect(path)
+    try:
+        send_json(sock, kind, value)
+        got, payload = recv(sock)
+        if got != want:
+            raise ConnectionError(f"expected type 0x{want:02x}, got 0x{got:02x}")
+        return json.loads(payload)
+    finally:
+        sock.close()
+
+
+def window_start(k):
+    """SPEC.md section 2: s_k = int(80.0 * (k / 25.0))."""
+    return int(80.0 * (k / 25.0))
+
+
+def samples_needed_16k(i):
+    """16 kHz samples frame i needs before it is final: mel row s_{i+6} + 15 needs samples up to
+    200 * row + 400."""
+    return 200 * (window_start(i + 6) + 15) + 400
+
+
+def expected_frames(n, rate):
+    """Frames for n samples at rate (SPEC.md: T = 1 + n16 // 200, L = int((T-16)/80*25) + 2,
+    frames = L + 2)."""
+    n16 = -(-n * 16000 // rate)
+    t = 1 + n16 // 200
+    if t < 16:
+        return 0
+    return int((t - 16) / 80.0 * 25.0) + 2 + 2
+
+
+def read_wav(path):
+    """(s16le bytes, rate, channels) of a 16-bit PCM WAV file."""
+    with wave.open(path, "rb") as w:
+        if w.getsampwidth() != 2 or w.getcomptype() != "NONE":
+            raise ValueError(f"{path}: expected 16-bit PCM WAV (convert with: ffmpeg -i IN -c:a pcm_s16le OUT.wav)")
+        return w.readframes(w.getnframes()), w.getframerate(), w.getnchannels()
+
+
+def percentile(sorted_values, q):
+    if not sorted_values:
+        return 0.0
+    k = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    return sorted_values[k]
+
+
+def stream(path, avatar, pcm, rate, channels, realtime=False, chunk_ms=20.0, on_frame=None, options=None):
+    """Streams s16le `pcm` through a session; calls on_frame(index, jpeg) for each frame.
+    Returns a dict of figures (frames, first_frame_ms, latency percentiles, ...)."""
+    frame_bytes = 2 * channels
+    n = len(pcm) // frame_bytes
+    sock = connect(path)
+    try:
+        open_req = {"avatar": avatar, "sample_rate": rate, "format": "s16le", "channels": channels}
+        open_req.update(options or {})
+        send_json(sock, OPEN, open_req)
+        kind, payload = recv(sock)
+        if kind != OPENED:
+            raise ConnectionError(f"expected Opened, got type 0x{kind:02x}")
+        opened = json.loads(payload)
+        # Keep little audio in the kernel so that backpressure reaches us (about 100 ms).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(4096, rate * frame_bytes // 10))
+        chunk = max(1, int(round(rate * chunk_ms / 1000.0)))
+        sent = []  # (samples sent so far, time)
+        frames = []  # (index, time)
+        result = {}
+
+        def reader():
+            try:
+                while True:
+                    kind, payload = recv(sock)
+                    if kind == FRAME:
+                        now = time.monotonic()
+                        index, _ts = struct.unpack(">II", payload[:8])
+                        if index != len(frames):
+                            raise ConnectionError(f"frame {index} arrived where {len(frames)} was expected")
+                        if on_frame:
+                            on_frame(index, payload[8:])
+                        frames.append((index, now))
+                    elif kind == DONE:
+                        result["done"] = json.loads(payload)
+                        return
+                    else:
+                        raise ConnectionError(f"unexpected message type 0x{kind:02x}")
+            except Exception as e:  # reported by the caller
+                result["error"] = e
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        t0 = time.monotonic()
+        send_error = None
+        try:
+            for k, start in enumerate(range(0, n, chunk)):
+                if realtime:
+                    due = t0 + start / rate
+                    wait = due - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                end = min(n, start + chunk)
+                send(sock, AUDIO, pcm[start * frame_bytes:end * frame_bytes])
+                sent.append((end, time.monotonic()))
+            send(sock, END_AUDIO)
+        except OSError as e:
+            send_error = e
+        end_time = time.monotonic()
+        t.join()
+        if "error" in result:
+            raise result["error"]
+        if send_error is not None:
+            raise send_error
+        done = result["done"]
+        if done["frames"] != len(frames):
+            raise ConnectionError(f"Done says {done['frames']} frames but {len(frames)} arrived")
+        latencies = []
+        for index, at in frames:
+            need = -(-samples_needed_16k(index) * rate // 16000)
+            final = next((ts for count, ts in sent if count >= need), end_time)
+            latencies.append(max(0.0, at - min(final, end_time)) * 1000.0)
+        lat = sorted(latencies)
+        return {
+            "session": opened["session"],
+            "width": opened["width"],
+            "height": opened["height"],
+            "fps": opened["fps"],
+            "frames": len(frames),
+            "expected_frames": expected_frames(n, rate),
+            "audio_seconds": n / rate,
+            "seconds": time.monotonic() - t0,
+            "first_frame_ms": (frames[0][1] - t0) * 1000.0 if frames else None,
+            "latency_ms": {
+                "p50": percentile(lat, 0.50),
+                "p90": percentile(lat, 0.90),
+                "p99": percentile(lat, 0.99),
+                "max": lat[-1] if lat else 0.0,
+            },
+        }
+    finally:
+        sock.close()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--socket", required=True, help="the daemon's Unix socket")
+    ap.add_argument("--avatar", required=True, help="avatar name")
+    ap.add_argument("--audio", required=True, help="16-bit PCM WAV file")
+    ap.add_argument("-o", "--output", help="new directory for the JPEG frames")
+    ap.add_argument("--realtime", action="store_true", help="pace the audio at real time")
+    ap.add_argument("--chunk-ms", type=float, default=20.0, help="audio per message (ms)")
+    ap.add_argument("--jpeg-quality", type=int, help="JPEG quality (default: the avatar's)")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = ap.parse_args()
+
+    try:
+        pcm, rate, channels = read_wav(args.audio)
+    except (OSError, ValueError, wave.Error) as e:
+        print(f"error: cannot read {args.audio}: {e}", file=sys.stderr)
+        return 2
+    tmp = None
+    on_frame = None
+    if args.output:
+        out = os.path.abspath(args.output)
+        if os.path.exists(out) and os.listdir(out):
+            print(f"error: output directory {out} exists and is not empty", file=sys.stderr)
+            return 2
+        tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+
+        def on_frame(index, jpeg):
+            with open(os.path.join(tmp, f"{index:06d}.jpg"), "wb") as f:
+                f.write(jpeg)
+
+    options = {}
+    if args.jpeg_quality is not None:
+        options["jpeg_quality"] = args.jpeg_quality
+    try:
+        r = stream(args.socket, args.avatar, pcm, rate, channels, args.realtime, args.chunk_ms, on_frame, options)
+        if r["frames"] != r["expected_frames"]:
+            raise ConnectionError(f"received {r['frames']} frames, expected {r['expected_frames']}")
+    except (OSError, DaemonError, ConnectionError, ValueError) as e:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if tmp:
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.rename(tmp, out)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        lat = r["latency_ms"]
+        print(
+            f"session {r['session']}: {r['frames']} frames ({r['width']}x{r['height']} at {r['fps']} fps) "
+            f"for {r['audio_seconds']:.2f} s of audio in {r['seconds']:.2f} s",
+            file=sys.stderr,
+        )
+        print(f"first frame: {r['first_frame_ms']:.1f} ms after the first audio was sent", file=sys.stderr)
+        print(
+            f"frame latency (audio final -> frame received), ms: p50 {lat['p50']:.1f}  p90 {lat['p90']:.1f}  "
+            f"p99 {lat['p99']:.1f}  max {lat['max']:.1f}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+//! The `lipsync serve` wire protocol (documented in `docs/protocol.md`).
+//!
+//! Every message is `u32 length (big-endian) | u8 type | payload`, where `length` counts the
+//! type byte and the payload and may not exceed [`MAX_MESSAGE`]. Control payloads are JSON
+//! objects; audio is raw PCM; frames are `u32 index | u32 timestamp_ms | JPEG bytes`.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version spoken by this build.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest `length` accepted (type byte + payload): 16 MiB.
+pub const MAX_MESSAGE: usize = 16 << 20;
+
+/// Message types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Client -> server, first message: `{"protocol": 1, "client": "..."}`.
+    Hello = 0x01,
+    /// Server -> client: `{"protocol": 1, "server": "...", "max_message": N}`.
+    Welcome = 0x02,
+    /// Client -> server: open a session ([`OpenRequest`]).
+    Open = 0x10,
+    /// Server -> client: the session is open ([`Opened`]).
+    Opened = 0x11,
+    /// Client -> server: PCM audio in the session's format (whole sample frames).
+    Audio = 0x12,
+    /// Client -> server: end of the session's audio.
+    EndAudio = 0x13,
+    /// Client -> server: stop the session now and close the connection.
+    Close = 0x14,
+    /// Server -> client: one frame (`u32 index | u32 ts_ms | JPEG`).
+    Frame = 0x20,
+    /// Server -> client: the session finished ([`Done`]).
+    Done = 0x21,
+    /// Client -> server: ask for statistics (empty payload).
+    StatsRequest = 0x30,
+    /// Server -> client: statistics (JSON).
+    Stats = 0x31,
+    /// Client -> server: list avatars (empty payload).
+    ListAvatars = 0x40,
+    /// Client -> server: `{"name": "..."}` load an avatar.
+    LoadAvatar = 0x41,
+    /// Client -> server: `{"name": "..."}` unload an avatar (refused while in use).
+    UnloadAvatar = 0x42,
+    /// Server -> client: `{"avatars": [...]}`.
+    Avatars = 0x43,
+    /// Server -> client: a management request succeeded (JSON).
+    Ok = 0x44,
+    /// Server -> client: `{"code": "...", "message": "..."}`.
+    Error = 0x7F,
+}
+
+impl Kind {
+    /// The message type for a byte.
+    pub fn from_u8(b: u8) -> Option<Self> {
+        use Kind::*;
+        Some(match b {
+            0x01 => Hello,
+            0x02 => Welcome,
+            0x10 => Open,
+            0x11 => Opened,
+            0x12 => Audio,
+            0x13 => EndAudio,
+            0x14 => Close,
+            0x20 => Frame,
+            0x21 => Done,
+            0x30 => StatsRequest,
+            0x31 => Stats,
+            0x40 => ListAvatars,
+            0x41 => LoadAvatar,
+            0x42 => UnloadAvatar,
+            0x43 => Avatars,
+            0x44 => Ok,
+            0x7F => Error,
+            _ => return None,
+        })
+    }
+}
+
+/// Framing errors.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The peer closed the connection between messages.
+    #[error("connection closed")]
+    Closed,
+    /// The stream ended inside a message.
+    #[error("truncated message: the connection closed after {got} of {want} bytes")]
+    Truncated {
+        /// Bytes read.
+        got: usize,
+        /// Bytes expected.
+        want: usize,
+    },
+    /// A length over the limit (or zero).
+    #[error("message length {0} is not in 1..={MAX_MESSAGE}")]
+    BadLength(usize),
+    /// An unknown type byte.
+    #[error("unknown message type 0x{0:02x}")]
+    UnknownType(u8),
+    /// Socket error.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl WireError {
+    /// A short machine-readable code for error replies.
+    pub fn code(&self) -> &'static str {
+        match self {
+            WireError::Closed => "closed",
+            WireError::Truncated { .. } => "truncated",
+            WireError::BadLength(_) => "oversize",
+            WireError::UnknownType(_) => "unknown_type",
+            WireError::Io(_) => "io",
+        }
+    }
+}
+
+/// Reads up to `buf.len()` bytes; returns how many were read before EOF.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Reads one message into `payload` (reused); returns its type.
+pub fn read_message(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind, WireError> {
+    let mut head = [0u8; 5];
+    let got = read_full(r, &mut head[..4])?;
+    if got == 0 {
+        return Err(WireError::Closed);
+    }
+    if got < 4 {
+        return Err(WireError::Truncated { got, want: 4 });
+    }
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len == 0 || len > MAX_MESSAGE {
+        return Err(WireError::BadLength(len));
+    }
+    if read_full(r, &mut head[4..5])? == 0 {
+        return Err(WireError::Truncated { got: 4, want: 4 + len });
+    }
+    payload.clear();
+    payload.resize(len - 1, 0);
+    let got = read_full(r, payload)?;
+    if got < len - 1 {
+        return Err(WireError::Truncated { got: 5 + got, want: 4 + len });
+    }
+    Kind::from_u8(head[4]).ok_or(WireError::UnknownType(head[4]))
+}
+
+/// Writes one message (header and payload in one write).
+pub fn write_message(w: &mut impl Write, kind: Kind, payload: &[u8]) -> std::io::Result<()> {
+    write_parts(w, kind, &[payload])
+}
+
+/// Most payload parts [`write_parts`] takes.
+pub const MAX_PARTS: usize = 4;
+
+/// Writes one message whose payload is the concatenation of `parts` (at most [`MAX_PARTS`]),
+/// header and parts in one vectored write, without allocating.
+pub fn write_parts(w: &mut impl Write, kind: Kind, parts: &[&[u8]]) -> std::io::Result<()> {
+    if parts.len() > MAX_PARTS {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "too many message parts"));
+    }
+    let len: usize = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+    if len > MAX_MESSAGE {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("message of {len} bytes is too large")));
+    }
+    let mut head = [0u8; 5];
+    head[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    head[4] = kind as u8;
+    let mut bufs = [std::io::IoSlice::new(&[]); MAX_PARTS + 1];
+    bufs[0] = std::io::IoSlice::new(&head);
+    for (slot, p) in bufs[1..].iter_mut().zip(parts) {
+        *slot = std::io::IoSlice::new(p);
+    }
+    write_all_vectored(w, &mut bufs[..parts.len() + 1])?;
+    w.flush()
+}
+
+fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [std::io::IoSlice<'_>]) -> std::io::Result<()> {
+    std::io::IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "failed to write whole message")),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes a JSON control message.
+pub fn write_json(w: &mut impl Write, kind: Kind, value: &impl Serialize) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    write_message(w, kind, &bytes)
+}
+
+/// `Hello` payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version the client speaks.
+    pub protocol: u32,
+    /// Free-form client name.
+    #[serde(default)]
+    pub client: String,
+}
+
+/// Audio sample format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AudioFormat {
+    /// Signed 16-bit little-endian.
+    S16le,
+    /// 32-bit float little-endian.
+    F32le,
+}
+
+/// `Open` payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenRequest {
+    /// Avatar name (a directory under the daemon's `--avatars`).
+    pub avatar: String,
+    /// Sample rate of the audio that follows (resampled to 16 kHz as needed).
+    pub sample_rate: u32,
+    /// Sample format.
+    pub format: AudioFormat,
+    /// Interleaved channels (mixed down to mono).
+    #[serde(default = "one")]
+    pub channels: u16,
+    /// JPEG quality (1..=100); default the avatar's.
+    #[serde(default)]
+    pub jpeg_quality: Option<u8>,
+    /// Most frames of this session per UNet run; default the daemon's batch.
+    #[serde(default)]
+    pub batch: Option<usize>,
+    /// Start offset into the template sequence; default the avatar's.
+    #[serde(default)]
+    pub start_frame: Option<usize>,
+}
+
+fn one() -> u16 {
+    1
+}
+
+/// `Opened` payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Opened {
+    /// Session id.
+    pub session: u64,
+    /// Frames per second of the output.
+    pub fps: f64,
+    /// Frame size.
+    pub width: usize,
+    /// Frame size.
+    pub height: usize,
+}
+
+/// `Done` payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Done {
+    /// Session id.
+    pub session: u64,
+    /// Frames sent.
+    pub frames: u64,
+}
+
+/// `Error` payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// Machine-readable code (`busy`, `version`, `unknown_avatar`, ...).
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+/// `LoadAvatar` / `UnloadAvatar` payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AvatarName {
+    /// Avatar name.
+    pub name: String,
+}
+
+/// Splits a `Frame` payload into (index, timestamp ms, JPEG).
+pub fn parse_frame(payload: &[u8]) -> Option<(u32, u32, &[u8])> {
+    if payload.len() < 8 {
+        return None;
+    }
+    let index = u32::from_be_bytes(payload[0..4].try_into().ok()?);
+    let ts = u32::from_be_bytes(payload[4..8].try_into().ok()?);
+    Some((index, ts, &payload[8..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_errors() {
+        let mut buf = Vec::new();
+        write_message(&mut buf, Kind::Audio, &[1, 2, 3]).unwrap();
+        write_parts(&mut buf, Kind::Frame, &[&[0, 0, 0, 7], &[0, 0, 1, 24], b"jpeg"]).unwrap();
+        let mut r = &buf[..];
+        let mut p = Vec::new();
+        assert_eq!(read_message(&mut r, &mut p).unwrap(), Kind::Audio);
+        assert_eq!(p, [1, 2, 3]);
+        assert_eq!(read_message(&mut r, &mut p).unwrap(), Kind::Frame);
+        assert_eq!(parse_frame(&p), Some((7, 280, &b"jpeg"[..])));
+        assert!(matches!(read_message(&mut r, &mut p), Err(WireError::Closed)));
+
+        let mut r = &buf[..6];
+        assert!(matches!(read_message(&mut r, &mut p), Err(WireError::Truncated { got: 6, want: 8 })));
+        let big = ((MAX_MESSAGE + 1) as u32).to_be_bytes();
+        assert!(matches!(read_message(&mut &big[..], &mut p), Err(WireError::BadLength(_))));
+        let unknown = [0, 0, 0, 1, 0x99];
+        assert!(matches!(read_message(&mut &unknown[..], &mut p), Err(WireError::UnknownType(0x99))));
+    }
+}
