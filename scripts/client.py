@@ -285,7 +285,7 @@ def main():
     else:
         lat = r["latency_ms"]
         print(
-            f"session {r['session']}: {r['frames']} frames ({r['width']}x{r['height']} at {r['fps']} fps) "
+            f"session {r['session']}: {r['frames']} frames ({r['width']}x{r['height']} at {r['fps']:g} fps) "
             f"for {r['audio_seconds']:.2f} s of audio in {r['seconds']:.2f} s",
             file=sys.stderr,
         )

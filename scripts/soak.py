@@ -69,7 +69,7 @@ def main():
     log = open(os.path.join(tmp, "serve.log"), "w")
     daemon = subprocess.Popen(
         [args.binary, "serve", "--socket", sock, "--avatars", os.path.join(tmp, "avatars"),
-         "--preload", "soak", "--max-sessions", str(args.sessions + 2), "--intra-threads", "1"],
+         "--preload", "soak", "--max-sessions", str(2 * args.sessions), "--intra-threads", "1"],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     failures = []
     try:
@@ -87,16 +87,33 @@ def main():
 
         pcm, rate, channels = client.read_wav(args.audio)
         expected = client.expected_frames(len(pcm) // (2 * channels), rate)
-        counts = {"sessions": 0, "frames": 0, "aborted": 0}
+        counts = {"sessions": 0, "frames": 0, "aborted": 0, "busy_retries": 0}
         lock = threading.Lock()
 
         def one(k, abort):
+            # An aborted session is freed a moment after its client vanished: retry a busy daemon.
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    return one_session(k, abort)
+                except client.DaemonError as e:
+                    if e.code != "busy" or time.monotonic() > deadline:
+                        raise
+                    with lock:
+                        counts["busy_retries"] += 1
+                    time.sleep(0.05)
+
+        def one_session(k, abort):
             if abort:
                 # Half the audio, then vanish: the daemon must free the session.
                 s = client.connect(sock)
-                client.send_json(s, client.OPEN, {"avatar": "soak", "sample_rate": rate, "format": "s16le",
-                                                  "channels": channels})
-                client.recv(s)
+                try:
+                    client.send_json(s, client.OPEN, {"avatar": "soak", "sample_rate": rate, "format": "s16le",
+                                                      "channels": channels})
+                    client.recv(s)
+                except Exception:
+                    s.close()
+                    raise
                 half = len(pcm) // 2 // (2 * channels) * (2 * channels)
                 client.send(s, client.AUDIO, pcm[:half])
                 s.close()
@@ -120,6 +137,26 @@ def main():
                     return
                 k += 1
 
+        def wait_idle():
+            """Waits until no session is open and the daemon is back to its idle threads (the
+            listener, plus the UNet service); records a failure if that takes over 10 s."""
+            deadline = time.monotonic() + 10
+            while client.request(sock, client.STATS_REQUEST, {}, client.STATS)["sessions_open"] != 0:
+                if time.monotonic() > deadline:
+                    failures.append("sessions still open 10 s after the clients left")
+                    return
+                time.sleep(0.1)
+            # No new connection from here on (each has its thread while it lasts).
+            while baseline["threads"] is not None and threads(daemon.pid) > baseline["threads"]:
+                if time.monotonic() > deadline:
+                    names = sorted(open(f"/proc/{daemon.pid}/task/{t}/comm").read().strip()
+                                   for t in os.listdir(f"/proc/{daemon.pid}/task"))
+                    failures.append(f"threads still running after the clients left: {names}")
+                    return
+                time.sleep(0.1)
+
+        baseline = {"threads": None}
+
         def run_round(until):
             ts = [threading.Thread(target=worker, args=(w, until)) for w in range(args.sessions)]
             for t in ts:
@@ -127,13 +164,26 @@ def main():
             for t in ts:
                 t.join()
 
-        # Warm-up: every worker runs at least one whole session and one aborted one.
-        for w in range(args.sessions):
-            one(0, False)
-            one(4, True)
-        time.sleep(1.0)
+        # Warm-up at the same concurrency: every worker runs two whole sessions and an aborted
+        # one, so that caches, model sessions and allocator arenas are at their working size.
+        def warm(w):
+            try:
+                one(0, False)
+                one(4, True)
+                one(1, False)
+            except Exception as e:  # noqa: BLE001 - reported below
+                failures.append(f"warm-up {w}: {e}")
+
+        ws = [threading.Thread(target=warm, args=(w,)) for w in range(args.sessions)]
+        for t in ws:
+            t.start()
+        for t in ws:
+            t.join()
+        wait_idle()
+        time.sleep(0.5)
         start_rss = rss_kib(daemon.pid)
         start_threads = threads(daemon.pid)
+        baseline["threads"] = start_threads
         t0 = time.monotonic()
         samples = []
         stop = threading.Event()
@@ -148,13 +198,7 @@ def main():
         stop.set()
         st.join()
         # Let aborted sessions wind down, then measure.
-        for _ in range(100):
-            stats = client.request(sock, client.STATS_REQUEST, {}, client.STATS)
-            if stats["sessions_open"] == 0:
-                break
-            time.sleep(0.1)
-        else:
-            failures.append(f"{stats['sessions_open']} sessions still open after the clients left")
+        wait_idle()
         end_rss = rss_kib(daemon.pid)
         end_threads = threads(daemon.pid)
         elapsed = time.monotonic() - t0
@@ -180,6 +224,7 @@ def main():
         "concurrent": args.sessions,
         "sessions": counts["sessions"],
         "aborted_sessions": counts["aborted"],
+        "busy_retries": counts["busy_retries"],
         "frames": counts["frames"],
         "rss_start_mib": start_rss / 1024.0,
         "rss_end_mib": end_rss / 1024.0,

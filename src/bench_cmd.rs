@@ -199,7 +199,8 @@ pub fn render_fps(
     threads: usize,
     frames: usize,
 ) -> Result<f64> {
-    let a = lipsync_stages::avatar::Avatar::open(avatar).with_context(|| format!("loading avatar {}", avatar.display()))?;
+    let a =
+        lipsync_stages::avatar::Avatar::open(avatar).with_context(|| format!("loading avatar {}", avatar.display()))?;
     let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;
     let outcome = render_once(&rt, a, audio, batch, threads, frames, false)?;
     Ok(outcome.report.steady_frames_per_second)

@@ -137,7 +137,11 @@ fn quarter_p50(outcomes: &[StreamOutcome], last: bool) -> f64 {
         .iter()
         .flat_map(|o| {
             let q = (o.records.len() / 4).max(1);
-            let part = if last { &o.records[o.records.len().saturating_sub(q)..] } else { &o.records[..q.min(o.records.len())] };
+            let part = if last {
+                &o.records[o.records.len().saturating_sub(q)..]
+            } else {
+                &o.records[..q.min(o.records.len())]
+            };
             part.iter().map(|r| r.latency_ms)
         })
         .collect();
@@ -197,7 +201,9 @@ pub fn run(cli: &Cli, args: &BenchServeArgs) -> Result<()> {
         let outcomes = outcomes.into_iter().collect::<Result<Vec<_>>>()?;
         let after = Connection::connect(&socket)?.stats()?;
         let batch = {
-            let b = |s: &crate::serve::StatsReply| s.unet.iter().map(|u| (u.batches, u.frames)).fold((0, 0), |a, x| (a.0 + x.0, a.1 + x.1));
+            let b = |s: &crate::serve::StatsReply| {
+                s.unet.iter().map(|u| (u.batches, u.frames)).fold((0, 0), |a, x| (a.0 + x.0, a.1 + x.1))
+            };
             let (b0, f0) = b(&before);
             let (b1, f1) = b(&after);
             (f1 - f0) as f64 / ((b1 - b0).max(1)) as f64
@@ -231,7 +237,17 @@ pub fn run(cli: &Cli, args: &BenchServeArgs) -> Result<()> {
 
     eprintln!(
         "{:>8} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>7} {:>6}",
-        "sessions", "frames", "fps", "first ms", "p50 ms", "p99 ms", "max ms", "p50 1st 1/4", "p50 4th 1/4", "batch", "keeps"
+        "sessions",
+        "frames",
+        "fps",
+        "first ms",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "p50 1st 1/4",
+        "p50 4th 1/4",
+        "batch",
+        "keeps"
     );
     for r in &rounds {
         eprintln!(

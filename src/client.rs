@@ -17,8 +17,8 @@ use lipsync_stages::mel::mel_frames;
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::{
-    parse_frame, read_message, write_json, write_parts, AudioFormat, Done, ErrorReply, Hello, Kind, OpenRequest, Opened,
-    PROTOCOL_VERSION,
+    parse_frame, read_message, write_json, write_parts, AudioFormat, Done, ErrorReply, Hello, Kind, OpenRequest,
+    Opened, PROTOCOL_VERSION,
 };
 use crate::serve::StatsReply;
 
@@ -63,7 +63,12 @@ impl Connection {
     }
 
     /// Sends a request and returns the JSON payload of the reply of kind `want`.
-    pub fn request<T: for<'de> Deserialize<'de>>(&mut self, kind: Kind, body: &impl Serialize, want: Kind) -> Result<T> {
+    pub fn request<T: for<'de> Deserialize<'de>>(
+        &mut self,
+        kind: Kind,
+        body: &impl Serialize,
+        want: Kind,
+    ) -> Result<T> {
         write_json(&mut self.stream, kind, body).with_context(|| format!("sending {kind:?}"))?;
         let got = self.read()?;
         if got != want {
@@ -141,6 +146,9 @@ pub struct StreamOutcome {
     pub records: Vec<FrameRecord>,
 }
 
+/// A frame's (index, timestamp ms, arrival).
+type Arrival = (u32, u32, Instant);
+
 /// 16 kHz samples frame `i` needs before it is final (SPEC.md section 2, streaming): mel row
 /// `s_{i+6} + 15`, which needs samples up to `200 (s_{i+6} + 15) + 400`.
 pub fn samples_needed_16k(i: usize) -> u64 {
@@ -198,7 +206,7 @@ pub fn stream(
     let mut sent: Vec<(u64, Instant)> = Vec::with_capacity(spec.samples.len() / chunk + 2);
 
     let (records, done, end_time) = std::thread::scope(|scope| -> Result<_> {
-        let reader = scope.spawn(move || -> Result<(Vec<(u32, u32, Instant)>, Done)> {
+        let reader = scope.spawn(move || -> Result<(Vec<Arrival>, Done)> {
             let mut recs = Vec::with_capacity(expected);
             let result = (|| loop {
                 match conn.read()? {
@@ -254,7 +262,12 @@ pub fn stream(
         bail!("Done says {} frames but {} arrived", done.frames, records.len());
     }
     if records.len() != expected {
-        bail!("received {} frames, expected {expected} for {} samples at {} Hz", records.len(), spec.samples.len(), spec.rate);
+        bail!(
+            "received {} frames, expected {expected} for {} samples at {} Hz",
+            records.len(),
+            spec.samples.len(),
+            spec.rate
+        );
     }
     let mut hist = histogram();
     let ratio = f64::from(spec.rate) / 16_000.0;
@@ -367,7 +380,9 @@ impl FrameOut {
                 std::fs::write(&p, jpeg).with_context(|| format!("writing {}", p.display()))
             }
             FrameOut::Stream(w) => w.write_all(jpeg).context("writing to stdout"),
-            FrameOut::File { file, tmp, .. } => file.write_all(jpeg).with_context(|| format!("writing {}", tmp.display())),
+            FrameOut::File { file, tmp, .. } => {
+                file.write_all(jpeg).with_context(|| format!("writing {}", tmp.display()))
+            }
         }
     }
 
@@ -383,7 +398,8 @@ impl FrameOut {
             FrameOut::Stream(mut w) => w.flush().context("writing to stdout"),
             FrameOut::File { tmp, path, file } => {
                 file.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", tmp.display()))?;
-                std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+                std::fs::rename(&tmp, &path)
+                    .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
             }
         }
     }
@@ -490,10 +506,7 @@ pub fn stats(args: &StatsArgs) -> Result<()> {
 }
 
 fn pct_row(name: &str, p: &Percentiles) -> String {
-    format!(
-        "  {name:<22} {:>8} {:>9.2} {:>9.2} {:>9.2} {:>9.2}\n",
-        p.count, p.p50, p.p90, p.p99, p.max
-    )
+    format!("  {name:<22} {:>8} {:>9.2} {:>9.2} {:>9.2} {:>9.2}\n", p.count, p.p50, p.p90, p.p99, p.max)
 }
 
 /// The `lipsync stats` table.
@@ -509,7 +522,10 @@ pub fn format_stats(s: &StatsReply, rate: Option<f64>) -> String {
         fps,
         if rate.is_some() { " (last interval)" } else { " (since start)" }
     );
-    t += &format!("  {:<22} {:>8} {:>9} {:>9} {:>9} {:>9}\n", "stage (service, ms)", "count", "p50", "p90", "p99", "max");
+    t += &format!(
+        "  {:<22} {:>8} {:>9} {:>9} {:>9} {:>9}\n",
+        "stage (service, ms)", "count", "p50", "p90", "p99", "max"
+    );
     for (name, p) in &s.stages {
         t += &pct_row(name, p);
     }
@@ -546,8 +562,8 @@ pub fn avatars(socket: &Path, action: &str, name: Option<&str>) -> Result<()> {
                     a["name"].as_str().unwrap_or("?"),
                     if a["loaded"].as_bool().unwrap_or(false) { "yes" } else { "no" },
                     a["memory_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
-                    a["sessions"],
-                    a["frames_served"]
+                    a["sessions"].as_u64().unwrap_or(0),
+                    a["frames_served"].as_u64().unwrap_or(0)
                 );
             }
         }

@@ -112,6 +112,7 @@ impl WireError {
         match self {
             WireError::Closed => "closed",
             WireError::Truncated { .. } => "truncated",
+            WireError::BadLength(0) => "bad_length",
             WireError::BadLength(_) => "oversize",
             WireError::UnknownType(_) => "unknown_type",
             WireError::Io(_) => "io",
@@ -175,7 +176,10 @@ pub fn write_parts(w: &mut impl Write, kind: Kind, parts: &[&[u8]]) -> std::io::
     }
     let len: usize = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
     if len > MAX_MESSAGE {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("message of {len} bytes is too large")));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("message of {len} bytes is too large"),
+        ));
     }
     let mut head = [0u8; 5];
     head[..4].copy_from_slice(&(len as u32).to_be_bytes());

@@ -28,8 +28,8 @@ use lipsync_stages::unet::Provider;
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::{
-    read_message, write_json, write_parts, AudioFormat, AvatarName, Done, ErrorReply, Hello, Kind, OpenRequest,
-    Opened, WireError, MAX_MESSAGE, PROTOCOL_VERSION,
+    read_message, write_json, write_parts, AudioFormat, AvatarName, Done, ErrorReply, Hello, Kind, OpenRequest, Opened,
+    WireError, MAX_MESSAGE, PROTOCOL_VERSION,
 };
 use crate::Cli;
 
@@ -119,6 +119,25 @@ struct Settings {
 }
 
 impl Settings {
+    /// The settings as JSON (for `Stats`).
+    fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "socket": self.socket.display().to_string(),
+            "avatars": self.avatars.display().to_string(),
+            "max_sessions": self.max_sessions,
+            "socket_mode": format!("{:04o}", self.socket_mode),
+            "preload": self.preload,
+            "cache_mb": self.cache_bytes >> 20,
+            "max_batch": self.max_batch,
+            "max_wait_ms": self.max_wait.as_secs_f64() * 1e3,
+            "session_queue": self.session_queue,
+            "intra_threads": self.intra_threads,
+            "provider": format!("{:?}", self.provider).to_lowercase(),
+            "drain_timeout_s": self.drain_timeout.as_secs_f64(),
+            "client_timeout_s": self.client_timeout.as_secs_f64(),
+        })
+    }
+
     fn resolve(args: &ServeArgs) -> Result<Self> {
         let file = match &args.config {
             Some(path) => {
@@ -216,6 +235,8 @@ struct Loaded {
     template: Arc<SharedTemplate>,
     encoder: Arc<Mutex<AudioEncoder>>,
     unet: Arc<UnetService>,
+    unet_key: PathBuf,
+    encoder_key: PathBuf,
     memory: usize,
     sessions: AtomicUsize,
     frames: AtomicU64,
@@ -291,25 +312,30 @@ impl Registry {
             )));
         }
         let io = avatar.config.models.io.clone();
+        // Models are shared by file, whatever path an avatar names them by.
+        let encoder_key = std::fs::canonicalize(&avatar.encoder).unwrap_or_else(|_| avatar.encoder.clone());
+        let unet_key = std::fs::canonicalize(&avatar.unet).unwrap_or_else(|_| avatar.unet.clone());
         let encoder = {
             let mut map = lock(&self.encoders);
-            match map.get(&avatar.encoder) {
+            match map.get(&encoder_key) {
                 Some(e) => e.clone(),
                 None => {
                     let opts = SessionOptions { intra_threads: 1, spinning: false };
                     let e = AudioEncoder::open(&self.rt, &avatar.encoder, &io, 64, &opts)
                         .map_err(|e| failed(e.to_string()))?;
                     let e = Arc::new(Mutex::new(e));
-                    map.insert(avatar.encoder.clone(), e.clone());
+                    map.insert(encoder_key.clone(), e.clone());
                     e
                 }
             }
         };
         let unet = {
             let mut map = lock(&self.unets);
-            match map.get(&avatar.unet) {
+            match map.get(&unet_key) {
                 Some(u) if *u.crop() == avatar.config.crop => u.clone(),
-                Some(_) => return Err(failed("its crop geometry differs from another avatar using the same UNet".into())),
+                Some(_) => {
+                    return Err(failed("its crop geometry differs from another avatar using the same UNet".into()))
+                }
                 None => {
                     let cfg = UnetServiceConfig {
                         max_batch: self.settings.max_batch,
@@ -321,7 +347,7 @@ impl Registry {
                     let u = UnetService::start(&self.rt, &avatar.unet, &io, avatar.config.crop, &cfg)
                         .map_err(|e| failed(e.to_string()))?;
                     let u = Arc::new(u);
-                    map.insert(avatar.unet.clone(), u.clone());
+                    map.insert(unet_key.clone(), u.clone());
                     u
                 }
             }
@@ -335,6 +361,8 @@ impl Registry {
             template: Arc::new(template),
             encoder,
             unet,
+            unet_key,
+            encoder_key,
             memory,
             sessions: AtomicUsize::new(usize::from(session)),
             frames: AtomicU64::new(0),
@@ -394,8 +422,8 @@ impl Registry {
     /// Closes the models no loaded avatar uses any more (their sessions and threads end).
     fn prune_models(&self) {
         let loaded = lock(&self.loaded);
-        let unets: Vec<PathBuf> = loaded.values().map(|l| l.avatar.unet.clone()).collect();
-        let encoders: Vec<PathBuf> = loaded.values().map(|l| l.avatar.encoder.clone()).collect();
+        let unets: Vec<PathBuf> = loaded.values().map(|l| l.unet_key.clone()).collect();
+        let encoders: Vec<PathBuf> = loaded.values().map(|l| l.encoder_key.clone()).collect();
         drop(loaded);
         lock(&self.unets).retain(|path, u| unets.contains(path) || Arc::strong_count(u) > 1);
         lock(&self.encoders).retain(|path, e| encoders.contains(path) || Arc::strong_count(e) > 1);
@@ -468,6 +496,7 @@ struct Shared {
 /// Runs the daemon until SIGTERM/SIGINT.
 pub fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
     let settings = Settings::resolve(args)?;
+    release_big_buffers();
     let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;
     let listener = bind(&settings.socket, settings.socket_mode)?;
     let socket = settings.socket.clone();
@@ -564,6 +593,19 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
     }
     tracing::info!(frames = shared.live.frames.load(Ordering::SeqCst), "stopped");
     Ok(())
+}
+
+/// Makes glibc hand big buffers (a session's frame jobs and tensors: 0.3 to 2.5 MiB each,
+/// allocated when it opens, freed when it closes) straight back to the OS. By default glibc
+/// raises its mmap threshold after the first such free and keeps later ones in its heaps, so the
+/// daemon's resident memory would follow the peak of concurrent sessions instead of the sessions
+/// open now.
+fn release_big_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; called before the daemon's threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
 }
 
 struct RemoveOnDrop(PathBuf);
@@ -747,7 +789,10 @@ impl Conn<'_> {
                             serde_json::json!({"loaded": name.name, "memory_bytes": l.memory, "frames": l.template.len()})
                         })
                     } else {
-                        self.shared.registry.unload(&name.name).map(|was| serde_json::json!({"unloaded": name.name, "was_loaded": was}))
+                        self.shared
+                            .registry
+                            .unload(&name.name)
+                            .map(|was| serde_json::json!({"unloaded": name.name, "was_loaded": was}))
                     };
                     match r {
                         Ok(v) => self.reply(Kind::Ok, &v),
@@ -764,30 +809,40 @@ impl Conn<'_> {
         let _ = write_json(&mut *lock(&self.writer), kind, value);
     }
 
+    /// A failed Open gets an error reply and leaves the connection open, without a session.
     fn open(&mut self, payload: &[u8]) -> Result<(), Fatal> {
+        if let Err((code, message)) = self.try_open(payload) {
+            send_error(&self.writer, code, message);
+        }
+        Ok(())
+    }
+
+    fn try_open(&mut self, payload: &[u8]) -> Result<(), (&'static str, String)> {
+        if self.session.as_ref().is_some_and(|s| !s.audio_ended()) {
+            return Err((
+                "session_open",
+                "Open while a session is streaming on this connection (send EndAudio first)".into(),
+            ));
+        }
+        // The previous session of this connection has had its audio: let it finish first.
         if let Some(s) = self.session.take() {
-            if !s.audio_ended() {
-                return Err(Fatal("session_open", "Open while a session is streaming on this connection".into()));
-            }
             s.wait();
         }
         let req: OpenRequest =
-            serde_json::from_slice(payload).map_err(|e| Fatal("bad_request", format!("invalid Open: {e}")))?;
+            serde_json::from_slice(payload).map_err(|e| ("bad_request", format!("invalid Open: {e}")))?;
         if req.channels == 0 || req.channels > 32 {
-            return Err(Fatal("bad_request", format!("{} channels is not in 1..=32", req.channels)));
+            return Err(("bad_request", format!("{} channels is not in 1..=32", req.channels)));
         }
         if !(4_000..=384_000).contains(&req.sample_rate) {
-            return Err(Fatal("bad_request", format!("sample rate {} Hz is not in 4000..=384000", req.sample_rate)));
+            return Err(("bad_request", format!("sample rate {} Hz is not in 4000..=384000", req.sample_rate)));
         }
         let sh = self.shared;
         if sh.draining.load(Ordering::SeqCst) {
-            send_error(&self.writer, "shutting_down", "the daemon is shutting down");
-            return Ok(());
+            return Err(("shutting_down", "the daemon is shutting down".into()));
         }
         let max = sh.registry.settings.max_sessions;
         if sh.active.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1)).is_err() {
-            send_error(&self.writer, "busy", format!("the daemon is serving its maximum of {max} sessions; retry later"));
-            return Ok(());
+            return Err(("busy", format!("the daemon is serving its maximum of {max} sessions; retry later")));
         }
         let release = |sh: &Shared, loaded: Option<&Loaded>| {
             if let Some(l) = loaded {
@@ -799,8 +854,7 @@ impl Conn<'_> {
             Ok(l) => l,
             Err(e) => {
                 release(sh, None);
-                send_error(&self.writer, e.code(), e);
-                return Ok(());
+                return Err((e.code(), e.to_string()));
             }
         };
         let max_batch = loaded.unet.max_batch();
@@ -808,7 +862,7 @@ impl Conn<'_> {
         let quality = req.jpeg_quality.unwrap_or(loaded.avatar.config.jpeg_quality);
         if batch == 0 || batch > max_batch || !(1..=100).contains(&quality) {
             release(sh, Some(&loaded));
-            return Err(Fatal(
+            return Err((
                 "bad_request",
                 format!("batch {batch} must be in 1..={max_batch} and JPEG quality {quality} in 1..=100"),
             ));
@@ -860,8 +914,7 @@ impl Conn<'_> {
             Ok(s) => s,
             Err(e) => {
                 release(sh, Some(&loaded));
-                send_error(&self.writer, "session", &e);
-                return Ok(());
+                return Err(("session", e.to_string()));
             }
         };
         sh.sessions_total.fetch_add(1, Ordering::Relaxed);
@@ -911,6 +964,8 @@ pub struct StatsReply {
     pub unet: Vec<UnetInfo>,
     /// Open sessions.
     pub sessions: Vec<SessionInfo>,
+    /// The daemon's settings (after the config file and flags).
+    pub settings: serde_json::Value,
 }
 
 /// A UNet service in `Stats`.
@@ -996,5 +1051,6 @@ fn stats(sh: &Shared) -> StatsReply {
         stages: sh.live.summary().into_iter().map(|(n, p)| (n.to_string(), p)).collect(),
         unet,
         sessions,
+        settings: sh.registry.settings.summary(),
     }
 }

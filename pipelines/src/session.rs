@@ -312,10 +312,7 @@ pub const LIVE_STAGES: [&str; 4] = ["audio", "prep", "composite", "encode"];
 
 impl Default for LiveStats {
     fn default() -> Self {
-        Self {
-            stages: LIVE_STAGES.iter().map(|&n| (n, Mutex::new(histogram()))).collect(),
-            frames: AtomicU64::new(0),
-        }
+        Self { stages: LIVE_STAGES.iter().map(|&n| (n, Mutex::new(histogram()))).collect(), frames: AtomicU64::new(0) }
     }
 }
 
@@ -461,11 +458,8 @@ impl Session {
         let (recycle_tx, recycle_rx) = bounded::<Vec<f32>>(AUDIO_QUEUE + 2);
         let (tensor_tx, tensor_rx) = bounded::<AudioTensor>(queue);
         let (reply_tx, reply_rx) = bounded::<UnetReply>(queue);
-        let tensor_pool = Pool::new(queue + 2, || AudioTensor {
-            index: 0,
-            data: vec![0.0; FRAME_AUDIO_LEN],
-            t_audio: clock.now(),
-        });
+        let tensor_pool =
+            Pool::new(queue + 2, || AudioTensor { index: 0, data: vec![0.0; FRAME_AUDIO_LEN], t_audio: clock.now() });
         let job_pool = Pool::new(queue, || SessionJob {
             index: 0,
             template: 0,
@@ -655,7 +649,9 @@ impl Session {
         let supervisor = std::thread::Builder::new()
             .name(format!("ls-session-{}", cfg.id))
             .spawn(move || {
-                let result = p.join().map(|_| SessionOutcome { frames: sl.frames.load(Ordering::SeqCst), latency: sl.latency() });
+                let result = p
+                    .join()
+                    .map(|_| SessionOutcome { frames: sl.frames.load(Ordering::SeqCst), latency: sl.latency() });
                 on_finish(result);
             })
             .map_err(|e| SessionError::Config(format!("could not start the session thread: {e}")))?;

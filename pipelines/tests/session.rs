@@ -49,7 +49,10 @@ fn offline(rt: &OrtRuntime, audio: &Path) -> Vec<Vec<u8>> {
     (0..n).map(|i| std::fs::read(out.join(format!("{i:06}.jpg"))).unwrap()).collect()
 }
 
-struct Collect(Arc<Mutex<Vec<(usize, Vec<u8>)>>>);
+/// Frames a session wrote: (index, JPEG).
+type Frames = Arc<Mutex<Vec<(usize, Vec<u8>)>>>;
+
+struct Collect(Frames);
 
 impl FrameSink for Collect {
     fn frame(&mut self, index: usize, jpeg: &[u8]) -> Result<(), String> {
@@ -82,9 +85,12 @@ fn shared(rt: &OrtRuntime, max_batch: usize, max_wait: Duration) -> Shared {
     }
 }
 
-type Frames = Arc<Mutex<Vec<(usize, Vec<u8>)>>>;
-
-fn start(sh: &Shared, id: u64, rate: u32, batch: usize) -> (Session, Frames, std::sync::mpsc::Receiver<Result<u64, String>>) {
+fn start(
+    sh: &Shared,
+    id: u64,
+    rate: u32,
+    batch: usize,
+) -> (Session, Frames, std::sync::mpsc::Receiver<Result<u64, String>>) {
     let frames: Frames = Arc::default();
     let (tx, rx) = std::sync::mpsc::channel();
     let cfg = SessionConfig {

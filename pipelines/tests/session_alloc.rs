@@ -118,8 +118,9 @@ fn allocations(fx: &Fixture, id: u64, seconds: usize) -> (HashMap<String, u64>, 
         live: fx.live.clone(),
     };
     let bytes = Arc::new(AtomicU64::new(0));
-    let mut s = Session::start(cfg, Box::new(Count(bytes.clone())), Box::new(move |r| tx.send(r.map(|o| o.frames)).unwrap()))
-        .unwrap();
+    let mut s =
+        Session::start(cfg, Box::new(Count(bytes.clone())), Box::new(move |r| tx.send(r.map(|o| o.frames)).unwrap()))
+            .unwrap();
     for chunk in samples.chunks(320) {
         s.push_audio(chunk).unwrap();
     }

@@ -1,0 +1,777 @@
+//! `lipsync serve` through its socket: concurrent sessions equal the offline render bit for bit,
+//! bad input gets an error and closes only that session, disconnects and slow clients free or
+//! back up only their own session, busy limits, signals, socket ownership, avatar management,
+//! the config file, stats, the Python client and the soak script.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const HELLO: u8 = 0x01;
+const WELCOME: u8 = 0x02;
+const OPEN: u8 = 0x10;
+const OPENED: u8 = 0x11;
+const AUDIO: u8 = 0x12;
+const END_AUDIO: u8 = 0x13;
+const CLOSE: u8 = 0x14;
+const FRAME: u8 = 0x20;
+const DONE: u8 = 0x21;
+const STATS_REQUEST: u8 = 0x30;
+const STATS: u8 = 0x31;
+const ERROR: u8 = 0x7F;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_lipsync")
+}
+
+/// A daemon on a temporary socket serving `golden` (the fixture avatar) and `golden2` (the same
+/// template and models, start frame 3, its own avatar.toml).
+struct Daemon {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+fn write_avatars(dir: &Path) -> PathBuf {
+    let avatars = dir.join("avatars");
+    std::fs::create_dir_all(avatars.join("golden2")).unwrap();
+    std::os::unix::fs::symlink(fixture("golden/avatar"), avatars.join("golden")).unwrap();
+    let toml = format!(
+        "fps = 25.0\nvideo = \"{}\"\nboxes = \"{}\"\nstart_frame = 3\njpeg_quality = 90\n\n[models]\nunet = \"{}\"\nencoder = \"{}\"\n",
+        fixture("golden/avatar/frames").display(),
+        fixture("golden/avatar/boxes.json").display(),
+        fixture("models/unet.onnx").display(),
+        fixture("models/audio_encoder.onnx").display()
+    );
+    std::fs::write(avatars.join("golden2/avatar.toml"), toml).unwrap();
+    avatars
+}
+
+impl Daemon {
+    fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let avatars = write_avatars(dir.path());
+        let socket = dir.path().join("serve.sock");
+        let mut args: Vec<String> =
+            vec!["serve".into(), "--socket".into(), s(&socket).into(), "--avatars".into(), s(&avatars).into()];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Self::spawn(dir, socket, &args)
+    }
+
+    fn spawn(dir: tempfile::TempDir, socket: PathBuf, args: &[String]) -> Self {
+        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+        let child = Command::new(bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut d = Self { child: Some(child), dir, socket };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited at start ({status}): {}", d.log());
+            }
+            if let Ok(mut c) = UnixStream::connect(&d.socket) {
+                if hello(&mut c).is_ok() {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "daemon not listening: {}", d.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    fn sock(&self) -> &str {
+        s(&self.socket)
+    }
+
+    /// Connects and does the handshake.
+    fn connect(&self) -> UnixStream {
+        let mut c = UnixStream::connect(&self.socket).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        hello(&mut c).unwrap();
+        c
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let mut c = self.connect();
+        send(&mut c, STATS_REQUEST, b"{}");
+        let (k, p) = recv(&mut c).unwrap();
+        assert_eq!(k, STATS, "{}", String::from_utf8_lossy(&p));
+        serde_json::from_slice(&p).unwrap()
+    }
+
+    /// Waits until no session is open.
+    fn wait_idle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.stats()["sessions_open"] != 0 {
+            assert!(Instant::now() < deadline, "sessions still open: {}", self.stats());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.as_ref().unwrap().id() as libc::pid_t, sig) };
+    }
+
+    /// SIGTERM, then the exit status and log.
+    fn stop(mut self) -> (std::process::ExitStatus, String) {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("daemon did not stop on SIGTERM: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status, self.log())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn send(c: &mut UnixStream, kind: u8, payload: &[u8]) {
+    let mut m = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
+    m.push(kind);
+    m.extend_from_slice(payload);
+    c.write_all(&m).unwrap();
+}
+
+fn recv(c: &mut UnixStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 5];
+    c.read_exact(&mut head)?;
+    let len = u32::from_be_bytes(head[..4].try_into().unwrap()) as usize;
+    let mut p = vec![0u8; len - 1];
+    c.read_exact(&mut p)?;
+    Ok((head[4], p))
+}
+
+fn hello(c: &mut UnixStream) -> std::io::Result<()> {
+    let body = br#"{"protocol": 1, "client": "tests/serve.rs"}"#;
+    let mut m = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+    m.push(HELLO);
+    m.extend_from_slice(body);
+    c.write_all(&m)?;
+    let (k, _) = recv(c)?;
+    assert_eq!(k, WELCOME);
+    Ok(())
+}
+
+/// Expects an Error message with `code`; returns its text.
+fn expect_error(c: &mut UnixStream, code: &str) -> String {
+    loop {
+        let (k, p) = recv(c).unwrap_or_else(|e| panic!("expected error `{code}`, got {e}"));
+        if k == FRAME {
+            continue;
+        }
+        assert_eq!(k, ERROR, "expected error `{code}`, got 0x{k:02x} {}", String::from_utf8_lossy(&p));
+        let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+        assert_eq!(v["code"], code, "{v}");
+        return v["message"].as_str().unwrap().to_string();
+    }
+}
+
+/// The daemon closed the connection.
+fn expect_closed(c: &mut UnixStream) {
+    let mut b = [0u8; 1];
+    match c.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the daemon to close the connection, got {other:?}"),
+    }
+}
+
+fn open(c: &mut UnixStream, avatar: &str, rate: u32) -> u64 {
+    let req = serde_json::json!({"avatar": avatar, "sample_rate": rate, "format": "s16le"});
+    send(c, OPEN, req.to_string().as_bytes());
+    let (k, p) = recv(c).unwrap();
+    assert_eq!(k, OPENED, "{}", String::from_utf8_lossy(&p));
+    let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+    v["session"].as_u64().unwrap()
+}
+
+/// s16le bytes of the 16 kHz speech fixture (its WAV data).
+fn speech_s16() -> Vec<u8> {
+    let bytes = std::fs::read(fixture("golden/speech_2s.wav")).unwrap();
+    let at = bytes.windows(4).position(|w| w == b"data").unwrap();
+    let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+    bytes[at + 8..at + 8 + len].to_vec()
+}
+
+/// Reads frames until Done; returns the JPEGs.
+fn read_frames(c: &mut UnixStream) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    loop {
+        let (k, p) = recv(c).unwrap();
+        match k {
+            FRAME => {
+                let index = u32::from_be_bytes(p[..4].try_into().unwrap()) as usize;
+                assert_eq!(index, frames.len(), "frames in order");
+                frames.push(p[8..].to_vec());
+            }
+            DONE => {
+                let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+                assert_eq!(v["frames"].as_u64().unwrap() as usize, frames.len());
+                return frames;
+            }
+            _ => panic!("unexpected 0x{k:02x}: {}", String::from_utf8_lossy(&p)),
+        }
+    }
+}
+
+/// The offline render's JPEG frames of the golden avatar for `audio` (cached per audio file).
+fn rendered(audio: &str) -> &'static Vec<Vec<u8>> {
+    static SPEECH: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    static STEREO: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    let cell = if audio.ends_with("speech_2s.wav") { &SPEECH } else { &STEREO };
+    cell.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("frames");
+        ok(&["render", "--avatar", s(&fixture("golden/avatar")), "--audio", audio, "-o", s(&out)]);
+        read_dir_frames(&out)
+    })
+}
+
+fn read_dir_frames(dir: &Path) -> Vec<Vec<u8>> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    names.sort();
+    names.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+fn assert_same(got: &[Vec<u8>], want: &[Vec<u8>], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: frame count");
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(a == b, "{what}: frame {i} differs from lipsync render");
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+#[test]
+fn concurrent_clients_get_exactly_the_offline_frames() {
+    let speech = fixture("golden/speech_2s.wav");
+    let stereo = fixture("audio/clip_44k_stereo.wav");
+    let want_speech = rendered(s(&speech));
+    let want_stereo = rendered(s(&stereo));
+    // A long max wait, so that frames of different sessions meet in one UNet run.
+    let d = Daemon::start(&["--max-batch", "8", "--max-wait-ms", "30"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let children: Vec<(Child, PathBuf, &Vec<Vec<u8>>)> = (0..8)
+        .map(|k| {
+            let out = tmp.path().join(format!("c{k}"));
+            let (audio, want) = if k % 2 == 0 { (&speech, want_speech) } else { (&stereo, want_stereo) };
+            let child = Command::new(bin())
+                .args(["client", "--socket", d.sock(), "--avatar", "golden", "--audio", s(audio), "-o", s(&out)])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            (child, out, want)
+        })
+        .collect();
+    for (k, (child, out, want)) in children.into_iter().enumerate() {
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "client {k}: {}\n{}", text(&o), d.log());
+        assert!(text(&o).contains("first frame:"), "{}", text(&o));
+        assert_same(&read_dir_frames(&out), want, &format!("client {k}"));
+    }
+    let st = d.stats();
+    assert_eq!(st["sessions_total"], 8);
+    assert_eq!(st["frames_total"].as_u64().unwrap() as usize, 4 * want_speech.len() + 4 * want_stereo.len());
+    let unet = &st["unet"][0];
+    assert!(unet["mean_batch"].as_f64().unwrap() > 1.0, "frames of several sessions share UNet runs: {unet}");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn python_client_gets_the_same_frames() {
+    let speech = fixture("golden/speech_2s.wav");
+    let want = rendered(s(&speech));
+    let d = Daemon::start(&[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("py");
+    let o = Command::new("python3")
+        .arg(root().join("scripts/client.py"))
+        .args(["--socket", d.sock(), "--avatar", "golden", "--audio", s(&speech), "-o", s(&out), "--json"])
+        .output()
+        .expect("python3");
+    assert!(o.status.success(), "{}\n{}", text(&o), d.log());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["frames"], 49);
+    assert_eq!(v["expected_frames"], 49);
+    assert!(v["first_frame_ms"].as_f64().unwrap() > 0.0 && v["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{v}");
+    assert_same(&read_dir_frames(&out), want, "python client");
+    // Errors are reported, not raised as tracebacks.
+    let o = Command::new("python3")
+        .arg(root().join("scripts/client.py"))
+        .args(["--socket", d.sock(), "--avatar", "nobody", "--audio", s(&speech)])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("unknown_avatar") && !text(&o).contains("Traceback"), "{}", text(&o));
+}
+
+#[test]
+fn bad_input_gets_an_error_and_closes_only_that_session() {
+    let speech = fixture("golden/speech_2s.wav");
+    let want = rendered(s(&speech));
+    let d = Daemon::start(&[]);
+    // A healthy real-time session runs through all of it.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("healthy");
+    let healthy = Command::new(bin())
+        .args([
+            "client",
+            "--socket",
+            d.sock(),
+            "--avatar",
+            "golden",
+            "--audio",
+            s(&speech),
+            "--realtime",
+            "-o",
+            s(&out),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let raw = || {
+        let c = UnixStream::connect(&d.socket).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        c
+    };
+    // Wrong protocol version.
+    let mut c = raw();
+    send(&mut c, HELLO, br#"{"protocol": 2, "client": "future"}"#);
+    assert!(expect_error(&mut c, "version").contains("protocol version 2"));
+    expect_closed(&mut c);
+    // Anything but Hello first.
+    let mut c = raw();
+    send(&mut c, OPEN, br#"{"avatar": "golden"}"#);
+    expect_error(&mut c, "handshake");
+    expect_closed(&mut c);
+    // Malformed JSON in Open: an error, no session, the connection stays usable.
+    let mut c = d.connect();
+    send(&mut c, OPEN, b"{not json");
+    expect_error(&mut c, "bad_request");
+    open(&mut c, "golden", 16_000);
+    send(&mut c, CLOSE, b"");
+    expect_closed(&mut c);
+    // Audio before Open.
+    let mut c = d.connect();
+    send(&mut c, AUDIO, &[0, 0, 0, 0]);
+    assert!(expect_error(&mut c, "no_session").contains("before Open"));
+    expect_closed(&mut c);
+    // Oversize length.
+    let mut c = d.connect();
+    c.write_all(&[0x7f, 0xff, 0xff, 0xff, AUDIO]).unwrap();
+    assert!(expect_error(&mut c, "oversize").contains("2147483647"));
+    expect_closed(&mut c);
+    // Zero length.
+    let mut c = d.connect();
+    c.write_all(&[0, 0, 0, 0]).unwrap();
+    expect_error(&mut c, "bad_length");
+    expect_closed(&mut c);
+    // Unknown type.
+    let mut c = d.connect();
+    send(&mut c, 0x99, b"");
+    assert!(expect_error(&mut c, "unknown_type").contains("0x99"));
+    expect_closed(&mut c);
+    // Truncated: the header promises 100 bytes, 10 come, then the client stops writing.
+    let mut c = d.connect();
+    c.write_all(&[0, 0, 0, 100, AUDIO]).unwrap();
+    c.write_all(&[0; 9]).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(expect_error(&mut c, "truncated").contains("14 of 104"));
+    // Unknown avatar and bad names: an error, the connection stays usable.
+    let mut c = d.connect();
+    send(&mut c, OPEN, br#"{"avatar": "nobody", "sample_rate": 16000, "format": "s16le"}"#);
+    expect_error(&mut c, "unknown_avatar");
+    send(&mut c, OPEN, br#"{"avatar": "../golden", "sample_rate": 16000, "format": "s16le"}"#);
+    expect_error(&mut c, "unknown_avatar");
+    // Out-of-range options.
+    send(&mut c, OPEN, br#"{"avatar": "golden", "sample_rate": 16000, "format": "s16le", "batch": 99}"#);
+    expect_error(&mut c, "bad_request");
+    send(&mut c, OPEN, br#"{"avatar": "golden", "sample_rate": 1000, "format": "s16le"}"#);
+    assert!(expect_error(&mut c, "bad_request").contains("1000 Hz"));
+    send(&mut c, OPEN, br#"{"avatar": "golden", "sample_rate": 16000, "format": "u8"}"#);
+    expect_error(&mut c, "bad_request");
+    // A second Open while a session streams.
+    open(&mut c, "golden", 16_000);
+    send(&mut c, OPEN, br#"{"avatar": "golden", "sample_rate": 16000, "format": "s16le"}"#);
+    expect_error(&mut c, "session_open");
+    send(&mut c, CLOSE, b"");
+    expect_closed(&mut c);
+    // A session whose audio is too short fails with the reason; the connection stays open and
+    // serves the next session.
+    let mut c = d.connect();
+    open(&mut c, "golden", 16_000);
+    send(&mut c, AUDIO, &speech_s16()[..3200]);
+    send(&mut c, END_AUDIO, b"");
+    assert!(expect_error(&mut c, "session").contains("audio too short"));
+    open(&mut c, "golden", 16_000);
+    send(&mut c, AUDIO, &speech_s16());
+    send(&mut c, END_AUDIO, b"");
+    assert_same(&read_frames(&mut c), want, "session after a failed one");
+    // Audio that is not whole samples.
+    open(&mut c, "golden", 16_000);
+    send(&mut c, AUDIO, &[1, 2, 3]);
+    assert!(expect_error(&mut c, "bad_audio").contains("3"));
+    expect_closed(&mut c);
+
+    let o = healthy.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}\n{}", text(&o), d.log());
+    assert_same(&read_dir_frames(&out), want, "healthy session");
+    d.wait_idle();
+    let log = d.log();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_session_and_busy_is_clear() {
+    let speech = fixture("golden/speech_2s.wav");
+    let d = Daemon::start(&["--max-sessions", "2"]);
+    let pcm = speech_s16();
+    // Two open sessions fill the daemon.
+    let mut a = d.connect();
+    open(&mut a, "golden", 16_000);
+    send(&mut a, AUDIO, &pcm[..pcm.len() / 2]);
+    let mut b = d.connect();
+    open(&mut b, "golden2", 16_000);
+    let mut c = d.connect();
+    send(&mut c, OPEN, br#"{"avatar": "golden", "sample_rate": 16000, "format": "s16le"}"#);
+    assert!(expect_error(&mut c, "busy").contains("maximum of 2 sessions"));
+    // A disconnects mid-stream: its session is freed.
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        send(&mut c, OPEN, br#"{"avatar": "golden", "sample_rate": 16000, "format": "s16le"}"#);
+        let (k, p) = recv(&mut c).unwrap();
+        if k == OPENED {
+            break;
+        }
+        assert_eq!(k, ERROR);
+        assert!(String::from_utf8_lossy(&p).contains("busy"));
+        assert!(Instant::now() < deadline, "the disconnected session was not freed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Close stops B at once.
+    send(&mut b, CLOSE, b"");
+    expect_closed(&mut b);
+    send(&mut c, AUDIO, &pcm);
+    send(&mut c, END_AUDIO, b"");
+    assert_same(&read_frames(&mut c), rendered(s(&speech)), "session after the busy error");
+    drop(c);
+    d.wait_idle();
+    assert_eq!(d.stats()["sessions_total"], 3);
+}
+
+#[test]
+fn a_slow_client_backs_up_only_its_own_session() {
+    let speech = fixture("golden/speech_2s.wav");
+    let want = rendered(s(&speech));
+    let d = Daemon::start(&["--session-queue", "4", "--max-batch", "4"]);
+    // The slow client sends 20 s of audio and reads nothing for now.
+    let mut slow = d.connect();
+    let sndbuf: libc::c_int = 16 << 10;
+    // SAFETY: setsockopt with a live c_int on our socket.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        libc::setsockopt(
+            slow.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&sndbuf as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    open(&mut slow, "golden", 16_000);
+    let pcm: Vec<u8> = speech_s16().repeat(10);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(AtomicBool::new(false));
+    let mut writer = slow.try_clone().unwrap();
+    let sender = {
+        let (sent, finished, pcm) = (sent.clone(), finished.clone(), pcm.clone());
+        std::thread::spawn(move || {
+            for chunk in pcm.chunks(640) {
+                send(&mut writer, AUDIO, chunk);
+                sent.fetch_add(chunk.len(), Ordering::SeqCst);
+            }
+            send(&mut writer, END_AUDIO, b"");
+            finished.store(true, Ordering::SeqCst);
+        })
+    };
+    // Meanwhile other clients are served in full.
+    let tmp = tempfile::tempdir().unwrap();
+    for k in 0..2 {
+        let out = tmp.path().join(format!("other{k}"));
+        let o = run(&["client", "--socket", d.sock(), "--avatar", "golden", "--audio", s(&speech), "-o", s(&out)]);
+        assert!(o.status.success(), "{}\n{}", text(&o), d.log());
+        assert_same(&read_dir_frames(&out), want, "a client beside the slow one");
+    }
+    // The slow session is held by backpressure: its audio intake stopped, its frames in
+    // flight are bounded by its queue.
+    let a = sent.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(500));
+    let b = sent.load(Ordering::SeqCst);
+    assert!(!finished.load(Ordering::SeqCst) && a == b && b < pcm.len(), "sent {a} then {b} of {}", pcm.len());
+    let st = d.stats();
+    let slow_session = st["sessions"].as_array().unwrap().iter().find(|s| s["frames"].as_u64() < Some(100)).cloned();
+    let slow_session = slow_session.unwrap_or_else(|| panic!("{st}"));
+    assert!(slow_session["in_flight"].as_u64().unwrap() <= 4, "{slow_session}");
+    // Once it reads, every frame arrives, in order, none lost.
+    let frames = read_frames(&mut slow);
+    sender.join().unwrap();
+    assert_eq!(frames.len(), 499, "20 s of audio: T = 1601, L = 497, frames = 499");
+    // Frames 0..=38 need only mel rows up to 158, final within the first 2 s (the 10 copies
+    // start with the 2 s fixture): identical to the 2 s render's.
+    assert_same(&frames[..39], &want[..39], "slow client's early frames");
+}
+
+#[test]
+fn sigterm_drains_open_sessions_then_removes_the_socket() {
+    let speech = fixture("golden/speech_2s.wav");
+    let want = rendered(s(&speech));
+    let d = Daemon::start(&[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("drained");
+    let client = Command::new(bin())
+        .args([
+            "client",
+            "--socket",
+            d.sock(),
+            "--avatar",
+            "golden",
+            "--audio",
+            s(&speech),
+            "--realtime",
+            "-o",
+            s(&out),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until its session is open, then ask the daemon to stop.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d.stats()["sessions_open"] == 0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    // No new connections while draining.
+    assert!(UnixStream::connect(&d.socket).is_err(), "the listener is closed");
+    let o = client.wait_with_output().unwrap();
+    assert!(o.status.success(), "the open session finished: {}\n{}", text(&o), d.log());
+    assert_same(&read_dir_frames(&out), want, "drained session");
+    let socket = d.socket.clone();
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("draining 1 open session"), "{log}");
+    assert!(!socket.exists(), "socket removed");
+}
+
+#[test]
+fn the_socket_is_owned_carefully() {
+    // A stale socket file (nobody listening) is replaced; the default mode is 0600.
+    let keep = tempfile::tempdir().unwrap();
+    let avatars = write_avatars(keep.path());
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("serve.sock");
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let args: Vec<String> =
+        ["serve", "--socket", s(&socket), "--avatars", s(&avatars)].iter().map(|a| a.to_string()).collect();
+    let d = Daemon::spawn(dir, socket.clone(), &args);
+    assert!(d.log().contains("removing stale socket"), "{}", d.log());
+    assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600);
+    // A second daemon on a live socket refuses to start and leaves it alone.
+    let o = run(&["serve", "--socket", s(&socket), "--avatars", s(&avatars)]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("another daemon is listening"), "{}", text(&o));
+    assert!(d.connect().peer_addr().is_ok(), "the first daemon still serves");
+    let (status, _) = d.stop();
+    assert!(status.success());
+    assert!(!socket.exists());
+
+    // A path that is not a socket is never replaced.
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("not-a-socket");
+    std::fs::write(&file, "data").unwrap();
+    let o = run(&["serve", "--socket", s(&file), "--avatars", s(&avatars)]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("is not a socket"), "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "data");
+    // --socket-mode.
+    let d = Daemon::start(&["--socket-mode", "0660"]);
+    assert_eq!(std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777, 0o660);
+    let o =
+        run(&["serve", "--socket", s(&tmp.path().join("x.sock")), "--avatars", s(&avatars), "--socket-mode", "999"]);
+    assert!(!o.status.success() && text(&o).contains("socket mode"), "{}", text(&o));
+}
+
+#[test]
+fn avatars_are_managed_over_the_socket() {
+    let speech = fixture("golden/speech_2s.wav");
+    // Room for one decoded template (3.3 MiB each) in the cache.
+    let d = Daemon::start(&["--cache-mb", "5"]);
+    let list = || {
+        let o = run(&["avatar", "list", "--socket", d.sock()]);
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let row = |l: &str, name: &str| {
+        l.lines().find(|r| r.starts_with(name)).map(|r| r.split_whitespace().map(String::from).collect::<Vec<_>>())
+    };
+    let l = list();
+    assert_eq!(row(&l, "golden ").unwrap()[1], "no", "{l}");
+    assert_eq!(row(&l, "golden2").unwrap()[1], "no", "{l}");
+    let o = run(&["avatar", "load", "golden", "--socket", d.sock()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("\"frames\":5"));
+    let l = list();
+    let g = row(&l, "golden ").unwrap();
+    assert_eq!(g[1], "yes", "{l}");
+    assert!(g[2].parse::<f64>().unwrap() > 1.0, "memory: {l}");
+    // Loading the second evicts the first (least recently used, not in use).
+    assert!(run(&["avatar", "load", "golden2", "--socket", d.sock()]).status.success());
+    let l = list();
+    assert_eq!(row(&l, "golden ").unwrap()[1], "no", "{l}");
+    assert_eq!(row(&l, "golden2").unwrap()[1], "yes", "{l}");
+    // Unload is refused while a session uses the avatar.
+    let mut c = d.connect();
+    open(&mut c, "golden2", 16_000);
+    let o = run(&["avatar", "unload", "golden2", "--socket", d.sock()]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("in_use") && text(&o).contains("in use by 1 session"), "{}", text(&o));
+    assert_eq!(row(&list(), "golden2").unwrap()[3], "1", "one session");
+    send(&mut c, AUDIO, &speech_s16());
+    send(&mut c, END_AUDIO, b"");
+    let frames = read_frames(&mut c);
+    assert_eq!(frames.len(), 49);
+    drop(c);
+    d.wait_idle();
+    assert_eq!(row(&list(), "golden2").unwrap()[4], "49", "frames served");
+    let o = run(&["avatar", "unload", "golden2", "--socket", d.sock()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(row(&list(), "golden2").unwrap()[1], "no");
+    let o = run(&["avatar", "load", "nobody", "--socket", d.sock()]);
+    assert!(!o.status.success() && text(&o).contains("unknown_avatar"), "{}", text(&o));
+    // A session loads its avatar on demand; golden2 starts 3 frames later in the template.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("g2");
+    let o = run(&["client", "--socket", d.sock(), "--avatar", "golden2", "--audio", s(&speech), "-o", s(&out)]);
+    assert!(o.status.success(), "{}", text(&o));
+    let offline = tmp.path().join("offline");
+    ok(&["render", "--avatar", s(&d.dir.path().join("avatars/golden2")), "--audio", s(&speech), "-o", s(&offline)]);
+    assert_same(&read_dir_frames(&out), &read_dir_frames(&offline), "golden2 (start frame 3)");
+}
+
+#[test]
+fn settings_come_from_the_config_file_and_flags_override_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let avatars = write_avatars(dir.path());
+    let socket = dir.path().join("serve.sock");
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "socket = \"{}\"\navatars = \"{}\"\nmax_sessions = 3\nmax_batch = 4\nsession_queue = 6\npreload = [\"golden\"]\n",
+            socket.display(),
+            avatars.display()
+        ),
+    )
+    .unwrap();
+    let args: Vec<String> =
+        ["serve", "--config", s(&config), "--max-sessions", "5"].iter().map(|a| a.to_string()).collect();
+    let d = Daemon::spawn(dir, socket, &args);
+    let st = d.stats();
+    assert_eq!(st["settings"]["max_sessions"], 5, "flag overrides the file");
+    assert_eq!(st["settings"]["max_batch"], 4, "from the file");
+    assert_eq!(st["settings"]["session_queue"], 6);
+    let o = run(&["avatar", "list", "--socket", d.sock()]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("golden ") && l.contains("yes")),
+        "preloaded"
+    );
+    // Stats as a table and as JSON.
+    let o = run(&["stats", "--socket", d.sock()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = String::from_utf8_lossy(&o.stdout);
+    for word in ["uptime", "stage (service, ms)", "audio", "prep", "composite", "encode", "unet"] {
+        assert!(t.contains(word), "{word} in {t}");
+    }
+    let o = run(&["stats", "--socket", d.sock(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["sessions_open"], 0);
+    drop(d);
+
+    // Bad settings are refused with the reason.
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "socket = \"/tmp/x.sock\"\nmax_sesions = 3\n").unwrap();
+    let o = run(&["serve", "--config", s(&bad)]);
+    assert!(!o.status.success() && text(&o).contains("max_sesions"), "{}", text(&o));
+    let sock = tmp.path().join("y.sock");
+    let o = run(&["serve", "--socket", s(&sock), "--avatars", s(&tmp.path().join("none"))]);
+    assert!(!o.status.success() && text(&o).contains("does not exist"), "{}", text(&o));
+    let o = run(&["serve", "--socket", s(&sock), "--avatars", s(tmp.path()), "--max-batch", "99"]);
+    assert!(!o.status.success() && text(&o).contains("max batch 99"), "{}", text(&o));
+    let o = run(&["serve", "--socket", s(&sock), "--avatars", s(tmp.path()), "--preload", "nobody"]);
+    assert!(!o.status.success() && text(&o).contains("nobody"), "{}", text(&o));
+    assert!(!sock.exists(), "a daemon that failed to start leaves no socket");
+    let o = run(&["stats", "--socket", s(&sock)]);
+    assert!(!o.status.success() && text(&o).contains("is `lipsync serve` running"), "{}", text(&o));
+    assert!(!text(&o).contains("panicked"));
+}
+
+#[test]
+fn soak_keeps_memory_flat() {
+    let o = Command::new("python3")
+        .arg(root().join("scripts/soak.py"))
+        .args(["--binary", bin(), "--seconds", "12", "--sessions", "3", "--json"])
+        .output()
+        .expect("python3");
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["sessions"].as_u64().unwrap() >= 3, "{v}");
+    assert!(v["aborted_sessions"].as_u64().unwrap() >= 3, "{v}");
+    assert!(v["rss_growth_mib"].as_f64().unwrap() < 32.0, "{v}");
+    eprintln!("soak: {v}");
+}
