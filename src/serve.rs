@@ -1054,3 +1054,16 @@ fn stats(sh: &Shared) -> StatsReply {
         settings: sh.registry.settings.summary(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_config_parses() {
+        let file: ServeFile = toml::from_str(include_str!("../docs/serve.example.toml")).unwrap();
+        assert_eq!(file.max_sessions, Some(16));
+        assert_eq!(file.preload, Some(vec!["alice".to_string()]));
+        assert_eq!(file.client_timeout, Some(30.0));
+    }
+}
