@@ -135,7 +135,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Reads one message into `payload` (reused); returns its type.
-pub fn read_message(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind, WireError> {
+pub fn read_message<R: Read>(r: &mut R, payload: &mut Vec<u8>) -> Result<Kind, WireError> {
     let mut head = [0u8; 5];
     let got = read_full(r, &mut head[..4])?;
     if got == 0 {
@@ -151,9 +151,10 @@ pub fn read_message(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind, Wi
     if read_full(r, &mut head[4..5])? == 0 {
         return Err(WireError::Truncated { got: 4, want: 4 + len });
     }
+    // Grows with the bytes that actually arrive: a header alone does not make us allocate
+    // its announced length.
     payload.clear();
-    payload.resize(len - 1, 0);
-    let got = read_full(r, payload)?;
+    let got = r.by_ref().take((len - 1) as u64).read_to_end(payload)?;
     if got < len - 1 {
         return Err(WireError::Truncated { got: 5 + got, want: 4 + len });
     }

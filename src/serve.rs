@@ -19,7 +19,7 @@ use lipsync_pipelines::metrics::Percentiles;
 use lipsync_pipelines::session::{
     FrameSink, LiveStats, Session, SessionConfig, SessionLive, SessionOutcome, UnetService, UnetServiceConfig,
 };
-use lipsync_stages::audio::{pcm_to_mono, PcmFormat};
+use lipsync_stages::audio::{pcm_to_mono, AudioError, PcmFormat};
 use lipsync_stages::avatar::Avatar;
 use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
@@ -491,6 +491,15 @@ struct Shared {
     started: Instant,
     connections: Mutex<HashMap<u64, UnixStream>>,
     draining: AtomicBool,
+    /// Sessions started whose last message (Done or Error) is not out yet.
+    finishing: AtomicUsize,
+}
+
+impl Shared {
+    /// Sessions being opened, running, or sending their last message.
+    fn in_progress(&self) -> usize {
+        self.active.load(Ordering::SeqCst).max(self.finishing.load(Ordering::SeqCst))
+    }
 }
 
 /// Runs the daemon until SIGTERM/SIGINT.
@@ -501,7 +510,7 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
     let listener = bind(&settings.socket, settings.socket_mode)?;
     let socket = settings.socket.clone();
     // From here on the socket file is ours: remove it however we leave.
-    let _cleanup = RemoveOnDrop(socket.clone());
+    let mut socket_file = SocketFile::new(socket.clone());
     let shared = Arc::new(Shared {
         registry: Registry {
             settings: settings.clone(),
@@ -519,6 +528,7 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
         started: Instant::now(),
         connections: Mutex::new(HashMap::new()),
         draining: AtomicBool::new(false),
+        finishing: AtomicUsize::new(0),
     });
     let preload: Vec<String> = if settings.preload.iter().any(|p| p == "all") {
         shared.registry.list().into_iter().map(|a| a.name).collect()
@@ -551,6 +561,18 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
                     tracing::warn!("dropping connection: {e}");
                     continue;
                 }
+                let max_connections = MAX_CONNECTIONS_PER_SESSION * settings.max_sessions + 16;
+                if lock(&shared.connections).len() >= max_connections {
+                    tracing::warn!("refusing a connection: {max_connections} are open");
+                    let mut stream = stream;
+                    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                    let reply = ErrorReply {
+                        code: "busy".into(),
+                        message: format!("the daemon has its maximum of {max_connections} connections open"),
+                    };
+                    let _ = write_json(&mut stream, Kind::Error, &reply);
+                    continue;
+                }
                 if let Ok(c) = stream.try_clone() {
                     lock(&shared.connections).insert(id, c);
                 }
@@ -573,14 +595,16 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
         }
     }
     drop(listener);
+    // The name is free at once: a new daemon may start while this one drains.
+    socket_file.remove();
     shared.draining.store(true, Ordering::SeqCst);
-    let open = shared.active.load(Ordering::SeqCst);
+    let open = shared.in_progress();
     tracing::info!("shutting down: draining {open} open session(s)");
     let deadline = Instant::now() + settings.drain_timeout;
-    while shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+    while shared.in_progress() > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let left = shared.active.load(Ordering::SeqCst);
+    let left = shared.in_progress();
     if left > 0 {
         tracing::warn!("{left} session(s) still open after the drain timeout: closing them");
     }
@@ -588,7 +612,7 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
         let _ = c.shutdown(std::net::Shutdown::Both);
     }
     let deadline = Instant::now() + Duration::from_secs(5);
-    while shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+    while shared.in_progress() > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     tracing::info!(frames = shared.live.frames.load(Ordering::SeqCst), "stopped");
@@ -608,11 +632,38 @@ fn release_big_buffers() {
     }
 }
 
-struct RemoveOnDrop(PathBuf);
+/// Connections allowed per session slot (clients that only ask for stats or manage avatars
+/// also hold one).
+const MAX_CONNECTIONS_PER_SESSION: usize = 4;
 
-impl Drop for RemoveOnDrop {
+/// The socket file this daemon created: removed once, and only if it is still the same file
+/// (not one a newer daemon bound at the same path while this one drained).
+struct SocketFile {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    fn new(path: PathBuf) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let id = std::fs::symlink_metadata(&path).ok().map(|m| (m.dev(), m.ino()));
+        Self { path, id }
+    }
+
+    fn remove(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        if let Some(id) = self.id.take() {
+            let same = std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == id);
+            if same {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        self.remove();
     }
 }
 
@@ -637,16 +688,81 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// The write half of a connection, shared by the reader and the session's output stage.
-type Writer = Arc<Mutex<UnixStream>>;
+/// The write half of a connection, shared by the reader and the session's output stage. The
+/// first failed or timed-out write (possibly after part of a message) breaks it for good: the
+/// socket is shut down, so the client never sees a torn message followed by more.
+#[derive(Clone)]
+struct Writer(Arc<Mutex<WriteHalf>>);
 
-fn writer_stream_timeout(w: &Writer, timeout: Duration) -> std::io::Result<()> {
-    lock(w).set_write_timeout(Some(timeout))
+struct WriteHalf {
+    stream: UnixStream,
+    broken: bool,
+}
+
+impl Writer {
+    fn new(stream: UnixStream, timeout: Duration) -> Self {
+        // A client that leaves its frames unread for this long loses its session.
+        let _ = stream.set_write_timeout(Some(timeout));
+        Self(Arc::new(Mutex::new(WriteHalf { stream, broken: false })))
+    }
+
+    /// Runs `f` on the stream unless the connection is broken; breaks it if `f` fails.
+    fn write(&self, f: impl FnOnce(&mut UnixStream) -> std::io::Result<()>) -> std::io::Result<()> {
+        let mut w = lock(&self.0);
+        if w.broken {
+            return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the connection was closed"));
+        }
+        let r = f(&mut w.stream);
+        if r.is_err() {
+            w.broken = true;
+            let _ = w.stream.shutdown(std::net::Shutdown::Both);
+        }
+        r
+    }
+
+    fn json(&self, kind: Kind, value: &impl Serialize) -> std::io::Result<()> {
+        self.write(|s| write_json(s, kind, value))
+    }
+
+    /// Closes both directions: blocked writes and reads on the connection return at once.
+    fn close(&self) {
+        let _ = self.0.lock().unwrap_or_else(|p| p.into_inner()).stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Like [`Writer::close`], without waiting for a write in progress (which then fails).
+    fn close_now(&self, raw: &UnixStream) {
+        let _ = raw.shutdown(std::net::Shutdown::Both);
+        if let Ok(mut w) = self.0.try_lock() {
+            w.broken = true;
+        }
+    }
+
+    /// Sends an error, then closes. If a frame write holds the connection for more than a
+    /// moment (a client that does not read), closes at once instead: the error cannot be put
+    /// after a frame that is half sent.
+    fn error_then_close(&self, raw: &UnixStream, code: &str, message: &str) {
+        let deadline = Instant::now() + Duration::from_millis(200);
+        loop {
+            match self.0.try_lock() {
+                Ok(mut w) => {
+                    if !w.broken {
+                        let reply = ErrorReply { code: code.to_string(), message: message.to_string() };
+                        let _ = write_json(&mut w.stream, Kind::Error, &reply);
+                    }
+                    w.broken = true;
+                    let _ = w.stream.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => return self.close_now(raw),
+            }
+        }
+    }
 }
 
 fn send_error(w: &Writer, code: &str, message: impl std::fmt::Display) {
     let reply = ErrorReply { code: code.to_string(), message: message.to_string() };
-    let _ = write_json(&mut *lock(w), Kind::Error, &reply);
+    let _ = w.json(Kind::Error, &reply);
 }
 
 /// Writes frames to the client.
@@ -661,12 +777,23 @@ impl FrameSink for SocketSink {
         let ts = ((index as f64) * 1000.0 / self.fps).round() as u32;
         let head_index = (index as u32).to_be_bytes();
         let head_ts = ts.to_be_bytes();
-        write_parts(&mut *lock(&self.writer), Kind::Frame, &[&head_index, &head_ts, jpeg])
+        self.writer
+            .write(|s| write_parts(s, Kind::Frame, &[&head_index, &head_ts, jpeg]))
             .map_err(|e| format!("cannot send frame to the client: {e}"))?;
         self.loaded.frames.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }
+
+/// How long a new connection has to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Payload capacity a connection keeps between messages.
+const KEEP_PAYLOAD: usize = 1 << 20;
+
+/// Audio handed to a session at once, ms: a huge Audio message is split so that the session's
+/// buffers (and the time it holds the shared encoder) stay small.
+const AUDIO_PIECE_MS: usize = 250;
 
 /// Reasons a connection is closed after an error reply.
 struct Fatal(&'static str, String);
@@ -678,33 +805,41 @@ struct Conn<'a> {
     session: Option<Session>,
     format: PcmFormat,
     channels: usize,
+    rate: u32,
     scratch: Vec<f32>,
     mono: Vec<f32>,
 }
 
+/// How a connection's message loop ended.
+enum End {
+    /// The client closed its side.
+    Eof,
+    /// The client sent `Close`.
+    Close,
+}
+
 fn connection(shared: &Arc<Shared>, id: u64, stream: UnixStream) {
     let writer = match stream.try_clone() {
-        Ok(w) => Arc::new(Mutex::new(w)),
+        Ok(w) => Writer::new(w, shared.registry.settings.client_timeout),
         Err(e) => {
             tracing::warn!("connection {id}: {e}");
             return;
         }
     };
     let mut reader = std::io::BufReader::with_capacity(64 << 10, stream);
-    // A client that leaves its frames unread for this long loses its session.
-    let _ = writer_stream_timeout(&writer, shared.registry.settings.client_timeout);
     let mut conn = Conn {
         shared,
         writer,
         session: None,
         format: PcmFormat::S16Le,
         channels: 1,
+        rate: 16_000,
         scratch: Vec::new(),
         mono: Vec::new(),
     };
     let mut payload = Vec::new();
     // Handshake: Hello within 10 s.
-    let _ = reader.get_ref().set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = reader.get_ref().set_read_timeout(Some(HELLO_TIMEOUT));
     let result = match read_message(&mut reader, &mut payload) {
         Ok(Kind::Hello) => match serde_json::from_slice::<Hello>(&payload) {
             Ok(h) if h.protocol == PROTOCOL_VERSION => {
@@ -714,10 +849,9 @@ fn connection(shared: &Arc<Shared>, id: u64, stream: UnixStream) {
                     "max_message": MAX_MESSAGE,
                 });
                 let _ = reader.get_ref().set_read_timeout(None);
-                let sent = write_json(&mut *lock(&conn.writer), Kind::Welcome, &welcome);
-                match sent {
+                match conn.writer.json(Kind::Welcome, &welcome) {
                     Ok(()) => conn.serve(&mut reader, &mut payload),
-                    Err(_) => Ok(()),
+                    Err(_) => Ok(End::Eof),
                 }
             }
             Ok(h) => Err(Fatal(
@@ -727,29 +861,57 @@ fn connection(shared: &Arc<Shared>, id: u64, stream: UnixStream) {
             Err(e) => Err(Fatal("bad_request", format!("invalid Hello: {e}"))),
         },
         Ok(k) => Err(Fatal("handshake", format!("expected Hello first, got {k:?}"))),
-        Err(WireError::Closed) => Ok(()),
+        Err(WireError::Closed) => Ok(End::Eof),
+        Err(WireError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(Fatal("handshake", format!("no Hello within {} s", HELLO_TIMEOUT.as_secs())))
+        }
         Err(e) => Err(Fatal(e.code(), e.to_string())),
     };
-    if let Err(Fatal(code, message)) = result {
-        tracing::warn!(connection = id, code, "{message}");
-        send_error(&conn.writer, code, &message);
-    }
-    // Client gone or protocol error: a session still streaming is stopped and freed.
-    if let Some(session) = conn.session.take() {
-        if !session.audio_ended() || !session.is_finished() {
-            session.cancel();
+    let raw = reader.get_ref();
+    match result {
+        Err(Fatal(code, message)) => {
+            tracing::warn!(connection = id, code, "{message}");
+            // The session stops first (no more frames), then the error goes out, then the
+            // connection closes.
+            if let Some(s) = &conn.session {
+                s.cancel();
+            }
+            conn.writer.error_then_close(raw, code, &message);
         }
+        Ok(End::Close) => {
+            if let Some(s) = &conn.session {
+                s.cancel();
+            }
+            conn.writer.close_now(raw);
+        }
+        Ok(End::Eof) => match &conn.session {
+            // The client half-closed after EndAudio: its last frames and Done still go out
+            // (if it is gone altogether, the next write fails and frees the session).
+            Some(s) if s.audio_ended() && !s.is_stopped() => {}
+            Some(s) => {
+                s.cancel();
+                conn.writer.close_now(raw);
+            }
+            None => {}
+        },
+    }
+    if let Some(session) = conn.session.take() {
         session.wait();
     }
-    let _ = lock(&conn.writer).shutdown(std::net::Shutdown::Both);
+    conn.writer.close();
 }
 
 impl Conn<'_> {
-    fn serve(&mut self, reader: &mut impl std::io::Read, payload: &mut Vec<u8>) -> Result<(), Fatal> {
+    fn serve(&mut self, reader: &mut impl std::io::Read, payload: &mut Vec<u8>) -> Result<End, Fatal> {
         loop {
+            // One big message does not pin its buffer for the rest of the connection.
+            if payload.capacity() > KEEP_PAYLOAD {
+                payload.clear();
+                payload.shrink_to(KEEP_PAYLOAD);
+            }
             let kind = match read_message(reader, payload) {
                 Ok(k) => k,
-                Err(WireError::Closed) => return Ok(()),
+                Err(WireError::Closed) => return Ok(End::Eof),
                 Err(e) => return Err(Fatal(e.code(), e.to_string())),
             };
             match kind {
@@ -766,13 +928,7 @@ impl Conn<'_> {
                         Err(_) => {}
                     }
                 }
-                Kind::Close => {
-                    if let Some(s) = self.session.take() {
-                        s.cancel();
-                        s.wait();
-                    }
-                    return Ok(());
-                }
+                Kind::Close => return Ok(End::Close),
                 Kind::StatsRequest => {
                     let stats = stats(self.shared);
                     self.reply(Kind::Stats, &stats);
@@ -806,7 +962,7 @@ impl Conn<'_> {
     }
 
     fn reply(&self, kind: Kind, value: &impl Serialize) {
-        let _ = write_json(&mut *lock(&self.writer), kind, value);
+        let _ = self.writer.json(kind, value);
     }
 
     /// A failed Open gets an error reply and leaves the connection open, without a session.
@@ -818,7 +974,7 @@ impl Conn<'_> {
     }
 
     fn try_open(&mut self, payload: &[u8]) -> Result<(), (&'static str, String)> {
-        if self.session.as_ref().is_some_and(|s| !s.audio_ended()) {
+        if self.session.as_ref().is_some_and(|s| !s.audio_ended() && !s.is_stopped()) {
             return Err((
                 "session_open",
                 "Open while a session is streaming on this connection (send EndAudio first)".into(),
@@ -889,6 +1045,9 @@ impl Conn<'_> {
             let shared = sh.clone();
             let loaded = loaded.clone();
             Box::new(move |r: Result<SessionOutcome, lipsync_pipelines::runtime::PipelineError>| {
+                // Free the slot first: a client that reads Done may open the next session at once.
+                lock(&shared.sessions).remove(&id);
+                release(&shared, Some(&loaded));
                 match r {
                     Ok(out) => {
                         tracing::info!(
@@ -898,7 +1057,7 @@ impl Conn<'_> {
                             p99_ms = out.latency.p99,
                             "session done"
                         );
-                        let _ = write_json(&mut *lock(&writer), Kind::Done, &Done { session: id, frames: out.frames });
+                        let _ = writer.json(Kind::Done, &Done { session: id, frames: out.frames });
                     }
                     Err(e) if e.message == "cancelled" => tracing::info!(session = id, "session cancelled"),
                     Err(e) => {
@@ -906,24 +1065,30 @@ impl Conn<'_> {
                         send_error(&writer, "session", &e);
                     }
                 }
-                lock(&shared.sessions).remove(&id);
-                release(&shared, Some(&loaded));
+                // Draining waits for this: the last message is out.
+                shared.finishing.fetch_sub(1, Ordering::SeqCst);
             })
         };
+        // Held across the start, so that a session that ends at once is removed after it is added.
+        let mut live = lock(&sh.sessions);
+        sh.finishing.fetch_add(1, Ordering::SeqCst);
         let session = match Session::start(cfg, Box::new(sink), on_finish) {
             Ok(s) => s,
             Err(e) => {
+                sh.finishing.fetch_sub(1, Ordering::SeqCst);
                 release(sh, Some(&loaded));
                 return Err(("session", e.to_string()));
             }
         };
+        live.insert(id, session.live().clone());
+        drop(live);
         sh.sessions_total.fetch_add(1, Ordering::Relaxed);
-        lock(&sh.sessions).insert(id, session.live().clone());
         self.format = match req.format {
             AudioFormat::S16le => PcmFormat::S16Le,
             AudioFormat::F32le => PcmFormat::F32Le,
         };
         self.channels = req.channels as usize;
+        self.rate = req.sample_rate;
         let (width, height) = loaded.template.size();
         tracing::info!(session = id, avatar = %req.avatar, rate = req.sample_rate, "session open");
         self.reply(Kind::Opened, &Opened { session: id, fps, width, height });
@@ -937,12 +1102,23 @@ impl Conn<'_> {
             Some(_) => return Err(Fatal("no_session", "Audio after EndAudio".into())),
             None => return Err(Fatal("no_session", "Audio before Open".into())),
         };
-        self.mono.clear();
-        pcm_to_mono(payload, self.format, self.channels, &mut self.scratch, &mut self.mono)
-            .map_err(|e| Fatal("bad_audio", e.to_string()))?;
-        // Blocks while the session's queue is full: that is the client's backpressure. A
-        // stopped session has sent (or is sending) its error; its audio is dropped.
-        let _ = s.push_audio(&self.mono);
+        let frame_bytes = self.format.sample_bytes() * self.channels;
+        if payload.len() % frame_bytes != 0 {
+            let e = AudioError::PartialFrame { format: self.format.name(), frame_bytes, len: payload.len() };
+            return Err(Fatal("bad_audio", e.to_string()));
+        }
+        // In pieces of at most a quarter second (and 64 Ki sample frames).
+        let piece = (self.rate as usize * AUDIO_PIECE_MS / 1000).clamp(1, 1 << 16) * frame_bytes;
+        for chunk in payload.chunks(piece) {
+            self.mono.clear();
+            pcm_to_mono(chunk, self.format, self.channels, &mut self.scratch, &mut self.mono)
+                .map_err(|e| Fatal("bad_audio", e.to_string()))?;
+            // Blocks while the session's queue is full: that is the client's backpressure. A
+            // stopped session has sent (or is sending) its error; its audio is dropped.
+            if s.push_audio(&self.mono).is_err() {
+                break;
+            }
+        }
         Ok(())
     }
 }

@@ -132,7 +132,13 @@ impl Daemon {
     }
 
     /// SIGTERM, then the exit status and log.
-    fn stop(mut self) -> (std::process::ExitStatus, String) {
+    fn stop(self) -> (std::process::ExitStatus, String) {
+        let (status, log, _dir) = self.stop_keep_dir();
+        (status, log)
+    }
+
+    /// [`Daemon::stop`], keeping its temporary directory (where its socket was).
+    fn stop_keep_dir(mut self) -> (std::process::ExitStatus, String, tempfile::TempDir) {
         self.signal(libc::SIGTERM);
         let mut child = self.child.take().unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -146,7 +152,9 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        (status, self.log())
+        let log = self.log();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (status, log, dir)
     }
 }
 
@@ -492,6 +500,27 @@ fn a_client_that_disconnects_frees_its_session_and_busy_is_clear() {
     // Close stops B at once.
     send(&mut b, CLOSE, b"");
     expect_closed(&mut b);
+    // Connections are bounded too (4 per session slot + 16): the next one is told, not hung.
+    let mut idle: Vec<UnixStream> = Vec::new();
+    let refused = loop {
+        let mut x = UnixStream::connect(&d.socket).unwrap();
+        x.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let body = br#"{"protocol": 1}"#;
+        let mut m = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+        m.push(HELLO);
+        m.extend_from_slice(body);
+        let _ = x.write_all(&m);
+        let (k, p) = recv(&mut x).unwrap();
+        if k == ERROR {
+            break String::from_utf8_lossy(&p).to_string();
+        }
+        assert_eq!(k, WELCOME);
+        idle.push(x);
+        assert!(idle.len() <= 24, "no connection limit");
+    };
+    assert!(refused.contains("busy") && refused.contains("24 connections"), "{refused}");
+    assert!((20..=23).contains(&idle.len()), "c and {} idle connections were open", idle.len());
+    drop(idle);
     send(&mut c, AUDIO, &pcm);
     send(&mut c, END_AUDIO, b"");
     assert_same(&read_frames(&mut c), rendered(s(&speech)), "session after the busy error");
@@ -563,6 +592,44 @@ fn a_slow_client_backs_up_only_its_own_session() {
 }
 
 #[test]
+fn half_close_after_end_audio_still_gets_every_frame_and_unread_frames_time_out() {
+    let speech = fixture("golden/speech_2s.wav");
+    let want = rendered(s(&speech));
+    let d = Daemon::start(&["--client-timeout", "1"]);
+    // All the audio in one message (split inside the daemon), EndAudio, then half-close.
+    let mut c = d.connect();
+    open(&mut c, "golden", 16_000);
+    send(&mut c, AUDIO, &speech_s16());
+    send(&mut c, END_AUDIO, b"");
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_same(&read_frames(&mut c), want, "half-closed client");
+    // A client that reads nothing loses its session and its connection after the timeout.
+    let mut c = d.connect();
+    open(&mut c, "golden", 16_000);
+    let pcm = speech_s16().repeat(5);
+    let _ = c.set_write_timeout(Some(Duration::from_secs(20)));
+    for chunk in pcm.chunks(3200) {
+        let mut m = ((chunk.len() + 1) as u32).to_be_bytes().to_vec();
+        m.push(AUDIO);
+        m.extend_from_slice(chunk);
+        if c.write_all(&m).is_err() {
+            break;
+        }
+    }
+    d.wait_idle();
+    let mut got = 0usize;
+    loop {
+        match recv(&mut c) {
+            Ok((FRAME, _)) => got += 1,
+            Ok((k, p)) => panic!("unexpected 0x{k:02x} {}", String::from_utf8_lossy(&p)),
+            Err(_) => break,
+        }
+    }
+    assert!(got < 249, "the session was dropped ({got} frames)");
+    assert!(d.log().contains("cannot send frame to the client"), "{}", d.log());
+}
+
+#[test]
 fn sigterm_drains_open_sessions_then_removes_the_socket() {
     let speech = fixture("golden/speech_2s.wav");
     let want = rendered(s(&speech));
@@ -594,15 +661,27 @@ fn sigterm_drains_open_sessions_then_removes_the_socket() {
     }
     d.signal(libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
-    // No new connections while draining.
+    // No new connections while draining; the socket name is free for a new daemon at once.
     assert!(UnixStream::connect(&d.socket).is_err(), "the listener is closed");
+    assert!(!d.socket.exists(), "the socket file is removed when the listener closes");
+    let next_dir = tempfile::tempdir().unwrap();
+    let next_avatars = write_avatars(next_dir.path());
+    let next = Daemon::spawn(
+        next_dir,
+        d.socket.clone(),
+        &["serve", "--socket", d.sock(), "--avatars", s(&next_avatars)].map(String::from),
+    );
     let o = client.wait_with_output().unwrap();
     assert!(o.status.success(), "the open session finished: {}\n{}", text(&o), d.log());
     assert_same(&read_dir_frames(&out), want, "drained session");
     let socket = d.socket.clone();
-    let (status, log) = d.stop();
+    let (status, log, _dir) = d.stop_keep_dir();
     assert!(status.success(), "{log}");
     assert!(log.contains("draining 1 open session"), "{log}");
+    // The old daemon left the new one's socket alone.
+    assert!(socket.exists() && next.stats()["sessions_open"] == 0);
+    let (status, _) = next.stop();
+    assert!(status.success());
     assert!(!socket.exists(), "socket removed");
 }
 

@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -38,7 +38,7 @@ use lipsync_stages::image_io::JpegEncoder;
 use lipsync_stages::mel::{MelSpectrogram, N_MELS};
 use lipsync_stages::onnx::{ModelIo, OrtRuntime, SessionOptions};
 use lipsync_stages::template::SharedTemplate;
-use lipsync_stages::unet::{Provider, Unet};
+use lipsync_stages::unet::{Provider, Unet, UnetError};
 
 use crate::metrics::{histogram, Clock, Percentiles};
 use crate::runtime::{PinPolicy, Pipeline, PipelineError, Pool, StageError};
@@ -273,7 +273,11 @@ fn batch_loop(
             audio[j * FRAME_AUDIO_LEN..(j + 1) * FRAME_AUDIO_LEN].copy_from_slice(&r.job.audio);
         }
         let t = Instant::now();
-        let result = unet.run(n, &images, &audio, &mut out);
+        // A panic inside ONNX Runtime fails this batch's frames, not the service.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unet.run(n, &images, &audio, &mut out)))
+            .unwrap_or_else(|panic| {
+                Err(UnetError::Run { batch: n, message: format!("panicked: {}", panic_text(&*panic)) })
+            });
         let took = t.elapsed();
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.frames.fetch_add(n as u64, Ordering::Relaxed);
@@ -291,6 +295,14 @@ fn batch_loop(
             let _ = r.reply.try_send(reply);
         }
     }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Where a session's frames go (the daemon writes them to the client's socket).
@@ -453,6 +465,8 @@ impl Session {
             latency: Mutex::new(histogram()),
         });
         let queue = cfg.queue;
+        // Frames the audio makes (L + 2), known at the end of the audio.
+        let total = Arc::new(AtomicUsize::new(usize::MAX));
         let (audio_tx, audio_rx) = bounded::<AudioIn>(AUDIO_QUEUE);
         // Sample buffers go back from the audio stage to `push_audio` (no allocation per chunk).
         let (recycle_tx, recycle_rx) = bounded::<Vec<f32>>(AUDIO_QUEUE + 2);
@@ -477,6 +491,7 @@ impl Session {
             let pool = tensor_pool.clone();
             let live = cfg.live.clone();
             let recycle = recycle_tx.clone();
+            let total = total.clone();
             p.spawn("audio", false, move |ctx| {
                 let mut mel = MelSpectrogram::new();
                 let mut tracker = WindowTracker::new();
@@ -535,10 +550,11 @@ impl Session {
                         flat.extend_from_slice(tensor);
                     });
                     if end {
-                        asm.finish(|i, tensor| {
+                        let n = asm.finish(|i, tensor| {
                             ready.push(i);
                             flat.extend_from_slice(tensor);
                         });
+                        total.store(n, Ordering::SeqCst);
                     }
                     let took = ctx.clock.now().duration_since(t);
                     ctx.metrics.record_service(took);
@@ -592,7 +608,15 @@ impl Session {
                         cancel: cancel.clone(),
                         arrived: Instant::now(),
                     };
-                    ctx.send(&unet_tx, req)?;
+                    let index = req.job.index;
+                    if let Err(e) = ctx.send(&unet_tx, req) {
+                        // Not cancelled: the service itself is gone.
+                        return Err(if ctx.cancelled() {
+                            e
+                        } else {
+                            StageError::at(index, "the UNet service has stopped")
+                        });
+                    }
                 }
                 Ok(())
             })?;
@@ -608,6 +632,7 @@ impl Session {
                 let mut comp = Compositor::new();
                 let mut jpeg = JpegEncoder::new(quality).map_err(StageError::msg)?;
                 let mut next = 0usize;
+                let total = total.clone();
                 while let Some(reply) = ctx.recv(&reply_rx)? {
                     let mut job = reply.map_err(|(i, e)| StageError::at(i, e))?;
                     if job.index != next {
@@ -639,7 +664,12 @@ impl Session {
                     next += 1;
                     pool.give(job);
                 }
-                Ok(())
+                // Every frame of the audio, or a failure: never a short, quiet Done.
+                match total.load(Ordering::SeqCst) {
+                    t if t == next => Ok(()),
+                    usize::MAX => Err(StageError::msg("the audio stream stopped without its end")),
+                    t => Err(StageError::at(next, format!("only {next} of {t} frames were produced"))),
+                }
             })?;
         }
         drop(job_pool);
@@ -680,9 +710,17 @@ impl Session {
     /// Ends the audio stream: the remaining frames (which wait for the end of the stream) are
     /// produced, then the session finishes.
     pub fn end_audio(&mut self) -> Result<(), SessionError> {
-        self.send(AudioIn::End(self.clock.now()))?;
-        self.audio_tx = None;
-        Ok(())
+        let sent = self.send(AudioIn::End(self.clock.now()));
+        if !matches!(sent, Err(SessionError::Ended)) {
+            self.audio_tx = None;
+        }
+        sent
+    }
+
+    /// Whether the session has stopped early (failed or cancelled): it takes no more audio and
+    /// will not finish its frames.
+    pub fn is_stopped(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
     }
 
     /// Whether [`Session::end_audio`] was called.

@@ -241,6 +241,10 @@ fn failures_are_reported_not_hung() {
         }
     }
     assert!(refused, "a failed session stops taking audio");
+    assert!(s.is_stopped() && !s.audio_ended());
+    let mut s = s;
+    assert!(matches!(s.end_audio(), Err(SessionError::Stopped)));
+    assert!(s.audio_ended(), "a stopped session counts as ended: its connection can open another");
     let r = rx.recv_timeout(Duration::from_secs(30)).unwrap();
     assert!(r.as_ref().is_err_and(|e| e.message.contains("client went away")), "{r:?}");
     s.wait();

@@ -187,5 +187,5 @@ pub fn template_index(i: usize, n: usize, start: usize) -> usize {
     let period = 2 * (n - 1);
     let j = (i + 1) % period;
     let p = if j < n { j } else { period - j };
-    (p + start) % n
+    (p + start % n) % n
 }
