@@ -34,6 +34,10 @@ pub struct BenchServeArgs {
     /// Longest a frame waits for its batch to fill, ms.
     #[arg(long, default_value_t = 2.0)]
     pub max_wait_ms: f64,
+    /// Frames a session may have in flight (the daemon's --session-queue): with a machine that
+    /// cannot keep up, this caps the latency a backlog adds.
+    #[arg(long, default_value_t = 8)]
+    pub session_queue: usize,
     /// ONNX Runtime intra-op threads (default: all CPUs).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -43,6 +47,10 @@ pub struct BenchServeArgs {
     /// Use only the first this many seconds of the audio.
     #[arg(long)]
     pub seconds: Option<f64>,
+    /// Play the audio this many times back to back in each session (longer sessions show
+    /// whether latency drifts).
+    #[arg(long, default_value_t = 1)]
+    pub loops: usize,
     /// Frames for the offline render comparison (0 skips it).
     #[arg(long, default_value_t = 200)]
     pub render_frames: usize,
@@ -112,6 +120,7 @@ fn start_daemon(cli: &Cli, args: &BenchServeArgs, threads: usize) -> Result<(Dae
         .args(["--preload", &name, "--max-sessions", "64"])
         .args(["--max-batch", &args.max_batch.to_string()])
         .args(["--max-wait-ms", &args.max_wait_ms.to_string()])
+        .args(["--session-queue", &args.session_queue.to_string()])
         .args(["--intra-threads", &threads.to_string()])
         .stdin(Stdio::null());
     let child = cmd.spawn().context("starting lipsync serve")?;
@@ -161,6 +170,9 @@ pub fn run(cli: &Cli, args: &BenchServeArgs) -> Result<()> {
     let mut audio = decode_file(&args.audio).with_context(|| format!("reading audio {}", args.audio.display()))?;
     if let Some(s) = args.seconds {
         audio.samples.truncate((s * f64::from(audio.rate)) as usize);
+    }
+    if args.loops > 1 {
+        audio.samples = audio.samples.repeat(args.loops);
     }
     let render = if args.render_frames > 0 {
         Some(crate::bench_cmd::render_fps(cli, &args.avatar, &args.audio, args.max_batch, threads, args.render_frames)?)
@@ -282,6 +294,7 @@ pub fn run(cli: &Cli, args: &BenchServeArgs) -> Result<()> {
         "realtime": !args.fast,
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
+        "session_queue": args.session_queue,
         "intra_threads": threads,
         "render_fps": render,
         "rounds": rounds,

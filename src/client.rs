@@ -326,7 +326,8 @@ pub struct ClientArgs {
     /// JPEG quality (default: the avatar's).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub jpeg_quality: Option<u8>,
-    /// Frames of this session per UNet run (default: the daemon's maximum).
+    /// Frames of this session per UNet run (default: the daemon's --max-batch, at most its
+    /// --session-queue).
     #[arg(long)]
     pub batch: Option<usize>,
     /// Start offset into the template sequence (default: the avatar's).

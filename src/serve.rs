@@ -1014,7 +1014,8 @@ impl Conn<'_> {
             }
         };
         let max_batch = loaded.unet.max_batch();
-        let batch = req.batch.unwrap_or(max_batch);
+        // A session cannot have more frames in one run than it may have in flight.
+        let batch = req.batch.unwrap_or(max_batch.min(sh.registry.settings.session_queue));
         let quality = req.jpeg_quality.unwrap_or(loaded.avatar.config.jpeg_quality);
         if batch == 0 || batch > max_batch || !(1..=100).contains(&quality) {
             release(sh, Some(&loaded));

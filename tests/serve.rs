@@ -282,6 +282,17 @@ fn assert_same(got: &[Vec<u8>], want: &[Vec<u8>], what: &str) {
     }
 }
 
+/// Starts `lipsync client` streaming `audio` as avatar `golden` into the directory `out`.
+fn spawn_client(d: &Daemon, audio: &Path, out: &Path, extra: &[&str]) -> Child {
+    Command::new(bin())
+        .args(["client", "--socket", d.sock(), "--avatar", "golden", "--audio", s(audio), "-o", s(out)])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn run(args: &[&str]) -> Output {
     Command::new(bin()).args(args).output().unwrap()
 }
@@ -299,12 +310,7 @@ fn concurrent_clients_get_exactly_the_offline_frames() {
         .map(|k| {
             let out = tmp.path().join(format!("c{k}"));
             let (audio, want) = if k % 2 == 0 { (&speech, want_speech) } else { (&stereo, want_stereo) };
-            let child = Command::new(bin())
-                .args(["client", "--socket", d.sock(), "--avatar", "golden", "--audio", s(audio), "-o", s(&out)])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
+            let child = spawn_client(&d, audio, &out, &[]);
             (child, out, want)
         })
         .collect();
@@ -359,23 +365,7 @@ fn bad_input_gets_an_error_and_closes_only_that_session() {
     // A healthy real-time session runs through all of it.
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("healthy");
-    let healthy = Command::new(bin())
-        .args([
-            "client",
-            "--socket",
-            d.sock(),
-            "--avatar",
-            "golden",
-            "--audio",
-            s(&speech),
-            "--realtime",
-            "-o",
-            s(&out),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let healthy = spawn_client(&d, &speech, &out, &["--realtime"]);
 
     let raw = || {
         let c = UnixStream::connect(&d.socket).unwrap();
@@ -636,23 +626,7 @@ fn sigterm_drains_open_sessions_then_removes_the_socket() {
     let d = Daemon::start(&[]);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("drained");
-    let client = Command::new(bin())
-        .args([
-            "client",
-            "--socket",
-            d.sock(),
-            "--avatar",
-            "golden",
-            "--audio",
-            s(&speech),
-            "--realtime",
-            "-o",
-            s(&out),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let client = spawn_client(&d, &speech, &out, &["--realtime"]);
     // Wait until its session is open, then ask the daemon to stop.
     let deadline = Instant::now() + Duration::from_secs(20);
     while d.stats()["sessions_open"] == 0 {

@@ -407,6 +407,9 @@ pub struct SessionOutcome {
 /// Audio chunks queued between `push_audio` and the audio stage.
 const AUDIO_QUEUE: usize = 4;
 
+/// Audio tensors queued between the audio stage and prep.
+const TENSORS_AHEAD: usize = 2;
+
 /// Audio into a session.
 enum AudioIn {
     Samples(Vec<f32>, quanta::Instant),
@@ -470,10 +473,15 @@ impl Session {
         let (audio_tx, audio_rx) = bounded::<AudioIn>(AUDIO_QUEUE);
         // Sample buffers go back from the audio stage to `push_audio` (no allocation per chunk).
         let (recycle_tx, recycle_rx) = bounded::<Vec<f32>>(AUDIO_QUEUE + 2);
-        let (tensor_tx, tensor_rx) = bounded::<AudioTensor>(queue);
+        // Few audio tensors ahead of prep: frames in flight (the latency a backlog adds) are
+        // the `queue` jobs plus these.
+        let (tensor_tx, tensor_rx) = bounded::<AudioTensor>(TENSORS_AHEAD);
         let (reply_tx, reply_rx) = bounded::<UnetReply>(queue);
-        let tensor_pool =
-            Pool::new(queue + 2, || AudioTensor { index: 0, data: vec![0.0; FRAME_AUDIO_LEN], t_audio: clock.now() });
+        let tensor_pool = Pool::new(TENSORS_AHEAD + 1, || AudioTensor {
+            index: 0,
+            data: vec![0.0; FRAME_AUDIO_LEN],
+            t_audio: clock.now(),
+        });
         let job_pool = Pool::new(queue, || SessionJob {
             index: 0,
             template: 0,

@@ -2,12 +2,8 @@
 //! tallies allocations per stage thread; rendering more frames adds no allocation to the
 //! video, prep, composite, encode (JPEG) and sink stages.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
 use lipsync_pipelines::runtime::PinPolicy;
@@ -16,52 +12,7 @@ use lipsync_stages::face::Blend;
 use lipsync_stages::onnx::OrtRuntime;
 use lipsync_stages::unet::Provider;
 
-const SLOTS: usize = 512;
-static COUNTS: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
-static NAMES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-thread_local! {
-    static SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
-    static BUSY: Cell<bool> = const { Cell::new(false) };
-}
-
-fn count() {
-    let _ = BUSY.try_with(|busy| {
-        if busy.get() {
-            return;
-        }
-        busy.set(true);
-        let _ = SLOT.try_with(|slot| {
-            if slot.get() == usize::MAX {
-                let name = std::thread::current().name().unwrap_or("").to_string();
-                let mut names = NAMES.lock().unwrap();
-                names.push(name);
-                slot.set((names.len() - 1).min(SLOTS - 1));
-            }
-            COUNTS[slot.get()].fetch_add(1, Ordering::Relaxed);
-        });
-        busy.set(false);
-    });
-}
-
-struct Counting;
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count();
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count();
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+mod alloc_counter;
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
@@ -69,7 +20,7 @@ fn fixture(rel: &str) -> PathBuf {
 
 /// Renders `frames` frames and returns allocations per stage thread name.
 fn allocations(rt: &OrtRuntime, frames: usize) -> HashMap<String, u64> {
-    let first_slot = NAMES.lock().unwrap().len();
+    let first_slot = alloc_counter::slots();
     let dir = tempfile::tempdir().unwrap();
     let cfg = RenderConfig {
         avatar: Avatar::open(&fixture("golden/avatar")).unwrap(),
@@ -90,12 +41,7 @@ fn allocations(rt: &OrtRuntime, frames: usize) -> HashMap<String, u64> {
     };
     let outcome = render(rt, cfg).unwrap();
     assert_eq!(outcome.frames, frames);
-    let names = NAMES.lock().unwrap().clone();
-    let mut out = HashMap::new();
-    for (slot, name) in names.iter().enumerate().skip(first_slot) {
-        *out.entry(name.clone()).or_insert(0) += COUNTS[slot.min(SLOTS - 1)].load(Ordering::Relaxed);
-    }
-    out
+    alloc_counter::by_name_since(first_slot)
 }
 
 #[test]

@@ -85,15 +85,9 @@ fn shared(rt: &OrtRuntime, max_batch: usize, max_wait: Duration) -> Shared {
     }
 }
 
-fn start(
-    sh: &Shared,
-    id: u64,
-    rate: u32,
-    batch: usize,
-) -> (Session, Frames, std::sync::mpsc::Receiver<Result<u64, String>>) {
-    let frames: Frames = Arc::default();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let cfg = SessionConfig {
+/// Settings of a session of the golden avatar (JPEG quality 90, start frame 0).
+fn config(sh: &Shared, id: u64, rate: u32, batch: usize, queue: usize) -> SessionConfig {
+    SessionConfig {
         id,
         name: "golden".into(),
         avatar: sh.avatar.clone(),
@@ -103,10 +97,21 @@ fn start(
         sample_rate: rate,
         jpeg_quality: 90,
         batch,
-        queue: 8,
+        queue,
         start_frame: 0,
         live: sh.live.clone(),
-    };
+    }
+}
+
+fn start(
+    sh: &Shared,
+    id: u64,
+    rate: u32,
+    batch: usize,
+) -> (Session, Frames, std::sync::mpsc::Receiver<Result<u64, String>>) {
+    let frames: Frames = Arc::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cfg = config(sh, id, rate, batch, 8);
     let session = Session::start(
         cfg,
         Box::new(Collect(frames.clone())),
@@ -216,20 +221,7 @@ fn failures_are_reported_not_hung() {
         }
     }
     let (tx, rx) = std::sync::mpsc::channel();
-    let cfg = SessionConfig {
-        id: 2,
-        name: "golden".into(),
-        avatar: sh.avatar.clone(),
-        template: sh.template.clone(),
-        encoder: sh.encoder.clone(),
-        unet: sh.unet.clone(),
-        sample_rate: 16_000,
-        jpeg_quality: 90,
-        batch: 4,
-        queue: 4,
-        start_frame: 0,
-        live: sh.live.clone(),
-    };
+    let cfg = config(&sh, 2, 16_000, 4, 4);
     let s = Session::start(cfg, Box::new(Broken), Box::new(move |r| tx.send(r.map(|o| o.frames)).unwrap())).unwrap();
     let speech = load_16k(&fixture("golden/speech_2s.wav")).unwrap();
     let mut refused = false;
@@ -256,20 +248,7 @@ fn failures_are_reported_not_hung() {
     assert!(done.recv_timeout(Duration::from_secs(10)).unwrap().is_err());
 
     // Settings are checked.
-    let cfg = SessionConfig {
-        id: 4,
-        name: "golden".into(),
-        avatar: sh.avatar.clone(),
-        template: sh.template.clone(),
-        encoder: sh.encoder.clone(),
-        unet: sh.unet.clone(),
-        sample_rate: 16_000,
-        jpeg_quality: 0,
-        batch: 4,
-        queue: 4,
-        start_frame: 0,
-        live: sh.live.clone(),
-    };
+    let cfg = SessionConfig { jpeg_quality: 0, ..config(&sh, 4, 16_000, 4, 4) };
     let e = Session::start(cfg, Box::new(Broken), Box::new(|_| {})).err().expect("quality 0 is refused");
     assert!(e.to_string().contains("JPEG quality 0"), "{e}");
 }

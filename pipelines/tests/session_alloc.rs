@@ -3,8 +3,6 @@
 //! the prep and output (paste-back + JPEG + sink) stages, and adds to the audio stage only what
 //! ONNX Runtime's API allocates inside the audio encoder's runs.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,61 +17,10 @@ use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
 use lipsync_stages::template::TemplateFrames;
 use lipsync_stages::unet::Provider;
 
-const SLOTS: usize = 512;
-static COUNTS: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
-static NAMES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-thread_local! {
-    static SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
-    static BUSY: Cell<bool> = const { Cell::new(false) };
-}
-
-fn count() {
-    let _ = BUSY.try_with(|busy| {
-        if busy.get() {
-            return;
-        }
-        busy.set(true);
-        let _ = SLOT.try_with(|slot| {
-            if slot.get() == usize::MAX {
-                let name = std::thread::current().name().unwrap_or("").to_string();
-                let mut names = NAMES.lock().unwrap();
-                names.push(name);
-                slot.set((names.len() - 1).min(SLOTS - 1));
-            }
-            COUNTS[slot.get()].fetch_add(1, Ordering::Relaxed);
-        });
-        busy.set(false);
-    });
-}
-
-struct Counting;
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count();
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count();
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+mod alloc_counter;
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
-}
-
-fn this_thread() -> u64 {
-    let name = std::thread::current().name().unwrap_or("").to_string();
-    let names = NAMES.lock().unwrap();
-    names.iter().position(|n| *n == name).map_or(0, |slot| COUNTS[slot.min(SLOTS - 1)].load(Ordering::Relaxed))
 }
 
 /// A sink that keeps only a byte count (no allocation).
@@ -99,7 +46,7 @@ struct Fixture {
 /// rows and a window needs 3.2 more, so each encoder run takes exactly one window, except
 /// the tail windows, which run together at the end.
 fn allocations(fx: &Fixture, id: u64, seconds: usize) -> (HashMap<String, u64>, u64) {
-    let first_slot = NAMES.lock().unwrap().len();
+    let first_slot = alloc_counter::slots();
     let speech = load_16k(&fixture("golden/speech_2s.wav")).unwrap();
     let samples: Vec<f32> = speech.iter().copied().cycle().take(seconds * 16_000).collect();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -128,12 +75,7 @@ fn allocations(fx: &Fixture, id: u64, seconds: usize) -> (HashMap<String, u64>, 
     let frames = rx.recv_timeout(Duration::from_secs(120)).unwrap().unwrap();
     s.wait();
     assert!(frames as usize > seconds * 24 && bytes.load(Ordering::Relaxed) > 0);
-    let names = NAMES.lock().unwrap().clone();
-    let mut out = HashMap::new();
-    for (slot, name) in names.iter().enumerate().skip(first_slot) {
-        *out.entry(name.clone()).or_insert(0) += COUNTS[slot.min(SLOTS - 1)].load(Ordering::Relaxed);
-    }
-    (out, frames - 2)
+    (alloc_counter::by_name_since(first_slot), frames - 2)
 }
 
 #[test]
@@ -148,9 +90,9 @@ fn session_hot_path_allocates_nothing_per_frame() {
     let mut o = Vec::with_capacity(4096);
     encoder.encode(&window, &mut o).unwrap();
     o.clear();
-    let before = this_thread();
+    let before = alloc_counter::this_thread();
     encoder.encode(&window, &mut o).unwrap();
-    let per_run = this_thread() - before;
+    let per_run = alloc_counter::this_thread() - before;
     assert!(per_run > 0, "the counter counts ONNX Runtime's allocations");
     let cfg = UnetServiceConfig {
         max_batch: 2,

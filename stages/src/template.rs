@@ -161,12 +161,8 @@ enum Source {
 /// All frames of a template, decoded on first use (in order, which is how the ping-pong's
 /// first pass needs them) and held within a memory budget (see the module docs).
 pub struct TemplateFrames {
-    path: PathBuf,
-    width: usize,
-    height: usize,
-    fps: Option<f64>,
-    frames: Vec<Stored>,
-    bytes: usize,
+    /// The frames decoded so far (and the template's path, size and rate).
+    store: SharedTemplate,
     budget: usize,
     source: Source,
     scratch: BgrFrame,
@@ -175,9 +171,9 @@ pub struct TemplateFrames {
 impl std::fmt::Debug for TemplateFrames {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TemplateFrames")
-            .field("frames", &self.frames.len())
-            .field("size", &(self.width, self.height))
-            .field("bytes", &self.bytes)
+            .field("frames", &self.store.frames.len())
+            .field("size", &(self.store.width, self.store.height))
+            .field("bytes", &self.store.bytes)
             .finish()
     }
 }
@@ -198,12 +194,7 @@ impl TemplateFrames {
             (Source::Video(Box::new(reader)), fps)
         };
         Ok(Self {
-            path: path.to_path_buf(),
-            width: 0,
-            height: 0,
-            fps,
-            frames: Vec::new(),
-            bytes: 0,
+            store: SharedTemplate { path: path.to_path_buf(), width: 0, height: 0, fps, frames: Vec::new(), bytes: 0 },
             budget,
             source,
             scratch: BgrFrame::default(),
@@ -214,7 +205,7 @@ impl TemplateFrames {
     pub fn load(path: &Path, budget: usize) -> Result<Self, VideoError> {
         let mut t = Self::open(path, budget)?;
         while t.decode_next()? {}
-        if t.frames.is_empty() {
+        if t.store.frames.is_empty() {
             return Err(VideoError::NoFrames(path.to_path_buf()));
         }
         Ok(t)
@@ -239,7 +230,7 @@ impl TemplateFrames {
         if got {
             let path = match &self.source {
                 Source::Files { files, next } => files[*next - 1].clone(),
-                _ => self.path.clone(),
+                _ => self.store.path.clone(),
             };
             self.push(&frame, &path)?;
         } else {
@@ -250,74 +241,44 @@ impl TemplateFrames {
     }
 
     fn push(&mut self, frame: &BgrFrame, path: &Path) -> Result<(), VideoError> {
-        if self.frames.is_empty() {
-            self.width = frame.width;
-            self.height = frame.height;
-        } else if (frame.width, frame.height) != (self.width, self.height) {
+        if self.store.frames.is_empty() {
+            self.store.width = frame.width;
+            self.store.height = frame.height;
+        } else if (frame.width, frame.height) != (self.store.width, self.store.height) {
             return Err(VideoError::SizeMismatch {
                 path: path.to_path_buf(),
                 got_w: frame.width as u32,
                 got_h: frame.height as u32,
-                want_w: self.width as u32,
-                want_h: self.height as u32,
+                want_w: self.store.width as u32,
+                want_h: self.store.height as u32,
             });
         }
-        let stored = if self.bytes + frame.data.len() <= self.budget {
+        let stored = if self.store.bytes + frame.data.len() <= self.budget {
             Stored::Raw(frame.data.clone().into_boxed_slice())
         } else {
             let z = zstd::bulk::compress(&frame.data, 1)
                 .map_err(|e| VideoError::Open { path: path.to_path_buf(), message: format!("zstd: {e}") })?;
             Stored::Zstd(z.into_boxed_slice())
         };
-        self.bytes += match &stored {
+        self.store.bytes += match &stored {
             Stored::Raw(b) | Stored::Zstd(b) => b.len(),
         };
-        self.frames.push(stored);
+        self.store.frames.push(stored);
         Ok(())
     }
 
     /// Frames decoded so far.
     pub fn decoded(&self) -> usize {
-        self.frames.len()
-    }
-
-    /// Number of frames decoded so far (all of them after [`TemplateFrames::load`]).
-    pub fn len(&self) -> usize {
-        self.frames.len()
-    }
-
-    /// Whether no frame has been decoded yet.
-    pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
-    }
-
-    /// Frame size.
-    pub fn size(&self) -> (usize, usize) {
-        (self.width, self.height)
-    }
-
-    /// Frame rate of a video file (none for a frames directory).
-    pub fn fps(&self) -> Option<f64> {
-        self.fps
-    }
-
-    /// Bytes held.
-    pub fn memory_bytes(&self) -> usize {
-        self.bytes
-    }
-
-    /// Frames held compressed.
-    pub fn compressed_frames(&self) -> usize {
-        self.frames.iter().filter(|f| matches!(f, Stored::Zstd(_))).count()
+        self.store.frames.len()
     }
 
     /// Copies frame `i` into `out` (reusing its allocation), decoding up to it first if needed.
     pub fn get(&mut self, i: usize, out: &mut BgrFrame) -> Result<(), VideoError> {
-        while self.frames.len() <= i {
+        while self.store.frames.len() <= i {
             if !self.decode_next()? {
                 return Err(VideoError::Open {
-                    path: self.path.clone(),
-                    message: format!("frame {i} asked for, but the template holds {} frames", self.frames.len()),
+                    path: self.store.path.clone(),
+                    message: format!("frame {i} asked for, but the template holds {} frames", self.store.frames.len()),
                 });
             }
         }
@@ -326,24 +287,26 @@ impl TemplateFrames {
 
     /// Copies an already decoded frame `i` into `out`.
     pub fn get_decoded(&self, i: usize, out: &mut BgrFrame) -> Result<(), VideoError> {
-        copy_frame(&self.path, &self.frames, self.width, self.height, i, out)
+        self.store.get(i, out)
     }
 
     /// Decodes what is left and returns the frames as a [`SharedTemplate`], which threads
     /// can read at once (the decoder is dropped).
     pub fn into_shared(mut self) -> Result<SharedTemplate, VideoError> {
         while self.decode_next()? {}
-        if self.frames.is_empty() {
-            return Err(VideoError::NoFrames(self.path.clone()));
+        if self.store.frames.is_empty() {
+            return Err(VideoError::NoFrames(self.store.path.clone()));
         }
-        Ok(SharedTemplate {
-            path: self.path,
-            width: self.width,
-            height: self.height,
-            fps: self.fps,
-            frames: self.frames,
-            bytes: self.bytes,
-        })
+        Ok(self.store)
+    }
+}
+
+/// The frames decoded so far: [`SharedTemplate::len`], [`SharedTemplate::size`] and the other
+/// accessors.
+impl std::ops::Deref for TemplateFrames {
+    type Target = SharedTemplate;
+    fn deref(&self) -> &SharedTemplate {
+        &self.store
     }
 }
 
@@ -388,6 +351,11 @@ impl SharedTemplate {
     /// Bytes held (raw and compressed frames).
     pub fn memory_bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Frames held compressed.
+    pub fn compressed_frames(&self) -> usize {
+        self.frames.iter().filter(|f| matches!(f, Stored::Zstd(_))).count()
     }
 
     /// Copies frame `i` into `out` (reusing its allocation).
