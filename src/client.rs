@@ -447,7 +447,7 @@ pub fn run(args: &ClientArgs) -> Result<()> {
     if args.json {
         let mut v = serde_json::to_value(&outcome)?;
         v["records"] = serde_json::to_value(&outcome.records)?;
-        println!("{v}");
+        print_out(&format!("{v}\n"))?;
     } else {
         let l = &outcome.latency_ms;
         eprintln!(
@@ -493,12 +493,11 @@ pub fn stats(args: &StatsArgs) -> Result<()> {
         let now = Instant::now();
         let rate = last.map(|(t, f)| (s.frames_total - f) as f64 / now.duration_since(t).as_secs_f64().max(1e-9));
         last = Some((now, s.frames_total));
-        if args.json {
-            println!("{}", serde_json::to_string(&s)?);
-        } else {
-            print!("{}", format_stats(&s, rate));
+        let text = if args.json { format!("{}\n", serde_json::to_string(&s)?) } else { format_stats(&s, rate) };
+        if !print_out(&text)? {
+            // `lipsync stats --watch 1 | head`: the reader has had enough.
+            return Ok(());
         }
-        std::io::stdout().flush().ok();
         match args.watch {
             Some(secs) if secs > 0.0 => std::thread::sleep(Duration::from_secs_f64(secs)),
             _ => return Ok(()),
@@ -556,10 +555,13 @@ pub fn avatars(socket: &Path, action: &str, name: Option<&str>) -> Result<()> {
         "list" => {
             let v: serde_json::Value = conn.request(Kind::ListAvatars, &serde_json::json!({}), Kind::Avatars)?;
             let list = v["avatars"].as_array().cloned().unwrap_or_default();
-            println!("{:<24} {:>7} {:>10} {:>9} {:>14}", "avatar", "loaded", "memory MB", "sessions", "frames served");
+            let mut t = format!(
+                "{:<24} {:>7} {:>10} {:>9} {:>14}\n",
+                "avatar", "loaded", "memory MB", "sessions", "frames served"
+            );
             for a in list {
-                println!(
-                    "{:<24} {:>7} {:>10.1} {:>9} {:>14}",
+                t += &format!(
+                    "{:<24} {:>7} {:>10.1} {:>9} {:>14}\n",
                     a["name"].as_str().unwrap_or("?"),
                     if a["loaded"].as_bool().unwrap_or(false) { "yes" } else { "no" },
                     a["memory_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
@@ -567,14 +569,25 @@ pub fn avatars(socket: &Path, action: &str, name: Option<&str>) -> Result<()> {
                     a["frames_served"].as_u64().unwrap_or(0)
                 );
             }
+            print_out(&t).map(drop)
         }
         "load" | "unload" => {
             let name = name.context("an avatar name is required")?;
             let kind = if action == "load" { Kind::LoadAvatar } else { Kind::UnloadAvatar };
             let v: serde_json::Value = conn.request(kind, &serde_json::json!({ "name": name }), Kind::Ok)?;
-            println!("{v}");
+            print_out(&format!("{v}\n")).map(drop)
         }
         other => bail!("unknown avatar action `{other}`"),
     }
-    Ok(())
+}
+
+/// Writes to stdout; `Ok(false)` when the reader has closed the pipe (`| head`), which is
+/// not an error.
+fn print_out(text: &str) -> Result<bool> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e).context("writing to stdout"),
+    }
 }

@@ -347,6 +347,30 @@ fn python_client_gets_the_same_frames() {
     assert_eq!(v["expected_frames"], 49);
     assert!(v["first_frame_ms"].as_f64().unwrap() > 0.0 && v["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{v}");
     assert_same(&read_dir_frames(&out), want, "python client");
+    // `lipsync client` as an MJPEG stream on stdout and into an .mjpeg file: the same bytes.
+    let mjpeg: Vec<u8> = want.concat();
+    let o = run(&["client", "--socket", d.sock(), "--avatar", "golden", "--audio", s(&speech), "-o", "-"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.stdout == mjpeg, "MJPEG on stdout");
+    let file = tmp.path().join("talk.mjpeg");
+    let o = run(&["client", "--socket", d.sock(), "--avatar", "golden", "--audio", s(&speech), "-o", s(&file)]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(&file).unwrap() == mjpeg, "MJPEG file");
+    // Audio too short for one frame: refused before anything is sent, no output left behind.
+    let short = fixture("audio/short_0.1s.wav");
+    let o = run(&[
+        "client",
+        "--socket",
+        d.sock(),
+        "--avatar",
+        "golden",
+        "--audio",
+        s(&short),
+        "-o",
+        s(&tmp.path().join("none")),
+    ]);
+    assert!(!o.status.success() && text(&o).contains("audio too short"), "{}", text(&o));
+    assert!(!tmp.path().join("none").exists());
     // Errors are reported, not raised as tracebacks.
     let o = Command::new("python3")
         .arg(root().join("scripts/client.py"))
