@@ -1156,6 +1156,8 @@ pub struct UnetInfo {
     pub frames: u64,
     /// Mean frames per run.
     pub mean_batch: f64,
+    /// Runs per batch size: entry `k` counts runs of `k + 1` frames.
+    pub batch_sizes: Vec<u64>,
     /// Run time per batch (ms).
     pub service_ms: Percentiles,
 }
@@ -1216,6 +1218,7 @@ fn stats(sh: &Shared) -> StatsReply {
                 batches,
                 frames,
                 mean_batch: frames as f64 / (batches.max(1)) as f64,
+                batch_sizes: st.sizes.iter().skip(1).map(|n| n.load(Ordering::Relaxed)).collect(),
                 service_ms: Percentiles::of(&lock(&st.service)),
             }
         })
