@@ -1150,6 +1150,8 @@ pub struct StatsReply {
 pub struct UnetInfo {
     /// Model path.
     pub model: String,
+    /// Execution provider in use (`cpu`, or `cuda` when it could be started).
+    pub provider: String,
     /// Runs.
     pub batches: u64,
     /// Frames.
@@ -1215,6 +1217,7 @@ fn stats(sh: &Shared) -> StatsReply {
             let frames = st.frames.load(Ordering::Relaxed);
             UnetInfo {
                 model: path.display().to_string(),
+                provider: format!("{:?}", u.provider()).to_lowercase(),
                 batches,
                 frames,
                 mean_batch: frames as f64 / (batches.max(1)) as f64,

@@ -324,6 +324,7 @@ fn concurrent_clients_get_exactly_the_offline_frames() {
     assert_eq!(st["sessions_total"], 8);
     assert_eq!(st["frames_total"].as_u64().unwrap() as usize, 4 * want_speech.len() + 4 * want_stereo.len());
     let unet = &st["unet"][0];
+    assert_eq!(unet["provider"], "cpu");
     assert!(unet["mean_batch"].as_f64().unwrap() > 1.0, "frames of several sessions share UNet runs: {unet}");
     let sizes: Vec<u64> = unet["batch_sizes"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     assert_eq!(sizes.len(), 8, "{unet}");

@@ -755,11 +755,6 @@ impl Session {
         self.cancel.store(true, Ordering::SeqCst);
     }
 
-    /// Whether every stage has stopped and `on_finish` has run.
-    pub fn is_finished(&self) -> bool {
-        self.supervisor.as_ref().is_none_or(|h| h.is_finished())
-    }
-
     /// Waits until the session has finished (after [`Session::end_audio`] or
     /// [`Session::cancel`]).
     pub fn wait(mut self) {
