@@ -12,7 +12,7 @@
 //! frame on the image path. Frames are produced in order; the count is exactly `L + 2` (or
 //! `--max-frames`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,6 +27,7 @@ use lipsync_stages::frame::BgrFrame;
 use lipsync_stages::image_io::{encode_png, JpegEncoder};
 use lipsync_stages::mel::{mel_frames, MelSpectrogram};
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
+use lipsync_stages::staged::{check_new_dir, parent_dir, StagedDir};
 use lipsync_stages::template::TemplateFrames;
 use lipsync_stages::unet::{Provider, Unet};
 
@@ -594,15 +595,10 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
 /// Checks the output location before anything runs.
 fn prepare_output(output: &Output) -> Result<(), String> {
     match output {
-        Output::Dir { path, .. } => {
-            if path.exists() && std::fs::read_dir(path).map(|mut d| d.next().is_some()).unwrap_or(true) {
-                return Err(format!("output directory {} exists and is not empty", path.display()));
-            }
-            Ok(())
-        }
+        Output::Dir { path, .. } => check_new_dir(path),
         Output::Stdout => Ok(()),
         Output::Video(path) => {
-            let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let parent = parent_dir(path);
             if !parent.is_dir() {
                 return Err(format!("directory {} does not exist", parent.display()));
             }
@@ -613,16 +609,7 @@ fn prepare_output(output: &Output) -> Result<(), String> {
 
 /// The sink's writer.
 enum Sink {
-    Dir {
-        tmp: PathBuf,
-        path: PathBuf,
-        format: ImageFormat,
-        size: (usize, usize),
-        frames: usize,
-        done: bool,
-        file: PathBuf,
-        name: String,
-    },
+    Dir { dir: StagedDir, format: ImageFormat, size: (usize, usize), frames: usize, file: PathBuf, name: String },
     Stdout(std::io::BufWriter<std::io::Stdout>),
     Video,
 }
@@ -631,23 +618,9 @@ impl Sink {
     fn open(output: &Output) -> Result<Self, String> {
         Ok(match output {
             Output::Dir { path, format } => {
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("frames");
-                let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-                std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-                let tmp = parent.join(format!(".{name}.tmp{}", std::process::id()));
-                let _ = std::fs::remove_dir_all(&tmp);
-                std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-                let file = tmp.join("000000.ext");
-                Sink::Dir {
-                    tmp,
-                    path: path.clone(),
-                    format: *format,
-                    size: (0, 0),
-                    frames: 0,
-                    done: false,
-                    file,
-                    name: String::with_capacity(32),
-                }
+                let dir = StagedDir::create(path)?;
+                let file = dir.dir().join("000000.ext");
+                Sink::Dir { dir, format: *format, size: (0, 0), frames: 0, file, name: String::with_capacity(32) }
             }
             Output::Stdout => Sink::Stdout(std::io::BufWriter::new(std::io::stdout())),
             Output::Video(_) => Sink::Video,
@@ -676,30 +649,16 @@ impl Sink {
     fn finish(&mut self) -> Result<(), String> {
         use std::io::Write;
         match self {
-            Sink::Dir { tmp, path, format, size, frames, done, .. } => {
+            Sink::Dir { dir, format, size, frames, .. } => {
                 if *format == ImageFormat::Raw {
                     let meta =
                         serde_json::json!({"format": "bgr24", "width": size.0, "height": size.1, "frames": frames});
-                    std::fs::write(tmp.join("frames.json"), format!("{meta}\n")).map_err(|e| e.to_string())?;
+                    std::fs::write(dir.dir().join("frames.json"), format!("{meta}\n")).map_err(|e| e.to_string())?;
                 }
-                if path.exists() {
-                    std::fs::remove_dir(&*path).map_err(|e| format!("cannot replace empty {}: {e}", path.display()))?;
-                }
-                std::fs::rename(&*tmp, &*path)
-                    .map_err(|e| format!("cannot move frames into {}: {e}", path.display()))?;
-                *done = true;
-                Ok(())
+                dir.commit()
             }
             Sink::Stdout(out) => out.flush().map_err(|e| format!("cannot write to stdout: {e}")),
             Sink::Video => Ok(()),
-        }
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        if let Sink::Dir { tmp, done: false, .. } = self {
-            let _ = std::fs::remove_dir_all(tmp);
         }
     }
 }

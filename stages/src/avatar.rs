@@ -410,9 +410,7 @@ pub fn check_model_pair(
 /// Writes `bytes` to `path` whole or not at all (temporary file in the same directory, then rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AvatarError> {
     let io = |action, source| AvatarError::Io { action, path: path.to_path_buf(), source };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let tmp = crate::staged::temp_sibling(path);
     std::fs::write(&tmp, bytes).map_err(|e| io("could not write", e))?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -463,14 +461,13 @@ pub fn create(out: &Path, spec: &CreateSpec, rt: &OrtRuntime) -> Result<Avatar, 
     let crop = CropParams::default();
     check_model_pair(rt, &spec.unet, &spec.encoder, &spec.io, &crop)?;
 
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = crate::staged::parent_dir(out);
     std::fs::create_dir_all(parent).map_err(|source| AvatarError::Io {
         action: "could not create",
         path: parent.to_path_buf(),
         source,
     })?;
-    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("avatar");
-    let tmp = parent.join(format!(".{name}.tmp{}", std::process::id()));
+    let tmp = crate::staged::temp_sibling(out);
     let result = write_avatar_dir(&tmp, spec, &crop);
     let result = result.and_then(|_| {
         std::fs::rename(&tmp, out).map_err(|source| AvatarError::Io {

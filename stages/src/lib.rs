@@ -10,6 +10,7 @@
 //! - [`avatar`]: the avatar directory format (template, boxes, models), loaded and validated.
 //! - [`synctalk`]: converting SyncTalk_2D dataset directories (frames + landmarks).
 //! - [`npy`]: reading and writing `.npy` arrays (numpy interchange).
+//! - [`staged`]: outputs written whole or not at all (temporary sibling, then rename).
 
 pub mod audio;
 pub mod avatar;
@@ -22,6 +23,7 @@ pub mod mel;
 pub mod npy;
 pub mod onnx;
 pub mod resize;
+pub mod staged;
 pub mod synctalk;
 pub mod template;
 pub mod unet;
