@@ -8,6 +8,7 @@ use lipsync_stages::avatar::{self, Avatar, CreateSpec, ModelStorage};
 use lipsync_stages::onnx::{ModelIo, OrtRuntime};
 use lipsync_stages::synctalk;
 
+use crate::client::{self, AvatarAction};
 use crate::Cli;
 
 /// `lipsync avatar` subcommands.
@@ -107,9 +108,9 @@ pub fn run(cli: &Cli, cmd: &AvatarCommand) -> Result<()> {
             tracing::info!("{} frames with landmarks in {}", data.frames.len(), args.dir.display());
             create(cli, &args.out, args.dir.join("full_body_img"), data.boxes, &args.models)
         }
-        AvatarCommand::List { socket } => crate::client::avatars(socket, "list", None),
-        AvatarCommand::Load { name, socket } => crate::client::avatars(socket, "load", Some(name)),
-        AvatarCommand::Unload { name, socket } => crate::client::avatars(socket, "unload", Some(name)),
+        AvatarCommand::List { socket } => client::avatars(socket, AvatarAction::List),
+        AvatarCommand::Load { name, socket } => client::avatars(socket, AvatarAction::Load(name)),
+        AvatarCommand::Unload { name, socket } => client::avatars(socket, AvatarAction::Unload(name)),
         AvatarCommand::Check { dir } => {
             let avatar = Avatar::open(dir).with_context(|| format!("loading avatar {}", dir.display()))?;
             let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;

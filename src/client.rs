@@ -14,6 +14,7 @@ use lipsync_pipelines::metrics::{histogram, Percentiles};
 use lipsync_stages::audio::decode_file;
 use lipsync_stages::features::{window_count, window_start_unclamped, WINDOW};
 use lipsync_stages::mel::mel_frames;
+use lipsync_stages::staged::{check_new_dir, parent_dir, temp_sibling, StagedDir};
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::{
@@ -338,10 +339,11 @@ pub struct ClientArgs {
     pub json: bool,
 }
 
-/// Frames written by the client: a directory built under a temporary name, stdout or a file.
+/// Frames written by the client: a directory built under a temporary name, stdout or a file
+/// (temporary sibling, renamed when complete).
 enum FrameOut {
     None,
-    Dir { tmp: PathBuf, path: PathBuf, name: String },
+    Dir { dir: StagedDir, name: String },
     Stream(Box<dyn Write + Send>),
     File { tmp: PathBuf, path: PathBuf, file: std::io::BufWriter<std::fs::File> },
 }
@@ -352,32 +354,30 @@ impl FrameOut {
         if path == Path::new("-") {
             return Ok(FrameOut::Stream(Box::new(std::io::BufWriter::new(std::io::stdout()))));
         }
-        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = parent_dir(path);
         if !parent.is_dir() {
             bail!("directory {} does not exist", parent.display());
         }
-        let name = path.file_name().and_then(|n| n.to_str()).context("output path has no file name")?;
-        let tmp = parent.join(format!(".{name}.tmp{}", std::process::id()));
+        if path.file_name().is_none() {
+            bail!("output path {} has no file name", path.display());
+        }
         if path.extension().is_some_and(|e| e == "mjpeg" || e == "mjpg") {
+            let tmp = temp_sibling(path);
             let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
             return Ok(FrameOut::File { tmp, path: path.to_path_buf(), file: std::io::BufWriter::new(file) });
         }
-        if path.exists() && std::fs::read_dir(path).map(|mut d| d.next().is_some()).unwrap_or(true) {
-            bail!("output directory {} exists and is not empty", path.display());
-        }
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        Ok(FrameOut::Dir { tmp, path: path.to_path_buf(), name: String::new() })
+        check_new_dir(path).map_err(anyhow::Error::msg)?;
+        Ok(FrameOut::Dir { dir: StagedDir::create(path).map_err(anyhow::Error::msg)?, name: String::new() })
     }
 
     fn write(&mut self, index: u32, jpeg: &[u8]) -> Result<()> {
         match self {
             FrameOut::None => Ok(()),
-            FrameOut::Dir { tmp, name, .. } => {
+            FrameOut::Dir { dir, name } => {
                 use std::fmt::Write as _;
                 name.clear();
                 let _ = write!(name, "{index:06}.jpg");
-                let p = tmp.join(&*name);
+                let p = dir.dir().join(&*name);
                 std::fs::write(&p, jpeg).with_context(|| format!("writing {}", p.display()))
             }
             FrameOut::Stream(w) => w.write_all(jpeg).context("writing to stdout"),
@@ -390,12 +390,7 @@ impl FrameOut {
     fn finish(self) -> Result<()> {
         match self {
             FrameOut::None => Ok(()),
-            FrameOut::Dir { tmp, path, .. } => {
-                if path.exists() {
-                    std::fs::remove_dir(&path).with_context(|| format!("replacing empty {}", path.display()))?;
-                }
-                std::fs::rename(&tmp, &path).with_context(|| format!("moving frames into {}", path.display()))
-            }
+            FrameOut::Dir { mut dir, .. } => dir.commit().map_err(anyhow::Error::msg),
             FrameOut::Stream(mut w) => w.flush().context("writing to stdout"),
             FrameOut::File { tmp, path, file } => {
                 file.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", tmp.display()))?;
@@ -405,15 +400,10 @@ impl FrameOut {
         }
     }
 
-    fn discard(&self) {
-        match self {
-            FrameOut::Dir { tmp, .. } => {
-                let _ = std::fs::remove_dir_all(tmp);
-            }
-            FrameOut::File { tmp, .. } => {
-                let _ = std::fs::remove_file(tmp);
-            }
-            _ => {}
+    /// Removes what was written (a staged directory removes itself when dropped).
+    fn discard(self) {
+        if let FrameOut::File { tmp, .. } = self {
+            let _ = std::fs::remove_file(tmp);
         }
     }
 }
@@ -548,11 +538,21 @@ pub fn format_stats(s: &StatsReply, rate: Option<f64>) -> String {
     t
 }
 
+/// What `lipsync avatar ... --socket` asks a daemon.
+pub enum AvatarAction<'a> {
+    /// List every avatar.
+    List,
+    /// Load this one.
+    Load(&'a str),
+    /// Unload this one.
+    Unload(&'a str),
+}
+
 /// `lipsync avatar list|load|unload --socket`.
-pub fn avatars(socket: &Path, action: &str, name: Option<&str>) -> Result<()> {
+pub fn avatars(socket: &Path, action: AvatarAction<'_>) -> Result<()> {
     let mut conn = Connection::connect(socket)?;
     match action {
-        "list" => {
+        AvatarAction::List => {
             let v: serde_json::Value = conn.request(Kind::ListAvatars, &serde_json::json!({}), Kind::Avatars)?;
             let list = v["avatars"].as_array().cloned().unwrap_or_default();
             let mut t = format!(
@@ -571,13 +571,11 @@ pub fn avatars(socket: &Path, action: &str, name: Option<&str>) -> Result<()> {
             }
             print_out(&t).map(drop)
         }
-        "load" | "unload" => {
-            let name = name.context("an avatar name is required")?;
-            let kind = if action == "load" { Kind::LoadAvatar } else { Kind::UnloadAvatar };
+        AvatarAction::Load(name) | AvatarAction::Unload(name) => {
+            let kind = if matches!(action, AvatarAction::Load(_)) { Kind::LoadAvatar } else { Kind::UnloadAvatar };
             let v: serde_json::Value = conn.request(kind, &serde_json::json!({ "name": name }), Kind::Ok)?;
             print_out(&format!("{v}\n")).map(drop)
         }
-        other => bail!("unknown avatar action `{other}`"),
     }
 }
 

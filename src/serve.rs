@@ -1213,8 +1213,8 @@ fn stats(sh: &Shared) -> StatsReply {
         .iter()
         .map(|(path, u)| {
             let st = u.stats();
-            let batches = st.batches.load(Ordering::Relaxed);
-            let frames = st.frames.load(Ordering::Relaxed);
+            let batches = st.batches();
+            let frames = st.frames();
             UnetInfo {
                 model: path.display().to_string(),
                 provider: format!("{:?}", u.provider()).to_lowercase(),

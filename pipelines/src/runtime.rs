@@ -161,16 +161,11 @@ impl StageCtx {
 
     /// Sends an item downstream, blocking while the channel is full (backpressure). A gone
     /// receiver or a cancel stops the stage quietly.
-    pub fn send<T>(&self, tx: &Sender<T>, mut item: T) -> Result<(), StageError> {
-        loop {
-            if self.cancelled() {
-                return Err(StageError::Cancelled);
-            }
-            match tx.send_timeout(item, POLL) {
-                Ok(()) => return Ok(()),
-                Err(SendTimeoutError::Timeout(back)) => item = back,
-                Err(SendTimeoutError::Disconnected(_)) => return Err(StageError::Cancelled),
-            }
+    pub fn send<T>(&self, tx: &Sender<T>, item: T) -> Result<(), StageError> {
+        if send_unless_cancelled(tx, item, &self.cancel) {
+            Ok(())
+        } else {
+            Err(StageError::Cancelled)
         }
     }
 }
@@ -309,7 +304,23 @@ impl Pipeline {
     }
 }
 
-fn panic_message(panic: &(dyn Any + Send)) -> String {
+/// Sends `item`, blocking while the channel is full; `false` (item dropped) once `cancel` is
+/// set or the receiver is gone.
+pub(crate) fn send_unless_cancelled<T>(tx: &Sender<T>, mut item: T, cancel: &AtomicBool) -> bool {
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return false;
+        }
+        match tx.send_timeout(item, POLL) {
+            Ok(()) => return true,
+            Err(SendTimeoutError::Timeout(back)) => item = back,
+            Err(SendTimeoutError::Disconnected(_)) => return false,
+        }
+    }
+}
+
+/// The text of a caught panic.
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = panic.downcast_ref::<String>() {

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 use hdrhistogram::Histogram;
 use lipsync_stages::audio::{StreamResampler, SAMPLE_RATE};
 use lipsync_stages::avatar::{Avatar, CropParams};
@@ -41,7 +41,7 @@ use lipsync_stages::template::SharedTemplate;
 use lipsync_stages::unet::{Provider, Unet, UnetError};
 
 use crate::metrics::{histogram, Clock, Percentiles};
-use crate::runtime::{PinPolicy, Pipeline, PipelineError, Pool, StageError};
+use crate::runtime::{panic_message, send_unless_cancelled, PinPolicy, Pipeline, PipelineError, Pool, StageError};
 
 /// Errors of the streaming topology.
 #[derive(Debug, thiserror::Error)]
@@ -114,14 +114,22 @@ pub struct UnetServiceConfig {
 
 /// Counters of a [`UnetService`].
 pub struct UnetStats {
-    /// UNet runs.
-    pub batches: AtomicU64,
-    /// Frames run.
-    pub frames: AtomicU64,
     /// Runs per batch size (index = size).
     pub sizes: Vec<AtomicU64>,
     /// Service time per run (ns).
     pub service: Mutex<Histogram<u64>>,
+}
+
+impl UnetStats {
+    /// UNet runs so far.
+    pub fn batches(&self) -> u64 {
+        self.sizes.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Frames run so far.
+    pub fn frames(&self) -> u64 {
+        self.sizes.iter().enumerate().map(|(k, n)| k as u64 * n.load(Ordering::Relaxed)).sum()
+    }
 }
 
 /// One UNet session shared by every stream of every avatar that uses the model: a thread that
@@ -157,8 +165,6 @@ impl UnetService {
         let max_batch = cfg.max_batch;
         let max_wait = cfg.max_wait;
         let stats = Arc::new(UnetStats {
-            batches: AtomicU64::new(0),
-            frames: AtomicU64::new(0),
             sizes: (0..=max_batch).map(|_| AtomicU64::new(0)).collect(),
             service: Mutex::new(histogram()),
         });
@@ -276,11 +282,9 @@ fn batch_loop(
         // A panic inside ONNX Runtime fails this batch's frames, not the service.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unet.run(n, &images, &audio, &mut out)))
             .unwrap_or_else(|panic| {
-                Err(UnetError::Run { batch: n, message: format!("panicked: {}", panic_text(&*panic)) })
+                Err(UnetError::Run { batch: n, message: format!("panicked: {}", panic_message(&*panic)) })
             });
         let took = t.elapsed();
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        stats.frames.fetch_add(n as u64, Ordering::Relaxed);
         stats.sizes[n].fetch_add(1, Ordering::Relaxed);
         stats.service.lock().unwrap_or_else(|p| p.into_inner()).saturating_record((took.as_nanos() as u64).max(1));
         for (j, mut r) in batch.drain(..).enumerate() {
@@ -295,14 +299,6 @@ fn batch_loop(
             let _ = r.reply.try_send(reply);
         }
     }
-}
-
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Where a session's frames go (the daemon writes them to the client's socket).
@@ -498,7 +494,6 @@ impl Session {
             let encoder = cfg.encoder.clone();
             let pool = tensor_pool.clone();
             let live = cfg.live.clone();
-            let recycle = recycle_tx.clone();
             let total = total.clone();
             p.spawn("audio", false, move |ctx| {
                 let mut mel = MelSpectrogram::new();
@@ -523,15 +518,13 @@ impl Session {
                     };
                     let t = ctx.clock.now();
                     pcm.clear();
-                    if let Some(samples) = &samples {
-                        match &mut resampler {
-                            Some(rs) => rs.push(samples, &mut pcm).map_err(StageError::msg)?,
-                            None => pcm.extend_from_slice(samples),
-                        }
-                    }
                     if let Some(samples) = samples {
+                        match &mut resampler {
+                            Some(rs) => rs.push(&samples, &mut pcm).map_err(StageError::msg)?,
+                            None => pcm.extend_from_slice(&samples),
+                        }
                         // Back to the intake for the next chunk (dropped if it has enough).
-                        let _ = recycle.try_send(samples);
+                        let _ = recycle_tx.try_send(samples);
                     }
                     if end {
                         if let Some(rs) = &mut resampler {
@@ -693,7 +686,6 @@ impl Session {
                 on_finish(result);
             })
             .map_err(|e| SessionError::Config(format!("could not start the session thread: {e}")))?;
-        drop(recycle_tx);
         Ok(Self { audio_tx: Some(audio_tx), recycle: recycle_rx, cancel, clock, live, supervisor: Some(supervisor) })
     }
 
@@ -736,17 +728,12 @@ impl Session {
         self.audio_tx.is_none()
     }
 
-    fn send(&self, mut item: AudioIn) -> Result<(), SessionError> {
+    fn send(&self, item: AudioIn) -> Result<(), SessionError> {
         let tx = self.audio_tx.as_ref().ok_or(SessionError::Ended)?;
-        loop {
-            if self.cancel.load(Ordering::Relaxed) {
-                return Err(SessionError::Stopped);
-            }
-            match tx.send_timeout(item, Duration::from_millis(20)) {
-                Ok(()) => return Ok(()),
-                Err(SendTimeoutError::Timeout(back)) => item = back,
-                Err(SendTimeoutError::Disconnected(_)) => return Err(SessionError::Stopped),
-            }
+        if send_unless_cancelled(tx, item, &self.cancel) {
+            Ok(())
+        } else {
+            Err(SessionError::Stopped)
         }
     }
 

@@ -192,8 +192,8 @@ fn concurrent_sessions_share_batches_and_stay_exact() {
         }
     });
     let st = sh.unet.stats();
-    let batches = st.batches.load(Ordering::SeqCst);
-    let frames = st.frames.load(Ordering::SeqCst);
+    let batches = st.batches();
+    let frames = st.frames();
     assert_eq!(frames as usize, 3 * want_speech.len() + 3 * want_stereo.len());
     assert!(frames > batches, "frames of several sessions share UNet runs: {frames} frames in {batches} runs");
     assert_eq!(sh.live.frames.load(Ordering::SeqCst), frames);
