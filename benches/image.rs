@@ -85,7 +85,8 @@ fn unet(c: &mut Criterion) {
         }
         for batch in [1usize, 8] {
             let opts = SessionOptions { intra_threads: 2, spinning: false };
-            let mut u = Unet::open(&rt, &path, &ModelIo::default(), &crop, batch, &opts, Provider::Cpu).unwrap();
+            let b = lipsync_stages::unet::Batch::new(batch).unwrap();
+            let mut u = Unet::open(&rt, &path, &ModelIo::default(), &crop, b, &opts, Provider::Cpu).unwrap();
             let images = vec![0.4f32; batch * input_len(&crop)];
             let audio = vec![0.3f32; batch * FRAME_AUDIO_LEN];
             let mut out = vec![0f32; batch * output_len(&crop)];

@@ -8,7 +8,7 @@ use lipsync_stages::audio::load_16k;
 use lipsync_stages::features::{extract_windows, pad_features, AudioEncoder, FEATURE_DIM};
 use lipsync_stages::mel::{MelSpectrogram, N_MELS};
 use lipsync_stages::npy::write_f32_2d;
-use lipsync_stages::onnx::{ModelIo, OrtRuntime, SessionOptions};
+use lipsync_stages::onnx::{ModelIo, SessionOptions};
 use ndarray::ArrayView2;
 
 use crate::Cli;
@@ -58,7 +58,7 @@ pub fn mel(args: &MelArgs) -> Result<()> {
 }
 
 pub fn features(cli: &Cli, args: &FeaturesArgs) -> Result<()> {
-    let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;
+    let rt = cli.runtime()?;
     let opts = SessionOptions { intra_threads: args.threads.max(1), spinning: false };
     let mut encoder = AudioEncoder::open(&rt, &args.encoder, &ModelIo::default(), args.batch, &opts)?;
     let mel = mel_of(&args.audio)?;

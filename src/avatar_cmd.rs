@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use lipsync_stages::avatar::{self, Avatar, CreateSpec, ModelStorage};
-use lipsync_stages::onnx::{ModelIo, OrtRuntime};
+use lipsync_stages::onnx::ModelIo;
 use lipsync_stages::synctalk;
 
-use crate::client::{self, AvatarAction};
+use crate::client_cmd::{self as client, AvatarAction};
 use crate::Cli;
 
 /// `lipsync avatar` subcommands.
@@ -113,7 +113,7 @@ pub fn run(cli: &Cli, cmd: &AvatarCommand) -> Result<()> {
         AvatarCommand::Unload { name, socket } => client::avatars(socket, AvatarAction::Unload(name)),
         AvatarCommand::Check { dir } => {
             let avatar = Avatar::open(dir).with_context(|| format!("loading avatar {}", dir.display()))?;
-            let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;
+            let rt = cli.runtime()?;
             avatar.check_models(&rt).with_context(|| format!("checking the models of avatar {}", dir.display()))?;
             print_summary(&avatar);
             Ok(())
@@ -122,7 +122,7 @@ pub fn run(cli: &Cli, cmd: &AvatarCommand) -> Result<()> {
 }
 
 fn create(cli: &Cli, out: &Path, video: PathBuf, boxes: Vec<avatar::CropBox>, m: &ModelArgs) -> Result<()> {
-    let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;
+    let rt = cli.runtime()?;
     let spec = CreateSpec {
         video,
         boxes,

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use lipsync_stages::audio::load_16k;
 use lipsync_stages::features::{extract_windows, AudioEncoder};
 use lipsync_stages::mel::{MelSpectrogram, N_MELS};
-use lipsync_stages::onnx::{ModelIo, OrtRuntime, SessionOptions};
+use lipsync_stages::onnx::{ModelIo, SessionOptions};
 
 use crate::Cli;
 
@@ -21,33 +21,10 @@ pub enum BenchCommand {
     /// Time the per-frame image work on an avatar: decode, prep, paste-back, JPEG encode.
     Image(BenchImageArgs),
     /// Whole-render frames/s against UNet-only frames/s (same session settings, same batch).
-    Render(BenchRenderArgs),
+    Render(crate::bench_render::BenchRenderArgs),
     /// Streaming daemon: latency and frames/s for 1, 2, 4... concurrent real-time sessions,
     /// next to the offline render's frames/s.
     Serve(crate::bench_serve::BenchServeArgs),
-}
-
-/// Arguments of `lipsync bench render`.
-#[derive(Debug, Args)]
-pub struct BenchRenderArgs {
-    /// The avatar directory.
-    #[arg(long)]
-    pub avatar: PathBuf,
-    /// Speech to render.
-    #[arg(long)]
-    pub audio: PathBuf,
-    /// UNet batch size.
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
-    /// ONNX Runtime intra-op threads (default: all CPUs).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Frames to render (and to run through the UNet alone).
-    #[arg(long, default_value_t = 200)]
-    pub frames: usize,
-    /// Render output: jpeg (a frames directory) or mp4.
-    #[arg(long, default_value = "jpeg", value_parser = ["jpeg", "mp4"])]
-    pub output: String,
 }
 
 /// Arguments of `lipsync bench image`.
@@ -96,120 +73,9 @@ pub fn run(cli: &Cli, cmd: &BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Audio(args) => audio(cli, args),
         BenchCommand::Image(args) => image(args),
-        BenchCommand::Render(args) => bench_render(cli, args),
+        BenchCommand::Render(args) => crate::bench_render::run(cli, args),
         BenchCommand::Serve(args) => crate::bench_serve::run(cli, args),
     }
-}
-
-fn bench_render(cli: &Cli, args: &BenchRenderArgs) -> Result<()> {
-    use lipsync_stages::avatar::Avatar;
-    use lipsync_stages::face::{input_len, output_len};
-    use lipsync_stages::unet::{Provider, Unet};
-
-    let avatar = Avatar::open(&args.avatar).with_context(|| format!("loading avatar {}", args.avatar.display()))?;
-    let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let crop = avatar.config.crop;
-    let n = args.batch;
-    let opts = SessionOptions { intra_threads: threads, spinning: false };
-
-    // UNet alone: real prepared inputs are not needed for timing; same shapes, same session options.
-    let inference_fps = {
-        let mut unet = Unet::open(&rt, &avatar.unet, &avatar.config.models.io, &crop, n, &opts, Provider::Cpu)?;
-        let images = vec![0.5f32; n * input_len(&crop)];
-        let audio = vec![0.1f32; n * lipsync_stages::features::FRAME_AUDIO_LEN];
-        let mut out = vec![0f32; n * output_len(&crop)];
-        unet.run(n, &images, &audio, &mut out)?; // warm-up
-        let batches = args.frames.div_ceil(n).max(1);
-        let t = Instant::now();
-        for _ in 0..batches {
-            unet.run(n, &images, &audio, &mut out)?;
-        }
-        (batches * n) as f64 / t.elapsed().as_secs_f64()
-    };
-
-    let outcome = render_once(&rt, avatar, &args.audio, n, threads, args.frames, args.output == "mp4")?;
-    let render_fps = outcome.report.steady_frames_per_second;
-    let out = serde_json::json!({
-        "frames": outcome.frames,
-        "batch": n,
-        "intra_threads": threads,
-        "output": args.output,
-        "inference_only_fps": inference_fps,
-        "render_fps": render_fps,
-        "render_fps_with_startup": outcome.report.frames_per_second,
-        "first_frame_s": outcome.report.first_frame_seconds,
-        "render_over_inference": render_fps / inference_fps,
-        "end_to_end_p50_ms": outcome.report.end_to_end_ms.p50,
-    });
-    println!("{out}");
-    Ok(())
-}
-
-/// One offline render of up to `frames` frames into a temporary JPEG directory (or MP4),
-/// removed afterwards.
-fn render_once(
-    rt: &OrtRuntime,
-    avatar: lipsync_stages::avatar::Avatar,
-    audio: &std::path::Path,
-    n: usize,
-    threads: usize,
-    frames: usize,
-    mp4: bool,
-) -> Result<lipsync_pipelines::render::RenderOutcome> {
-    use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
-    use lipsync_pipelines::runtime::PinPolicy;
-    use lipsync_stages::face::Blend;
-    use lipsync_stages::unet::Provider;
-
-    let tmp = tempfile_dir()?;
-    let output = if mp4 {
-        Output::Video(tmp.join("bench.mp4"))
-    } else {
-        Output::Dir { path: tmp.join("frames"), format: ImageFormat::Jpeg }
-    };
-    let cfg = RenderConfig {
-        jpeg_quality: avatar.config.jpeg_quality,
-        avatar,
-        audio: audio.to_path_buf(),
-        output,
-        batch: n,
-        encoder_batch: 64,
-        capacity: 4,
-        intra_threads: threads,
-        spinning: false,
-        provider: Provider::Cpu,
-        pin: PinPolicy::Auto { reserved: threads },
-        max_frames: Some(frames),
-        blend: Blend::Hard,
-        template_budget: lipsync_stages::template::DEFAULT_BUDGET,
-        progress: None,
-    };
-    let outcome = render(rt, cfg);
-    let _ = std::fs::remove_dir_all(&tmp);
-    Ok(outcome?)
-}
-
-/// Steady-state frames/s of the offline render (for `lipsync bench serve`).
-pub fn render_fps(
-    cli: &Cli,
-    avatar: &std::path::Path,
-    audio: &std::path::Path,
-    batch: usize,
-    threads: usize,
-    frames: usize,
-) -> Result<f64> {
-    let a =
-        lipsync_stages::avatar::Avatar::open(avatar).with_context(|| format!("loading avatar {}", avatar.display()))?;
-    let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;
-    let outcome = render_once(&rt, a, audio, batch, threads, frames, false)?;
-    Ok(outcome.report.steady_frames_per_second)
-}
-
-fn tempfile_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("lipsync-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
 }
 
 fn per_frame_median(times: &mut [f64]) -> f64 {
@@ -300,7 +166,7 @@ fn audio(cli: &Cli, args: &BenchAudioArgs) -> Result<()> {
         "windows_s": windows_s,
     });
     if let Some(path) = &args.encoder {
-        let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;
+        let rt = cli.runtime()?;
         let mut enc = AudioEncoder::open(&rt, path, &ModelIo::default(), args.batch, &SessionOptions::default())?;
         let (enc_s, _) = median_secs(args.repeat, || {
             let mut o = Vec::new();

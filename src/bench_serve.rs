@@ -4,8 +4,7 @@
 //! frames/s measured in the same run with the same UNet settings.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -13,7 +12,11 @@ use lipsync_pipelines::metrics::{histogram, Percentiles};
 use lipsync_stages::audio::decode_file;
 use serde::Serialize;
 
-use crate::client::{stream, Connection, StreamOutcome, StreamSpec};
+use lipsync_serve::client::{stream, Connection, StreamOutcome, StreamSpec};
+use lipsync_serve::stats::StatsReply;
+use lipsync_serve::{Daemon, ServeOptions};
+use lipsync_stages::unet::Batch;
+
 use crate::Cli;
 
 /// Arguments of `lipsync bench serve`.
@@ -29,8 +32,8 @@ pub struct BenchServeArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     pub sessions: Vec<usize>,
     /// Most frames per UNet run across sessions (the daemon's --max-batch).
-    #[arg(long, default_value_t = 8)]
-    pub max_batch: usize,
+    #[arg(long, default_value_t = Batch::new(8).expect("valid"))]
+    pub max_batch: Batch,
     /// Longest a frame waits for its batch to fill, ms.
     #[arg(long, default_value_t = 2.0)]
     pub max_wait_ms: f64,
@@ -73,72 +76,48 @@ struct Round {
     mean_unet_batch: f64,
 }
 
-struct Daemon {
-    child: Child,
+/// The in-process daemon and its temporary directory (removed when dropped, after the
+/// daemon has drained).
+struct Bench {
+    daemon: Option<Daemon>,
     dir: PathBuf,
 }
 
-impl Drop for Daemon {
+impl Drop for Bench {
     fn drop(&mut self) {
-        // SIGTERM: drain and remove the socket.
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
+        if let Some(d) = self.daemon.take() {
+            if let Err(e) = d.stop() {
+                tracing::warn!("bench daemon: {e}");
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-fn start_daemon(cli: &Cli, args: &BenchServeArgs, threads: usize) -> Result<(Daemon, PathBuf, String)> {
+/// Starts a daemon in this process on a temporary socket, serving `args.avatar` as `bench`.
+fn start_daemon(cli: &Cli, args: &BenchServeArgs, threads: usize) -> Result<(Bench, PathBuf, String)> {
     let dir = std::env::temp_dir().join(format!("lipsync-bench-serve-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("avatars")).with_context(|| format!("creating {}", dir.display()))?;
+    let mut bench = Bench { daemon: None, dir: dir.clone() };
     let avatar = args.avatar.canonicalize().with_context(|| format!("avatar {}", args.avatar.display()))?;
     let name = "bench".to_string();
     std::os::unix::fs::symlink(&avatar, dir.join("avatars").join(&name)).context("linking the avatar")?;
     let socket = dir.join("serve.sock");
-    let exe = std::env::current_exe().context("finding the lipsync binary")?;
-    let mut cmd = Command::new(exe);
-    if let Some(lib) = &cli.ort_lib {
-        cmd.arg("--ort-lib").arg(lib);
-    }
-    cmd.arg("--quiet")
-        .arg("serve")
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--avatars")
-        .arg(dir.join("avatars"))
-        .args(["--preload", &name, "--max-sessions", "64"])
-        .args(["--max-batch", &args.max_batch.to_string()])
-        .args(["--max-wait-ms", &args.max_wait_ms.to_string()])
-        .args(["--session-queue", &args.session_queue.to_string()])
-        .args(["--intra-threads", &threads.to_string()])
-        .stdin(Stdio::null());
-    let child = cmd.spawn().context("starting lipsync serve")?;
-    let mut daemon = Daemon { child, dir };
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Some(status) = daemon.child.try_wait()? {
-            bail!("lipsync serve exited during start-up ({status})");
-        }
-        if Connection::connect(&socket).is_ok() {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("lipsync serve did not start listening within 300 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok((daemon, socket, name))
+    let options = ServeOptions {
+        socket: Some(socket.clone()),
+        avatars: Some(dir.join("avatars")),
+        preload: Some(vec![name.clone()]),
+        max_sessions: Some(64),
+        max_batch: Some(args.max_batch),
+        max_wait_ms: Some(args.max_wait_ms),
+        session_queue: Some(args.session_queue),
+        intra_threads: Some(threads),
+        ..Default::default()
+    };
+    let settings = options.validate()?;
+    bench.daemon = Some(Daemon::start(settings, cli.runtime()?).context("starting the daemon")?);
+    Ok((bench, socket, name))
 }
 
 fn quarter_p50(outcomes: &[StreamOutcome], last: bool) -> f64 {
@@ -175,7 +154,14 @@ pub fn run(cli: &Cli, args: &BenchServeArgs) -> Result<()> {
         audio.samples = audio.samples.repeat(args.loops);
     }
     let render = if args.render_frames > 0 {
-        Some(crate::bench_cmd::render_fps(cli, &args.avatar, &args.audio, args.max_batch, threads, args.render_frames)?)
+        Some(crate::bench_render::render_fps(
+            cli,
+            &args.avatar,
+            &args.audio,
+            args.max_batch,
+            threads,
+            args.render_frames,
+        )?)
     } else {
         None
     };
@@ -199,21 +185,21 @@ pub fn run(cli: &Cli, args: &BenchServeArgs) -> Result<()> {
     for &n in &args.sessions {
         let before = Connection::connect(&socket)?.stats()?;
         let t = Instant::now();
-        let outcomes: Vec<Result<StreamOutcome>> = std::thread::scope(|scope| {
+        let outcomes: Vec<Result<StreamOutcome, anyhow::Error>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..n)
                 .map(|_| {
                     let s = spec(!args.fast, audio.samples.clone());
                     let socket = &socket;
-                    scope.spawn(move || stream(socket, &s, |_, _| Ok(())))
+                    scope.spawn(move || stream(socket, &s, |_, _| Ok(())).map_err(anyhow::Error::from))
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap_or_else(|_| bail!("a client thread panicked"))).collect()
         });
         let wall = t.elapsed().as_secs_f64();
-        let outcomes = outcomes.into_iter().collect::<Result<Vec<_>>>()?;
+        let outcomes = outcomes.into_iter().collect::<Result<Vec<_>, _>>()?;
         let after = Connection::connect(&socket)?.stats()?;
         let batch = {
-            let b = |s: &crate::serve::StatsReply| {
+            let b = |s: &StatsReply| {
                 s.unet.iter().map(|u| (u.batches, u.frames)).fold((0, 0), |a, x| (a.0 + x.0, a.1 + x.1))
             };
             let (b0, f0) = b(&before);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use lipsync_stages::avatar::Avatar;
-use lipsync_stages::onnx::{check_signature, describe, ModelIo, OrtRuntime, SessionOptions};
+use lipsync_stages::onnx::{check_signature, describe, ModelIo, SessionOptions};
 
 use crate::Cli;
 
@@ -26,7 +26,7 @@ pub fn run(cli: &Cli, args: &DoctorArgs) -> Result<()> {
     println!("lipsync {}", env!("CARGO_PKG_VERSION"));
     println!("CPUs: {cpus} available to this process ({cores} pinnable cores)");
     println!("FFmpeg: {}", lipsync_stages::video::ffmpeg_version());
-    let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;
+    let rt = cli.runtime()?;
     println!("ONNX Runtime: {} from {} (found via {})", rt.version(), rt.library.path.display(), rt.library.source);
     println!("ONNX Runtime build: {}", rt.build_info());
     println!("Execution providers: {}", rt.available_providers().join(", "));

@@ -3,18 +3,20 @@
 mod audio_cmd;
 mod avatar_cmd;
 mod bench_cmd;
+mod bench_render;
 mod bench_serve;
-mod client;
+mod client_cmd;
 mod doctor;
-mod protocol;
 mod render_cmd;
 mod report;
-mod serve;
+mod serve_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{ArgAction, Parser, Subcommand};
+use lipsync_stages::onnx::OrtRuntime;
 
 /// Turn speech into a talking-head video, exactly and fast.
 #[derive(Debug, Parser)]
@@ -31,6 +33,14 @@ pub struct Cli {
     pub quiet: bool,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Loads ONNX Runtime from `--ort-lib` (else `$LIPSYNC_ORT_LIB`, `$ORT_DYLIB_PATH`, the
+    /// project `.venv`): the one place every command gets it.
+    pub fn runtime(&self) -> anyhow::Result<OrtRuntime> {
+        OrtRuntime::load(self.ort_lib.as_deref()).context("loading ONNX Runtime")
+    }
 }
 
 /// The subcommands.
@@ -50,11 +60,11 @@ pub enum Command {
     /// Compute the padded audio feature list F of an audio file ((L+2) x 512 .npy).
     Features(audio_cmd::FeaturesArgs),
     /// Run the streaming daemon: sessions stream audio in over a Unix socket and get frames back.
-    Serve(Box<serve::ServeArgs>),
+    Serve(Box<serve_cmd::ServeArgs>),
     /// Stream an audio file through a running daemon; write the frames; print latencies.
-    Client(Box<client::ClientArgs>),
+    Client(Box<client_cmd::ClientArgs>),
     /// Show a running daemon's live statistics: stages, UNet batches, sessions, frames/s.
-    Stats(client::StatsArgs),
+    Stats(client_cmd::StatsArgs),
     /// Time stages on real input (JSON), for comparisons with the Python reference.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCommand),
@@ -88,9 +98,9 @@ fn main() -> ExitCode {
         Command::Report(args) => report::run(args),
         Command::Mel(args) => audio_cmd::mel(args),
         Command::Features(args) => audio_cmd::features(&cli, args),
-        Command::Serve(args) => serve::run(&cli, args),
-        Command::Client(args) => client::run(args),
-        Command::Stats(args) => client::stats(args),
+        Command::Serve(args) => serve_cmd::run(&cli, args),
+        Command::Client(args) => client_cmd::run(args),
+        Command::Stats(args) => client_cmd::stats(args),
         Command::Bench(cmd) => bench_cmd::run(&cli, cmd),
     };
     match result {

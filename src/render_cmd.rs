@@ -10,8 +10,7 @@ use lipsync_pipelines::render::{render, ImageFormat, Output, ProgressFn, RenderC
 use lipsync_pipelines::runtime::PinPolicy;
 use lipsync_stages::avatar::{read_boxes, Avatar};
 use lipsync_stages::face::Blend;
-use lipsync_stages::onnx::OrtRuntime;
-use lipsync_stages::unet::Provider;
+use lipsync_stages::unet::{Batch, Provider};
 
 use crate::Cli;
 
@@ -43,8 +42,8 @@ pub struct RenderArgs {
     #[arg(long, default_value = "jpeg", value_parser = ["jpeg", "png", "raw"])]
     pub format: String,
     /// UNet batch size (1..=32).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=32))]
-    pub batch: u16,
+    #[arg(long, default_value_t = Batch::new(8).expect("valid"))]
+    pub batch: Batch,
     /// Audio encoder batch size.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub encoder_batch: u16,
@@ -113,7 +112,7 @@ fn load_avatar(args: &RenderArgs) -> Result<Avatar> {
 
 pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
     let avatar = load_avatar(args)?;
-    let rt = OrtRuntime::load(cli.ort_lib.as_deref()).context("loading ONNX Runtime")?;
+    let rt = cli.runtime()?;
     let output = if args.output.as_os_str() == "-" {
         Output::Stdout
     } else {
@@ -161,7 +160,7 @@ pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
         avatar,
         audio: args.audio.clone(),
         output: output.clone(),
-        batch: args.batch as usize,
+        batch: args.batch,
         encoder_batch: args.encoder_batch as usize,
         capacity: args.capacity as usize,
         intra_threads: threads,

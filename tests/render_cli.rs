@@ -63,19 +63,7 @@ fn png_frames_match_the_reference() {
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(r["frames"], 49);
     let stages: Vec<&str> = r["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
-    for st in [
-        "audio_decode",
-        "mel",
-        "windows",
-        "encoder",
-        "features",
-        "video",
-        "prep",
-        "unet",
-        "composite",
-        "encode",
-        "sink",
-    ] {
+    for st in ["source", "audio", "frames", "prep", "unet", "composite", "encode", "sink"] {
         assert!(stages.contains(&st), "{st} in {stages:?}");
     }
     assert!(r["end_to_end_ms"]["p99"].as_f64().unwrap() > 0.0);
@@ -193,11 +181,12 @@ fn failures_leave_no_output() {
     let avatar = fixture("golden/avatar");
     let out = tmp.path().join("out");
     // Bad audio: error, nothing written.
-    for (audio, msg) in
-        [("audio/not_audio.wav", "unknown or unsupported audio format"), ("audio/short_0.1s.wav", "audio too short")]
-    {
+    for (audio, msg, stage) in [
+        ("audio/not_audio.wav", "unknown or unsupported audio format", "stage `source`"),
+        ("audio/short_0.1s.wav", "audio too short", "stage `audio`"),
+    ] {
         let t = fails(&["render", "--avatar", s(&avatar), "--audio", s(&fixture(audio)), "-o", s(&out)]);
-        assert!(t.contains(msg) && t.contains("audio_decode"), "{t}");
+        assert!(t.contains(msg) && t.contains(stage), "{t}");
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "nothing left behind");
     }
     // An existing, non-empty output directory is refused.
@@ -233,7 +222,7 @@ fn failures_leave_no_output() {
         "-o",
         s(&out),
     ]);
-    assert!(t.contains("stage `video` failed at frame 2"), "{t}");
+    assert!(t.contains("stage `frames` failed at frame 2"), "{t}");
     assert!(t.contains("000003.png"), "{t}");
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, vec![std::ffi::OsString::from("frames")], "no output, no temp dir");

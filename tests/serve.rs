@@ -833,7 +833,7 @@ fn settings_come_from_the_config_file_and_flags_override_them() {
     let o = run(&["serve", "--socket", s(&sock), "--avatars", s(&tmp.path().join("none"))]);
     assert!(!o.status.success() && text(&o).contains("does not exist"), "{}", text(&o));
     let o = run(&["serve", "--socket", s(&sock), "--avatars", s(tmp.path()), "--max-batch", "99"]);
-    assert!(!o.status.success() && text(&o).contains("max batch 99"), "{}", text(&o));
+    assert!(!o.status.success() && text(&o).contains("batch size 99 is out of range: expected 1..=32"), "{}", text(&o));
     let o = run(&["serve", "--socket", s(&sock), "--avatars", s(tmp.path()), "--preload", "nobody"]);
     assert!(!o.status.success() && text(&o).contains("nobody"), "{}", text(&o));
     assert!(!sock.exists(), "a daemon that failed to start leaves no socket");

@@ -1,14 +1,21 @@
-//! The lipsync runtime and its topologies.
+//! The lipsync runtime and its one stage graph.
 //!
-//! - [`runtime`]: stage threads (named, optionally pinned), bounded channels with
-//!   backpressure, cancellation on the first error or panic, buffer pools.
-//! - [`metrics`]: HDR histograms of service and queue-wait time per stage, end-to-end latency,
-//!   reports.
-//! - [`render`]: the offline topology behind `lipsync render`.
-//! - [`session`]: the streaming topology behind `lipsync serve` (sessions and the shared,
-//!   cross-session batching UNet service).
+//! - [`runtime`]: the [`Stage`](runtime::Stage) trait and the threads that run stages (named,
+//!   optionally pinned), bounded channels with backpressure, cancellation on the first error
+//!   or panic, buffer pools.
+//! - [`graph`]: the one graph (audio -> frames -> prep -> UNet batcher -> composite -> encode
+//!   -> sink), built the same way for a render and for a live session.
+//! - [`stages`]: the graph's stages, one file each.
+//! - [`job`]: the items travelling through the graph, and its per-run counters.
+//! - [`render`]: file source -> graph -> file sink ([`file_sink`]).
+//! - [`session`]: socket source -> graph -> socket sink, for `lipsync serve`.
+//! - [`metrics`]: HDR histograms, reports.
 
+pub mod file_sink;
+pub mod graph;
+pub mod job;
 pub mod metrics;
 pub mod render;
 pub mod runtime;
 pub mod session;
+pub mod stages;

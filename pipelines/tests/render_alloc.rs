@@ -1,6 +1,6 @@
 //! The image hot path allocates nothing per frame in steady state: a counting global allocator
 //! tallies allocations per stage thread; rendering more frames adds no allocation to the
-//! video, prep, composite, encode (JPEG) and sink stages.
+//! frames (template fetch), prep, composite, encode (JPEG) and sink stages.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,7 +10,7 @@ use lipsync_pipelines::runtime::PinPolicy;
 use lipsync_stages::avatar::Avatar;
 use lipsync_stages::face::Blend;
 use lipsync_stages::onnx::OrtRuntime;
-use lipsync_stages::unet::Provider;
+use lipsync_stages::unet::{Batch, Provider};
 
 mod alloc_counter;
 
@@ -26,7 +26,7 @@ fn allocations(rt: &OrtRuntime, frames: usize) -> HashMap<String, u64> {
         avatar: Avatar::open(&fixture("golden/avatar")).unwrap(),
         audio: fixture("golden/speech_2s.wav"),
         output: Output::Dir { path: dir.path().join("out"), format: ImageFormat::Jpeg },
-        batch: 2,
+        batch: Batch::new(2).unwrap(),
         encoder_batch: 64,
         capacity: 2,
         intra_threads: 1,
@@ -55,7 +55,7 @@ fn image_hot_path_allocates_nothing_per_frame() {
     let (short_n, long_n) = (24, 48);
     let short = allocations(&rt, short_n);
     let long = allocations(&rt, long_n);
-    for stage in ["ls-video", "ls-prep", "ls-composite", "ls-encode", "ls-sink"] {
+    for stage in ["ls-frames", "ls-prep", "ls-composite", "ls-encode", "ls-sink"] {
         let a = *short.get(stage).unwrap_or_else(|| panic!("stage {stage} ran: {short:?}"));
         let b = long[stage];
         let extra = b.saturating_sub(a);

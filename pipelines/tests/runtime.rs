@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crossbeam_channel::bounded;
 use lipsync_pipelines::metrics::Clock;
-use lipsync_pipelines::runtime::{PinPolicy, Pipeline, PipelineError, StageError};
+use lipsync_pipelines::runtime::{ErrorKind, PinPolicy, Pipeline, PipelineError, Placement, StageError};
 
 /// A source, `mids` pass-through stages and a slow sink, every channel of capacity `cap`.
 /// Returns the most items alive at once.
@@ -17,7 +17,7 @@ fn run_chain(mids: usize, cap: usize, items: usize) -> i64 {
     let (tx, mut rx) = bounded::<usize>(cap);
     {
         let (alive, peak) = (alive.clone(), peak.clone());
-        p.spawn("source", false, move |ctx| {
+        p.spawn("source", Placement::Worker, move |ctx| {
             for i in 0..items {
                 let now = alive.fetch_add(1, Ordering::SeqCst) + 1;
                 peak.fetch_max(now, Ordering::SeqCst);
@@ -30,7 +30,7 @@ fn run_chain(mids: usize, cap: usize, items: usize) -> i64 {
     for m in 0..mids {
         let (tx2, rx2) = bounded::<usize>(cap);
         let input = std::mem::replace(&mut rx, rx2);
-        p.spawn(&format!("mid{m}"), false, move |ctx| {
+        p.spawn(&format!("mid{m}"), Placement::Worker, move |ctx| {
             while let Some(i) = ctx.recv(&input)? {
                 ctx.send(&tx2, i)?;
             }
@@ -40,7 +40,7 @@ fn run_chain(mids: usize, cap: usize, items: usize) -> i64 {
     }
     {
         let alive = alive.clone();
-        p.spawn("sink", false, move |ctx| {
+        p.spawn("sink", Placement::Worker, move |ctx| {
             let mut expect = 0;
             while let Some(i) = ctx.recv(&rx)? {
                 assert_eq!(i, expect, "order preserved");
@@ -83,7 +83,7 @@ fn failing_pipeline(
     {
         let token = token.clone();
         // An endless source: only cancellation can stop it while the channel is full.
-        p.spawn("source", false, move |ctx| {
+        p.spawn("source", Placement::Worker, move |ctx| {
             let _hold = token;
             let mut i = 0;
             loop {
@@ -95,7 +95,7 @@ fn failing_pipeline(
     }
     {
         let token = token.clone();
-        p.spawn("work", false, move |ctx| {
+        p.spawn("work", Placement::Worker, move |ctx| {
             let _hold = token;
             while let Some(i) = ctx.recv(&rx)? {
                 if i == fail_at {
@@ -112,7 +112,7 @@ fn failing_pipeline(
     }
     {
         let token = token.clone();
-        p.spawn("sink", false, move |ctx| {
+        p.spawn("sink", Placement::Worker, move |ctx| {
             let _hold = token;
             while ctx.recv(&rx2)?.is_some() {}
             Ok(())
@@ -137,7 +137,7 @@ fn first_failure_cancels_everything_and_names_stage_and_frame() {
         let (result, token) = failing_pipeline(17, false);
         let err = result.err().expect("the run fails");
         assert_eq!(err.stage, "work");
-        assert_eq!(err.frame, Some(17));
+        assert_eq!(err.item, Some(17));
         assert_eq!(err.to_string(), "stage `work` failed at frame 17: injected failure");
         assert_eq!(Arc::strong_count(&token), 1, "every stage thread finished and dropped its state");
     });
@@ -149,7 +149,8 @@ fn a_panic_is_caught_and_cancels_everything() {
         let (result, token) = failing_pipeline(5, true);
         let err = result.err().expect("the run fails");
         assert_eq!(err.stage, "work");
-        assert!(err.message.contains("panicked: injected panic at 5"), "{err}");
+        assert!(matches!(&err.kind, ErrorKind::Panicked(m) if m.contains("injected panic at 5")), "{err}");
+        assert!(err.to_string().starts_with("stage `work` panicked: injected panic at 5"), "{err}");
         assert_eq!(Arc::strong_count(&token), 1, "no thread left");
     });
 }
@@ -159,5 +160,5 @@ fn pin_policy_parses() {
     assert_eq!(PinPolicy::parse("none", 2).unwrap(), PinPolicy::None);
     assert_eq!(PinPolicy::parse("auto", 3).unwrap(), PinPolicy::Auto { reserved: 3 });
     assert_eq!(PinPolicy::parse("0,2, 3", 1).unwrap(), PinPolicy::List(vec![0, 2, 3]));
-    assert!(PinPolicy::parse("x", 1).unwrap_err().contains("bad core id"));
+    assert!(PinPolicy::parse("x", 1).unwrap_err().to_string().contains("bad core id"));
 }

@@ -3,22 +3,23 @@
 //! the UNet service (which then batches frames across them).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use lipsync_pipelines::job::FrameJob;
 use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
 use lipsync_pipelines::runtime::PinPolicy;
-use lipsync_pipelines::session::{
-    FrameSink, LiveStats, Session, SessionConfig, SessionError, UnetService, UnetServiceConfig,
-};
+use lipsync_pipelines::runtime::SharedStageStats;
+use lipsync_pipelines::session::{Session, SessionConfig, SessionError};
+use lipsync_pipelines::stages::sink::{FrameSink, SinkError};
+use lipsync_pipelines::stages::unet::{UnetService, UnetServiceConfig};
 use lipsync_stages::audio::{decode_file, load_16k};
 use lipsync_stages::avatar::Avatar;
 use lipsync_stages::face::Blend;
 use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
 use lipsync_stages::template::TemplateFrames;
-use lipsync_stages::unet::Provider;
+use lipsync_stages::unet::{Batch, Provider};
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
@@ -32,7 +33,7 @@ fn offline(rt: &OrtRuntime, audio: &Path) -> Vec<Vec<u8>> {
         avatar: Avatar::open(&fixture("golden/avatar")).unwrap(),
         audio: audio.to_path_buf(),
         output: Output::Dir { path: out.clone(), format: ImageFormat::Jpeg },
-        batch: 8,
+        batch: Batch::new(8).unwrap(),
         encoder_batch: 64,
         capacity: 4,
         intra_threads: 1,
@@ -55,8 +56,8 @@ type Frames = Arc<Mutex<Vec<(usize, Vec<u8>)>>>;
 struct Collect(Frames);
 
 impl FrameSink for Collect {
-    fn frame(&mut self, index: usize, jpeg: &[u8]) -> Result<(), String> {
-        self.0.lock().unwrap().push((index, jpeg.to_vec()));
+    fn frame(&mut self, job: &FrameJob) -> Result<(), SinkError> {
+        self.0.lock().unwrap().push((job.index, job.encoded.clone()));
         Ok(())
     }
 }
@@ -66,7 +67,7 @@ struct Shared {
     template: Arc<lipsync_stages::template::SharedTemplate>,
     encoder: Arc<Mutex<AudioEncoder>>,
     unet: Arc<UnetService>,
-    live: Arc<LiveStats>,
+    shared: Arc<SharedStageStats>,
 }
 
 fn shared(rt: &OrtRuntime, max_batch: usize, max_wait: Duration) -> Shared {
@@ -74,6 +75,7 @@ fn shared(rt: &OrtRuntime, max_batch: usize, max_wait: Duration) -> Shared {
     let template = TemplateFrames::open(&avatar.video, 1 << 30).unwrap().into_shared().unwrap();
     let io = avatar.config.models.io.clone();
     let encoder = AudioEncoder::open(rt, &avatar.encoder, &io, 64, &SessionOptions::default()).unwrap();
+    let max_batch = Batch::new(max_batch).unwrap();
     let cfg = UnetServiceConfig { max_batch, max_wait, intra_threads: 1, spinning: false, provider: Provider::Cpu };
     let unet = UnetService::start(rt, &avatar.unet, &io, avatar.config.crop, &cfg).unwrap();
     Shared {
@@ -81,7 +83,7 @@ fn shared(rt: &OrtRuntime, max_batch: usize, max_wait: Duration) -> Shared {
         template: Arc::new(template),
         encoder: Arc::new(Mutex::new(encoder)),
         unet: Arc::new(unet),
-        live: Arc::new(LiveStats::default()),
+        shared: Arc::new(SharedStageStats::default()),
     }
 }
 
@@ -96,10 +98,11 @@ fn config(sh: &Shared, id: u64, rate: u32, batch: usize, queue: usize) -> Sessio
         unet: sh.unet.clone(),
         sample_rate: rate,
         jpeg_quality: 90,
-        batch,
+        batch: Batch::new(batch).unwrap(),
         queue,
         start_frame: 0,
-        live: sh.live.clone(),
+        pin: PinPolicy::None,
+        shared: sh.shared.clone(),
     }
 }
 
@@ -196,7 +199,8 @@ fn concurrent_sessions_share_batches_and_stay_exact() {
     let frames = st.frames();
     assert_eq!(frames as usize, 3 * want_speech.len() + 3 * want_stereo.len());
     assert!(frames > batches, "frames of several sessions share UNet runs: {frames} frames in {batches} runs");
-    assert_eq!(sh.live.frames.load(Ordering::SeqCst), frames);
+    let sink = sh.shared.summary().into_iter().find(|(n, _)| n == "sink").expect("sink stats");
+    assert_eq!(sink.1.count, frames + 6, "every frame, and each session's end, is timed under one name");
 }
 
 #[test]
@@ -216,8 +220,8 @@ fn failures_are_reported_not_hung() {
     // A sink that fails stops the session; audio pushed afterwards is refused, not queued.
     struct Broken;
     impl FrameSink for Broken {
-        fn frame(&mut self, _: usize, _: &[u8]) -> Result<(), String> {
-            Err("client went away".into())
+        fn frame(&mut self, _: &FrameJob) -> Result<(), SinkError> {
+            Err(SinkError::Output("client went away".into()))
         }
     }
     let (tx, rx) = std::sync::mpsc::channel();
@@ -238,7 +242,7 @@ fn failures_are_reported_not_hung() {
     assert!(matches!(s.end_audio(), Err(SessionError::Stopped)));
     assert!(s.audio_ended(), "a stopped session counts as ended: its connection can open another");
     let r = rx.recv_timeout(Duration::from_secs(30)).unwrap();
-    assert!(r.as_ref().is_err_and(|e| e.message.contains("client went away")), "{r:?}");
+    assert!(r.as_ref().is_err_and(|e| e.message().contains("client went away")), "{r:?}");
     s.wait();
 
     // Dropping a session that was never ended cancels it and frees its threads.

@@ -1,6 +1,6 @@
 //! A streaming session's hot path allocates nothing per frame in steady state: a counting
 //! global allocator tallies allocations per thread. Streaming more audio adds no allocation to
-//! the prep and output (paste-back + JPEG + sink) stages, and adds to the audio stage only what
+//! the frames, prep, composite, encode and sink stages, and adds to the audio stage only what
 //! ONNX Runtime's API allocates inside the audio encoder's runs.
 
 use std::collections::HashMap;
@@ -9,13 +9,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lipsync_pipelines::session::{FrameSink, LiveStats, Session, SessionConfig, UnetService, UnetServiceConfig};
+use lipsync_pipelines::job::FrameJob;
+use lipsync_pipelines::runtime::{PinPolicy, SharedStageStats};
+use lipsync_pipelines::session::{Session, SessionConfig};
+use lipsync_pipelines::stages::sink::{FrameSink, SinkError};
+use lipsync_pipelines::stages::unet::{UnetService, UnetServiceConfig};
 use lipsync_stages::audio::load_16k;
 use lipsync_stages::avatar::Avatar;
 use lipsync_stages::features::{AudioEncoder, WINDOW_LEN};
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
 use lipsync_stages::template::TemplateFrames;
-use lipsync_stages::unet::Provider;
+use lipsync_stages::unet::{Batch, Provider};
 
 mod alloc_counter;
 
@@ -27,8 +31,8 @@ fn fixture(rel: &str) -> PathBuf {
 struct Count(Arc<AtomicU64>);
 
 impl FrameSink for Count {
-    fn frame(&mut self, _: usize, jpeg: &[u8]) -> Result<(), String> {
-        self.0.fetch_add(jpeg.len() as u64, Ordering::Relaxed);
+    fn frame(&mut self, job: &FrameJob) -> Result<(), SinkError> {
+        self.0.fetch_add(job.encoded.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -38,7 +42,7 @@ struct Fixture {
     template: Arc<lipsync_stages::template::SharedTemplate>,
     encoder: Arc<Mutex<AudioEncoder>>,
     unet: Arc<UnetService>,
-    live: Arc<LiveStats>,
+    shared: Arc<SharedStageStats>,
 }
 
 /// Streams `seconds` of speech (the 2 s fixture repeated) in 20 ms chunks; returns allocations
@@ -59,10 +63,11 @@ fn allocations(fx: &Fixture, id: u64, seconds: usize) -> (HashMap<String, u64>, 
         unet: fx.unet.clone(),
         sample_rate: 16_000,
         jpeg_quality: 90,
-        batch: 2,
+        batch: Batch::new(2).unwrap(),
         queue: 4,
         start_frame: 0,
-        live: fx.live.clone(),
+        pin: PinPolicy::None,
+        shared: fx.shared.clone(),
     };
     let bytes = Arc::new(AtomicU64::new(0));
     let mut s =
@@ -95,7 +100,7 @@ fn session_hot_path_allocates_nothing_per_frame() {
     let per_run = alloc_counter::this_thread() - before;
     assert!(per_run > 0, "the counter counts ONNX Runtime's allocations");
     let cfg = UnetServiceConfig {
-        max_batch: 2,
+        max_batch: Batch::new(2).unwrap(),
         max_wait: Duration::from_millis(1),
         intra_threads: 1,
         spinning: false,
@@ -107,12 +112,12 @@ fn session_hot_path_allocates_nothing_per_frame() {
         template: Arc::new(template),
         encoder: Arc::new(Mutex::new(encoder)),
         unet: Arc::new(unet),
-        live: Arc::new(LiveStats::default()),
+        shared: Arc::new(SharedStageStats::default()),
     };
     let (short, short_windows) = allocations(&fx, 1, 2);
     let (long, long_windows) = allocations(&fx, 2, 6);
     let extra_frames = 100u64; // 4 s more audio: 100 more frames
-    for stage in ["ls-prep", "ls-output"] {
+    for stage in ["ls-frames", "ls-prep", "ls-composite", "ls-encode", "ls-sink"] {
         let a = *short.get(stage).unwrap_or_else(|| panic!("stage {stage} ran: {short:?}"));
         let b = long[stage];
         // Channel wake-ups may register a waiter now and then (timing-dependent); a per-frame

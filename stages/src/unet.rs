@@ -12,6 +12,64 @@ use crate::onnx::{check_signature, ModelIo, OnnxError, OrtRuntime, SessionOption
 /// Largest batch accepted.
 pub const MAX_BATCH: usize = 32;
 
+/// A UNet batch size: always within `1..=MAX_BATCH` (checked once, where it is made).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "usize", into = "usize")]
+pub struct Batch(usize);
+
+/// A batch size outside `1..=MAX_BATCH`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("batch size {0} is out of range: expected 1..={MAX_BATCH}")]
+pub struct BatchError(pub usize);
+
+impl Batch {
+    /// One frame per run.
+    pub const ONE: Batch = Batch(1);
+    /// The largest batch.
+    pub const MAX: Batch = Batch(MAX_BATCH);
+
+    /// `n` frames per run, if within `1..=MAX_BATCH`.
+    pub const fn new(n: usize) -> Result<Self, BatchError> {
+        if n >= 1 && n <= MAX_BATCH {
+            Ok(Batch(n))
+        } else {
+            Err(BatchError(n))
+        }
+    }
+
+    /// The size.
+    pub const fn get(self) -> usize {
+        self.0
+    }
+}
+
+impl TryFrom<usize> for Batch {
+    type Error = BatchError;
+    fn try_from(n: usize) -> Result<Self, BatchError> {
+        Batch::new(n)
+    }
+}
+
+impl From<Batch> for usize {
+    fn from(b: Batch) -> usize {
+        b.0
+    }
+}
+
+impl std::fmt::Display for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for Batch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let n: usize = s.trim().parse().map_err(|_| format!("`{s}` is not a batch size: expected 1..={MAX_BATCH}"))?;
+        Batch::new(n).map_err(|e| e.to_string())
+    }
+}
+
 /// Which execution provider runs the UNet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Provider {
@@ -40,9 +98,9 @@ pub enum UnetError {
     /// The model is missing, unreadable or has the wrong signature.
     #[error(transparent)]
     Model(#[from] OnnxError),
-    /// A batch size outside 1..=32.
-    #[error("UNet batch size {0} is outside 1..=32")]
-    BadBatch(usize),
+    /// A run of more frames than the session was opened for (or none).
+    #[error("UNet run of {0} frames is outside the session's 1..={1}")]
+    BadBatch(usize, usize),
     /// Running the model failed.
     #[error("UNet failed on a batch of {batch}: {message}")]
     Run {
@@ -86,13 +144,11 @@ impl Unet {
         path: &Path,
         io: &ModelIo,
         crop: &CropParams,
-        max_batch: usize,
+        max_batch: Batch,
         opts: &SessionOptions,
         provider: Provider,
     ) -> Result<Self, UnetError> {
-        if !(1..=MAX_BATCH).contains(&max_batch) {
-            return Err(UnetError::BadBatch(max_batch));
-        }
+        let max_batch = max_batch.get();
         let (session, provider) = match provider {
             Provider::Cpu => (rt.open_model("UNet", path, opts)?, Provider::Cpu),
             Provider::Cuda => open_cuda(rt, path, opts)?,
@@ -115,7 +171,7 @@ impl Unet {
     /// `n x [3, S, S]` into `output`.
     pub fn run(&mut self, n: usize, images: &[f32], audio: &[f32], output: &mut [f32]) -> Result<(), UnetError> {
         if !(1..=self.max_batch).contains(&n) {
-            return Err(UnetError::BadBatch(n));
+            return Err(UnetError::BadBatch(n, self.max_batch));
         }
         let s = self.size;
         let run = |message: String| UnetError::Run { batch: n, message };
@@ -153,4 +209,21 @@ fn open_cuda(rt: &OrtRuntime, path: &Path, opts: &SessionOptions) -> Result<(Ses
 fn open_cuda(rt: &OrtRuntime, path: &Path, opts: &SessionOptions) -> Result<(Session, Provider), UnetError> {
     tracing::warn!("lipsync was built without the `cuda` feature; running the UNet on the CPU");
     Ok((rt.open_model("UNet", path, opts)?, Provider::Cpu))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_is_checked_once_with_the_allowed_range_in_the_error() {
+        assert_eq!(Batch::new(8).unwrap().get(), 8);
+        assert_eq!(Batch::new(0).unwrap_err().to_string(), "batch size 0 is out of range: expected 1..=32");
+        assert!(Batch::new(33).is_err());
+        assert_eq!("4".parse::<Batch>().unwrap(), Batch::new(4).unwrap());
+        assert!("x".parse::<Batch>().unwrap_err().contains("expected 1..=32"));
+        let b: Batch = serde_json::from_str("16").unwrap();
+        assert_eq!(b.get(), 16);
+        assert!(serde_json::from_str::<Batch>("64").is_err());
+    }
 }

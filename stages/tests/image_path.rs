@@ -85,9 +85,16 @@ fn image_path_matches_the_reference() {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("golden/ref/meta.json")).unwrap()).unwrap();
     let rt = OrtRuntime::load(None).unwrap();
-    let mut unet =
-        Unet::open(&rt, &avatar.unet, &ModelIo::default(), &crop, 4, &SessionOptions::default(), Provider::Cpu)
-            .unwrap();
+    let mut unet = Unet::open(
+        &rt,
+        &avatar.unet,
+        &ModelIo::default(),
+        &crop,
+        lipsync_stages::unet::Batch::new(4).unwrap(),
+        &SessionOptions::default(),
+        Provider::Cpu,
+    )
+    .unwrap();
     let mut prep = FacePrep::new();
     let mut comp = Compositor::new();
     let mut frame = BgrFrame::default();

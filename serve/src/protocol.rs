@@ -107,16 +107,99 @@ pub enum WireError {
 }
 
 impl WireError {
-    /// A short machine-readable code for error replies.
-    pub fn code(&self) -> &'static str {
+    /// The code of the error reply it gets.
+    pub fn code(&self) -> ErrorCode {
         match self {
-            WireError::Closed => "closed",
-            WireError::Truncated { .. } => "truncated",
-            WireError::BadLength(0) => "bad_length",
-            WireError::BadLength(_) => "oversize",
-            WireError::UnknownType(_) => "unknown_type",
-            WireError::Io(_) => "io",
+            WireError::Closed => ErrorCode::Closed,
+            WireError::Truncated { .. } => ErrorCode::Truncated,
+            WireError::BadLength(0) => ErrorCode::BadLength,
+            WireError::BadLength(_) => ErrorCode::Oversize,
+            WireError::UnknownType(_) => ErrorCode::UnknownType,
+            WireError::Io(_) => ErrorCode::Io,
         }
+    }
+}
+
+/// The machine-readable code of an `Error` message (docs/protocol.md lists which close the
+/// connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Unsupported protocol version.
+    Version,
+    /// A malformed request (JSON, options out of range).
+    BadRequest,
+    /// No Hello, Hello twice, or another message first.
+    Handshake,
+    /// The connection closed (never sent).
+    Closed,
+    /// The stream ended inside a message.
+    Truncated,
+    /// A zero length.
+    BadLength,
+    /// A length over the maximum.
+    Oversize,
+    /// An unknown message type.
+    UnknownType,
+    /// A socket error.
+    Io,
+    /// No such avatar, or a name that is not a plain directory name.
+    UnknownAvatar,
+    /// Unload refused: sessions use the avatar.
+    InUse,
+    /// The avatar could not be loaded.
+    AvatarLoad,
+    /// Audio or EndAudio without a streaming session.
+    NoSession,
+    /// A server-to-client message sent by the client.
+    Unexpected,
+    /// Open while a session is streaming on the connection.
+    SessionOpen,
+    /// The daemon is draining.
+    ShuttingDown,
+    /// The session or connection limit is reached.
+    Busy,
+    /// The session failed (the message says why).
+    Session,
+    /// Audio that is not whole sample frames, or not finite.
+    BadAudio,
+    /// A code this build does not know (from a newer peer).
+    #[serde(other)]
+    Other,
+}
+
+impl ErrorCode {
+    /// The code as it travels.
+    pub fn as_str(self) -> &'static str {
+        use ErrorCode::*;
+        match self {
+            Version => "version",
+            BadRequest => "bad_request",
+            Handshake => "handshake",
+            Closed => "closed",
+            Truncated => "truncated",
+            BadLength => "bad_length",
+            Oversize => "oversize",
+            UnknownType => "unknown_type",
+            Io => "io",
+            UnknownAvatar => "unknown_avatar",
+            InUse => "in_use",
+            AvatarLoad => "avatar_load",
+            NoSession => "no_session",
+            Unexpected => "unexpected",
+            SessionOpen => "session_open",
+            ShuttingDown => "shutting_down",
+            Busy => "busy",
+            Session => "session",
+            BadAudio => "bad_audio",
+            Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -286,8 +369,8 @@ pub struct Done {
 /// `Error` payload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorReply {
-    /// Machine-readable code (`busy`, `version`, `unknown_avatar`, ...).
-    pub code: String,
+    /// Machine-readable code.
+    pub code: ErrorCode,
     /// Human-readable explanation.
     pub message: String,
 }
@@ -332,5 +415,15 @@ mod tests {
         assert!(matches!(read_message(&mut &big[..], &mut p), Err(WireError::BadLength(_))));
         let unknown = [0, 0, 0, 1, 0x99];
         assert!(matches!(read_message(&mut &unknown[..], &mut p), Err(WireError::UnknownType(0x99))));
+    }
+
+    #[test]
+    fn error_codes_travel_as_their_names() {
+        for code in [ErrorCode::BadRequest, ErrorCode::UnknownAvatar, ErrorCode::ShuttingDown, ErrorCode::Busy] {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
+        }
+        assert_eq!(serde_json::from_str::<ErrorCode>("\"from_the_future\"").unwrap(), ErrorCode::Other);
     }
 }

@@ -1,0 +1,169 @@
+//! The one stage graph behind `lipsync render` and every `lipsync serve` session.
+//!
+//! ```text
+//! source -> audio -> frames -> prep -> [UNet batcher] -> composite -> encode -> sink
+//!          (16 kHz, mel,  (template   (model   (shared,    (paste-back) (JPEG/PNG/  (files, stdout,
+//!           windows,       frame +     input)   batches               H.264)       socket)
+//!           encoder, F)    audio)               across graphs)
+//! ```
+//!
+//! Render and a session differ only in their source (a file read whole, or audio pushed as it
+//! arrives from a socket) and their sink (files or stdout, or the socket). Each stage is a
+//! [`Stage`](crate::runtime::Stage) in `crate::stages` on its own thread; channels are
+//! bounded; frame jobs come from a fixed pool taken by `frames` and given back by `sink`, so
+//! the frames in flight (and the memory and the latency a backlog adds) are bounded by
+//! `jobs`, whatever the length of the audio. A frame leaves `audio` as soon as its audio is
+//! final (docs/spec.md section 7), so for the same samples every source gives the same
+//! frames, bit for bit.
+
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use lipsync_stages::audio::{AudioError, StreamResampler, SAMPLE_RATE};
+use lipsync_stages::avatar::Avatar;
+use lipsync_stages::face::Blend;
+use lipsync_stages::features::AudioEncoder;
+use lipsync_stages::unet::Batch;
+
+use crate::job::{AudioIn, AudioTensor, FrameJob, FrameStats};
+use crate::runtime::{Discard, Pipeline, PipelineError, Placement, Pool};
+use crate::stages::audio::AudioStage;
+use crate::stages::composite::CompositeStage;
+use crate::stages::encode::{EncodeStage, Encoding};
+use crate::stages::frames::{FramesStage, Template};
+use crate::stages::prep::PrepStage;
+use crate::stages::sink::{FrameSink, ProgressFn, SinkStage};
+use crate::stages::unet::{UnetReply, UnetService};
+
+/// The graph's stage names, in order (threads are `ls-NAME`; metrics use these names; the
+/// UNet batcher, shared between graphs, reports as `unet`).
+pub const STAGES: [&str; 6] = ["audio", "frames", "prep", "composite", "encode", "sink"];
+
+/// Audio chunks queued between the source and the audio stage.
+pub const AUDIO_QUEUE: usize = 4;
+
+/// Everything one graph needs (render and sessions fill it the same way).
+pub struct GraphConfig {
+    /// This graph's id among the UNet batcher's producers.
+    pub id: u64,
+    /// The avatar (boxes, crop geometry, frame rate).
+    pub avatar: Arc<Avatar>,
+    /// Its template frames.
+    pub template: Template,
+    /// Where the ping-pong walk through the template starts.
+    pub start_frame: usize,
+    /// The audio encoder (shared by the graphs that use the model).
+    pub encoder: Arc<Mutex<AudioEncoder>>,
+    /// The UNet batcher of the avatar's model.
+    pub unet: Arc<UnetService>,
+    /// Sample rate of the audio the source sends (resampled to 16 kHz in the graph).
+    pub input_rate: u32,
+    /// What the encode stage makes.
+    pub encoding: Encoding,
+    /// Paste-back blending.
+    pub blend: Blend,
+    /// At most this many of this graph's frames per UNet run.
+    pub batch: Batch,
+    /// Frame jobs in flight, from `frames` to `sink` (at least 1).
+    pub jobs: usize,
+    /// Capacity of the channels between image stages (at least 1).
+    pub capacity: usize,
+    /// Audio tensors queued ahead of `frames` (at least 1).
+    pub audio_ahead: usize,
+    /// Stop after this many frames.
+    pub max_frames: Option<usize>,
+    /// Called by the sink after each frame.
+    pub progress: Option<ProgressFn>,
+}
+
+/// A graph setting that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum GraphError {
+    /// A count that must be positive is zero.
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    /// JPEG quality outside 1..=100.
+    #[error("JPEG quality {0} is out of range: expected 1..=100")]
+    Quality(u8),
+    /// The avatar's crop geometry is not the one its UNet batcher was opened for.
+    #[error("the avatar's crop geometry differs from its UNet service's")]
+    Crop,
+    /// The input sample rate cannot be resampled.
+    #[error(transparent)]
+    Rate(#[from] AudioError),
+    /// A stage thread could not start.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+}
+
+impl GraphConfig {
+    /// Checks every setting once, before anything starts.
+    pub fn validate(&self) -> Result<(), GraphError> {
+        for (name, v) in [("jobs", self.jobs), ("capacity", self.capacity), ("audio_ahead", self.audio_ahead)] {
+            if v == 0 {
+                return Err(GraphError::Zero(name));
+            }
+        }
+        if self.max_frames == Some(0) {
+            return Err(GraphError::Zero("max_frames"));
+        }
+        if let Encoding::Jpeg(q) = self.encoding {
+            if !(1..=100).contains(&q) {
+                return Err(GraphError::Quality(q));
+            }
+        }
+        if *self.unet.crop() != self.avatar.config.crop {
+            return Err(GraphError::Crop);
+        }
+        Ok(())
+    }
+}
+
+/// A built graph: the source's end of it.
+pub struct Graph {
+    /// Where the source sends audio.
+    pub input: Sender<AudioIn>,
+    /// Sample buffers coming back from the audio stage for reuse.
+    pub recycle: Receiver<Vec<f32>>,
+    /// What the graph has done so far.
+    pub stats: Arc<FrameStats>,
+}
+
+/// Adds the graph's stages to `p`, writing frames to `sink`; the caller adds the source (or
+/// feeds [`Graph::input`] itself) and joins `p`.
+pub fn build(p: &mut Pipeline, cfg: GraphConfig, sink: Box<dyn FrameSink>) -> Result<Graph, GraphError> {
+    cfg.validate()?;
+    let resampler = if cfg.input_rate == SAMPLE_RATE { None } else { Some(StreamResampler::new(cfg.input_rate)?) };
+    let crop = cfg.avatar.config.crop;
+    let stats = Arc::new(FrameStats::default());
+    let clock = p.clock().clone();
+    let cap = cfg.capacity;
+
+    let (audio_tx, audio_rx) = bounded::<AudioIn>(AUDIO_QUEUE);
+    let (recycle_tx, recycle_rx) = bounded::<Vec<f32>>(AUDIO_QUEUE + 2);
+    let (tensor_tx, tensor_rx) = bounded::<AudioTensor>(cfg.audio_ahead);
+    let (frames_tx, frames_rx) = bounded::<FrameJob>(cap);
+    let (reply_tx, reply_rx) = bounded::<UnetReply>(cfg.jobs);
+    let (comp_tx, comp_rx) = bounded::<FrameJob>(cap);
+    let (enc_tx, enc_rx) = bounded::<FrameJob>(cap);
+    let tensors = Pool::new(cfg.audio_ahead + 1, || AudioTensor::new(clock.now()));
+    let jobs = Pool::new(cfg.jobs, || FrameJob::new(&crop, clock.now()));
+    let max_frames = cfg.max_frames.unwrap_or(usize::MAX);
+    let port = cfg.unet.port(cfg.id, cfg.batch, reply_tx, p.cancel_flag());
+
+    let audio = AudioStage::new(resampler, cfg.encoder, tensors.clone(), Some(recycle_tx), stats.clone(), max_frames);
+    p.stage(STAGES[0], Placement::Worker, audio, audio_rx, tensor_tx)?;
+    let boxes = cfg.avatar.boxes.len();
+    let start = cfg.start_frame;
+    let (template, job_pool, st) = (cfg.template, jobs.clone(), stats.clone());
+    let frames = move || FramesStage::new(template, boxes, start, job_pool, tensors, st);
+    p.stage_built(STAGES[1], Placement::Worker, frames, tensor_rx, frames_tx)?;
+    p.stage(STAGES[2], Placement::Worker, PrepStage::new(cfg.avatar.clone()), frames_rx, port)?;
+    let composite = CompositeStage::new(cfg.avatar, cfg.blend);
+    p.stage(STAGES[3], Placement::Worker, composite, reply_rx, comp_tx)?;
+    let encoding = cfg.encoding;
+    p.stage_built(STAGES[4], Placement::Worker, move || EncodeStage::new(encoding), comp_rx, enc_tx)?;
+    let sink = SinkStage::new(sink, jobs, stats.clone(), cfg.progress);
+    p.stage(STAGES[5], Placement::Worker, sink, enc_rx, Discard)?;
+    Ok(Graph { input: audio_tx, recycle: recycle_rx, stats })
+}

@@ -1,0 +1,142 @@
+//! The items that travel through the graph: audio in, per-frame audio tensors, frame jobs;
+//! and the per-run counters every graph keeps.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+use lipsync_stages::avatar::CropParams;
+use lipsync_stages::face::{input_len, output_len, template_len};
+use lipsync_stages::features::FRAME_AUDIO_LEN;
+use lipsync_stages::frame::BgrFrame;
+
+use crate::metrics::{histogram, LatencyRecorder, Percentiles};
+use crate::runtime::lock;
+
+/// Audio into the graph (from a file source or a socket source).
+pub enum AudioIn {
+    /// Mono samples at the graph's input rate, and when they arrived.
+    Samples(Vec<f32>, quanta::Instant),
+    /// The end of the audio, and when it was announced.
+    End(quanta::Instant),
+}
+
+/// One frame's audio tensor (`[32, 16, 16]`, docs/spec.md section 2), from the audio stage to
+/// the frames stage.
+pub struct AudioTensor {
+    /// Output frame index.
+    pub index: usize,
+    /// Whether this is the last frame of the audio.
+    pub last: bool,
+    /// The tensor.
+    pub data: Vec<f32>,
+    /// When the audio that made it final arrived.
+    pub t_audio: quanta::Instant,
+}
+
+impl AudioTensor {
+    /// An empty tensor (for pools).
+    pub fn new(t: quanta::Instant) -> Self {
+        Self { index: 0, last: false, data: vec![0.0; FRAME_AUDIO_LEN], t_audio: t }
+    }
+}
+
+/// One frame on its way through the graph: taken from the graph's pool by the frames stage,
+/// given back by the sink. Every buffer is sized once, so steady state allocates nothing.
+pub struct FrameJob {
+    /// Output frame index.
+    pub index: usize,
+    /// Whether this is the last frame of the audio (the UNet batcher does not wait after it).
+    pub last: bool,
+    /// Template frame used.
+    pub template: usize,
+    /// The frame being built (the template frame, then the composited frame).
+    pub frame: BgrFrame,
+    /// The 328 crop, kept for paste-back.
+    pub c328: Vec<u8>,
+    /// UNet image input (`[6, S, S]`).
+    pub input: Vec<f32>,
+    /// UNet audio input (`[32, 16, 16]`).
+    pub audio: Vec<f32>,
+    /// UNet output (`[3, S, S]`).
+    pub output: Vec<f32>,
+    /// Encoded bytes (JPEG/PNG), when the encoding makes them.
+    pub encoded: Vec<u8>,
+    /// When the audio that made this frame final arrived.
+    pub t_audio: quanta::Instant,
+    /// When the frame entered the image path (its job was taken).
+    pub t_in: quanta::Instant,
+}
+
+impl FrameJob {
+    /// An empty job with buffers sized for `crop` (for pools).
+    pub fn new(crop: &CropParams, t: quanta::Instant) -> Self {
+        Self {
+            index: 0,
+            last: false,
+            template: 0,
+            frame: BgrFrame::default(),
+            c328: vec![0; template_len(crop)],
+            input: vec![0.0; input_len(crop)],
+            audio: vec![0.0; FRAME_AUDIO_LEN],
+            output: vec![0.0; output_len(crop)],
+            encoded: Vec::new(),
+            t_audio: t,
+            t_in: t,
+        }
+    }
+}
+
+/// What one run of the graph has done so far: read live (daemon stats, progress bars) and at
+/// the end (reports).
+pub struct FrameStats {
+    /// When the run started.
+    pub started: Instant,
+    /// Frames the audio makes (`L + 2`, or the frame cap), once known; `usize::MAX` before.
+    pub total: AtomicUsize,
+    /// Frames written by the sink.
+    pub frames: AtomicU64,
+    /// Time to the first frame (µs after start; 0 until then).
+    pub first_frame_us: AtomicU64,
+    /// Frames prepared and not yet written.
+    pub in_flight: AtomicU64,
+    /// Per frame: from the arrival of the audio that made it final to the frame written.
+    pub latency: Mutex<Histogram<u64>>,
+    /// Per frame: from entering the image path to the frame written.
+    pub e2e: Mutex<LatencyRecorder>,
+    /// When the first and the last frame were written.
+    pub span: Mutex<Option<(quanta::Instant, quanta::Instant)>>,
+}
+
+impl Default for FrameStats {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            total: AtomicUsize::new(usize::MAX),
+            frames: AtomicU64::new(0),
+            first_frame_us: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            latency: Mutex::new(histogram()),
+            e2e: Mutex::new(LatencyRecorder::default()),
+            span: Mutex::new(None),
+        }
+    }
+}
+
+impl FrameStats {
+    /// The frame count, once the audio has ended.
+    pub fn total(&self) -> Option<usize> {
+        Some(self.total.load(Ordering::SeqCst)).filter(|&t| t != usize::MAX)
+    }
+
+    /// Frames written.
+    pub fn frames(&self) -> u64 {
+        self.frames.load(Ordering::SeqCst)
+    }
+
+    /// Audio-to-frame latency percentiles (ms).
+    pub fn latency(&self) -> Percentiles {
+        Percentiles::of(&lock(&self.latency))
+    }
+}

@@ -1,0 +1,568 @@
+//! The staged runtime: each stage on its own named (optionally pinned) OS thread, stages
+//! connected only by bounded crossbeam channels, the first error (or panic) cancels everything,
+//! every thread is joined, per-stage metrics are collected.
+//!
+//! A stage is a type implementing [`Stage`]: it only says what to do with one item (and at the
+//! end of its input). [`Pipeline::stage`] runs it: receiving (queue-wait time), timing (service
+//! time, not counting time blocked on a full output or an empty pool), sending with
+//! backpressure, cancellation and panic capture are done here, once, for every stage. The
+//! runtime knows nothing about lip-sync.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
+use hdrhistogram::Histogram;
+
+use crate::metrics::{histogram, Clock, Percentiles, StageMetrics};
+
+mod error;
+mod pin;
+
+pub use error::{BoxError, ErrorKind, Message, PipelineError, StageError};
+pub use pin::{PinParseError, PinPolicy};
+
+/// How often blocked sends/receives look at the cancel flag.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Where a stage runs, for pinning: inference stages are left to ONNX Runtime's own pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// An ordinary worker stage (pinned by `auto` to the cores inference does not use).
+    Worker,
+    /// A stage that runs a model with its own intra-op threads (never pinned by `auto`).
+    Inference,
+}
+
+/// A histogram several threads record into.
+pub type SharedHistogram = Arc<Mutex<Histogram<u64>>>;
+
+/// Service-time histograms shared by many pipelines (a daemon's sessions), one per stage
+/// name: every pipeline built with [`Pipeline::with_shared`] also records into these.
+#[derive(Default)]
+pub struct SharedStageStats {
+    stages: Mutex<Vec<(String, SharedHistogram)>>,
+}
+
+impl SharedStageStats {
+    /// Statistics with these stages listed from the start (in this order), before any
+    /// pipeline has run.
+    pub fn with_stages(names: &[&str]) -> Self {
+        let s = Self::default();
+        for n in names {
+            s.histogram(n);
+        }
+        s
+    }
+
+    /// The histogram of stage `name` (created on first use, kept in first-use order).
+    pub fn histogram(&self, name: &str) -> SharedHistogram {
+        let mut stages = lock(&self.stages);
+        if let Some((_, h)) = stages.iter().find(|(n, _)| n == name) {
+            return h.clone();
+        }
+        let h = Arc::new(Mutex::new(histogram()));
+        stages.push((name.to_string(), h.clone()));
+        h
+    }
+
+    /// Records one service time of stage `name`.
+    pub fn record(&self, name: &str, d: Duration) {
+        record(&self.histogram(name), d);
+    }
+
+    /// Percentiles (ms) of every stage's service time, in first-use order.
+    pub fn summary(&self) -> Vec<(String, Percentiles)> {
+        lock(&self.stages).iter().map(|(n, h)| (n.clone(), Percentiles::of(&lock(h)))).collect()
+    }
+}
+
+/// Locks a mutex, recovering the data of a poisoned one (a panicking stage holds no invariant
+/// that a histogram could break).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Records a duration (ns, at least 1) into a shared histogram.
+pub fn record(h: &Mutex<Histogram<u64>>, d: Duration) {
+    lock(h).saturating_record((d.as_nanos() as u64).max(1));
+}
+
+/// What a stage body sees: the cancel flag, its metrics and the clock.
+pub struct StageCtx {
+    name: String,
+    cancel: Arc<AtomicBool>,
+    shared: Option<SharedHistogram>,
+    /// This stage's service and queue-wait histograms.
+    pub metrics: StageMetrics,
+    /// The shared clock.
+    pub clock: Clock,
+}
+
+impl StageCtx {
+    /// The stage's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the pipeline is being cancelled.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Records one item's service time (here and in the shared statistics, if any).
+    pub fn record_service(&mut self, d: Duration) {
+        self.metrics.record_service(d);
+        if let Some(h) = &self.shared {
+            record(h, d);
+        }
+    }
+
+    /// Receives the next item, recording the wait as queue-wait time. `Ok(None)` when the
+    /// sender has finished (end of stream); `Err(Cancelled)` when the pipeline is cancelled.
+    pub fn recv<T>(&mut self, rx: &Receiver<T>) -> Result<Option<T>, StageError> {
+        let start = self.clock.now();
+        loop {
+            if self.cancelled() {
+                return Err(StageError::Cancelled);
+            }
+            match rx.recv_timeout(POLL) {
+                Ok(item) => {
+                    self.metrics.record_wait(self.clock.now().duration_since(start));
+                    return Ok(Some(item));
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return Ok(None),
+            }
+        }
+    }
+
+    /// Sends an item downstream, blocking while the channel is full (backpressure). A gone
+    /// receiver or a cancel stops the stage quietly.
+    pub fn send<T>(&self, tx: &Sender<T>, item: T) -> Result<(), StageError> {
+        if send_unless_cancelled(tx, item, &self.cancel) {
+            Ok(())
+        } else {
+            Err(StageError::Cancelled)
+        }
+    }
+}
+
+/// Where a stage's output goes: a channel, or anything that forwards items (a shared
+/// service's queue).
+pub trait Outlet<T>: Send {
+    /// Hands `item` on, blocking while the receiver is full; `Err(Cancelled)` once `cancel` is
+    /// set or the receiver is gone.
+    fn put(&self, item: T, cancel: &AtomicBool) -> Result<(), StageError>;
+}
+
+impl<T: Send> Outlet<T> for Sender<T> {
+    fn put(&self, item: T, cancel: &AtomicBool) -> Result<(), StageError> {
+        if send_unless_cancelled(self, item, cancel) {
+            Ok(())
+        } else {
+            Err(StageError::Cancelled)
+        }
+    }
+}
+
+/// The outlet of a last stage: it emits nothing.
+pub struct Discard;
+
+impl<T> Outlet<T> for Discard {
+    fn put(&self, _item: T, _cancel: &AtomicBool) -> Result<(), StageError> {
+        Ok(())
+    }
+}
+
+/// A stage's view of its output while it works on one item: sending and taking pooled buffers
+/// block (backpressure), and that blocked time is not counted as service time.
+pub struct Out<'a, T> {
+    ctx: &'a mut StageCtx,
+    outlet: &'a dyn Outlet<T>,
+    blocked: Duration,
+}
+
+impl<T> Out<'_, T> {
+    /// Sends an item downstream.
+    pub fn send(&mut self, item: T) -> Result<(), StageError> {
+        let t = self.ctx.clock.now();
+        let r = self.outlet.put(item, &self.ctx.cancel);
+        self.blocked += self.ctx.clock.now().duration_since(t);
+        r
+    }
+
+    /// Takes a buffer from a pool, waiting while all are in use.
+    pub fn take<P>(&mut self, pool: &Pool<P>) -> Result<P, StageError> {
+        let t = self.ctx.clock.now();
+        let r = pool.take(self.ctx);
+        self.blocked += self.ctx.clock.now().duration_since(t);
+        r
+    }
+
+    /// The clock (for timestamps carried by items).
+    pub fn clock(&self) -> &Clock {
+        &self.ctx.clock
+    }
+
+    /// Whether the pipeline is being cancelled.
+    pub fn cancelled(&self) -> bool {
+        self.ctx.cancelled()
+    }
+}
+
+/// One step of the dataflow: what to do with each input item and at the end of the input.
+/// [`Pipeline::stage`] runs it on its own thread.
+pub trait Stage: 'static {
+    /// The items it receives.
+    type In: Send + 'static;
+    /// The items it sends on.
+    type Out: Send + 'static;
+
+    /// Works on one item, sending any number of items on.
+    fn process(&mut self, item: Self::In, out: &mut Out<'_, Self::Out>) -> Result<(), StageError>;
+
+    /// Called once when the input has ended (not on cancellation).
+    fn finish(&mut self, _out: &mut Out<'_, Self::Out>) -> Result<(), StageError> {
+        Ok(())
+    }
+}
+
+/// Result of one finished stage.
+pub struct StageReport {
+    /// The stage's name.
+    pub name: String,
+    /// Its histograms.
+    pub metrics: StageMetrics,
+    /// CPU time the thread used, in seconds.
+    pub cpu_seconds: f64,
+    /// The core it was pinned to.
+    pub core: Option<usize>,
+}
+
+/// Builds and runs a set of stage threads.
+pub struct Pipeline {
+    cancel: Arc<AtomicBool>,
+    first_error: Arc<Mutex<Option<PipelineError>>>,
+    handles: Vec<(String, JoinHandle<StageReport>)>,
+    pin: PinPolicy,
+    cores: Vec<core_affinity::CoreId>,
+    clock: Clock,
+    shared: Option<Arc<SharedStageStats>>,
+    prefix: String,
+    spawned: usize,
+}
+
+impl Pipeline {
+    /// An empty pipeline with a pinning policy.
+    pub fn new(pin: PinPolicy, clock: Clock) -> Self {
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        Self {
+            cancel: Arc::new(AtomicBool::new(false)),
+            first_error: Arc::new(Mutex::new(None)),
+            handles: Vec::new(),
+            pin,
+            cores,
+            clock,
+            shared: None,
+            prefix: "ls-".into(),
+            spawned: 0,
+        }
+    }
+
+    /// Also records every stage's service time into `shared`, by stage name.
+    pub fn with_shared(mut self, shared: Arc<SharedStageStats>) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// The cancel flag (set it to stop every stage).
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
+    }
+
+    /// The pipeline's clock.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Runs `stage` on its own thread named `ls-NAME`: items from `input` go through
+    /// [`Stage::process`], then [`Stage::finish`] once `input` has ended; outputs go to
+    /// `output`.
+    pub fn stage<S: Stage + Send>(
+        &mut self,
+        name: &str,
+        placement: Placement,
+        stage: S,
+        input: Receiver<S::In>,
+        output: impl Outlet<S::Out> + 'static,
+    ) -> Result<(), PipelineError> {
+        self.stage_built(name, placement, move || stage, input, output)
+    }
+
+    /// Like [`Pipeline::stage`] for a stage that must be made on the thread that runs it (one
+    /// holding handles that are not `Send`): `make` runs first, on that thread.
+    pub fn stage_built<S: Stage>(
+        &mut self,
+        name: &str,
+        placement: Placement,
+        make: impl FnOnce() -> S + Send + 'static,
+        input: Receiver<S::In>,
+        output: impl Outlet<S::Out> + 'static,
+    ) -> Result<(), PipelineError> {
+        self.spawn(name, placement, move |ctx| {
+            let mut stage = make();
+            while let Some(item) = ctx.recv(&input)? {
+                run_step(ctx, &output, |out| stage.process(item, out))?;
+            }
+            run_step(ctx, &output, |out| stage.finish(out))
+        })
+    }
+
+    /// Runs a source on its own thread: `body` sends items to `output` until it returns.
+    pub fn source<T: Send + 'static>(
+        &mut self,
+        name: &str,
+        output: impl Outlet<T> + 'static,
+        body: impl FnOnce(&mut Out<'_, T>) -> Result<(), StageError> + Send + 'static,
+    ) -> Result<(), PipelineError> {
+        self.spawn(name, Placement::Worker, move |ctx| run_step(ctx, &output, body))
+    }
+
+    /// Spawns a thread running `body` as stage `name`. The first failure or panic of any
+    /// stage cancels the others. (Prefer [`Pipeline::stage`]; this is the primitive under it.)
+    pub fn spawn<F>(&mut self, name: &str, placement: Placement, body: F) -> Result<(), PipelineError>
+    where
+        F: FnOnce(&mut StageCtx) -> Result<(), StageError> + Send + 'static,
+    {
+        let core = self.pin.core_for(self.spawned, placement, &self.cores);
+        self.spawned += 1;
+        let mut ctx = StageCtx {
+            name: name.to_string(),
+            cancel: self.cancel.clone(),
+            shared: self.shared.as_ref().map(|s| s.histogram(name)),
+            metrics: StageMetrics::new(),
+            clock: self.clock.clone(),
+        };
+        let cancel = self.cancel.clone();
+        let first_error = self.first_error.clone();
+        let stage = name.to_string();
+        let handle = std::thread::Builder::new()
+            .name(format!("{}{name}", self.prefix))
+            .spawn(move || {
+                if let Some(core) = core {
+                    if !core_affinity::set_for_current(core) {
+                        tracing::warn!("could not pin stage {stage} to core {}", core.id);
+                    }
+                }
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&mut ctx)));
+                let failure = match result {
+                    Ok(Ok(())) | Ok(Err(StageError::Cancelled)) => None,
+                    Ok(Err(StageError::Failed { item, source })) => Some((item, ErrorKind::Failed(Arc::from(source)))),
+                    Err(panic) => Some((None, ErrorKind::Panicked(panic_message(&*panic)))),
+                };
+                if let Some((item, kind)) = failure {
+                    let mut slot = lock(&first_error);
+                    if slot.is_none() {
+                        *slot = Some(PipelineError { stage: stage.clone(), item, kind });
+                    }
+                    cancel.store(true, Ordering::SeqCst);
+                }
+                StageReport {
+                    name: stage,
+                    metrics: ctx.metrics,
+                    cpu_seconds: thread_cpu_seconds(),
+                    core: core.map(|c| c.id),
+                }
+            })
+            .map_err(|e| PipelineError::setup(name, e))?;
+        self.handles.push((name.to_string(), handle));
+        Ok(())
+    }
+
+    /// Waits for every stage; returns their reports, or the first failure (after all threads
+    /// have been joined).
+    pub fn join(self) -> Result<Vec<StageReport>, PipelineError> {
+        let mut reports = Vec::new();
+        for (name, handle) in self.handles {
+            match handle.join() {
+                Ok(report) => reports.push(report),
+                Err(panic) => {
+                    lock(&self.first_error).get_or_insert(PipelineError {
+                        stage: name,
+                        item: None,
+                        kind: ErrorKind::Panicked(panic_message(&*panic)),
+                    });
+                }
+            }
+        }
+        if let Some(e) = lock(&self.first_error).take() {
+            return Err(e);
+        }
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(PipelineError { stage: "pipeline".into(), item: None, kind: ErrorKind::Cancelled });
+        }
+        Ok(reports)
+    }
+}
+
+/// One call of a stage body with its output: service time is the call's time less the time it
+/// was blocked sending or taking pooled buffers.
+fn run_step<T>(
+    ctx: &mut StageCtx,
+    outlet: &dyn Outlet<T>,
+    body: impl FnOnce(&mut Out<'_, T>) -> Result<(), StageError>,
+) -> Result<(), StageError> {
+    let t = ctx.clock.now();
+    let mut out = Out { ctx, outlet, blocked: Duration::ZERO };
+    let r = body(&mut out);
+    let blocked = out.blocked;
+    let took = ctx.clock.now().duration_since(t).saturating_sub(blocked);
+    ctx.record_service(took);
+    r
+}
+
+/// Sends `item`, blocking while the channel is full; `false` (item dropped) once `cancel` is
+/// set or the receiver is gone.
+pub fn send_unless_cancelled<T>(tx: &Sender<T>, mut item: T, cancel: &AtomicBool) -> bool {
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return false;
+        }
+        match tx.send_timeout(item, POLL) {
+            Ok(()) => return true,
+            Err(SendTimeoutError::Timeout(back)) => item = back,
+            Err(SendTimeoutError::Disconnected(_)) => return false,
+        }
+    }
+}
+
+/// The text of a caught panic.
+pub fn panic_message(panic: &(dyn Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
+/// CPU time of the calling thread.
+pub fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc == 0 {
+        ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+    } else {
+        0.0
+    }
+}
+
+/// A fixed set of reusable buffers: take one (blocking while all are in use), give it back
+/// when done. Memory in flight is bounded by the pool size.
+pub struct Pool<T> {
+    tx: Sender<T>,
+    rx: Receiver<T>,
+}
+
+impl<T> Clone for Pool<T> {
+    fn clone(&self) -> Self {
+        Self { tx: self.tx.clone(), rx: self.rx.clone() }
+    }
+}
+
+impl<T> Pool<T> {
+    /// A pool of `n` items made by `make`.
+    pub fn new(n: usize, mut make: impl FnMut() -> T) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded(n);
+        for _ in 0..n {
+            tx.send(make()).expect("pool has room for its items");
+        }
+        Self { tx, rx }
+    }
+
+    /// Takes an item, waiting (queue-wait) while all are in use.
+    pub fn take(&self, ctx: &mut StageCtx) -> Result<T, StageError> {
+        ctx.recv(&self.rx)?.ok_or(StageError::Cancelled)
+    }
+
+    /// Gives an item back.
+    pub fn give(&self, item: T) {
+        let _ = self.tx.try_send(item);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Doubles each item and, at the end, sends the count.
+    struct Double(usize);
+
+    impl Stage for Double {
+        type In = usize;
+        type Out = usize;
+        fn process(&mut self, item: usize, out: &mut Out<'_, usize>) -> Result<(), StageError> {
+            self.0 += 1;
+            out.send(item * 2)
+        }
+        fn finish(&mut self, out: &mut Out<'_, usize>) -> Result<(), StageError> {
+            out.send(1000 + self.0)
+        }
+    }
+
+    #[test]
+    fn a_stage_processes_every_item_then_finishes() {
+        let mut p = Pipeline::new(PinPolicy::None, Clock::new());
+        let (tx, rx) = crossbeam_channel::bounded(2);
+        let (otx, orx) = crossbeam_channel::bounded(16);
+        p.source("src", tx, |out| (0..5).try_for_each(|i| out.send(i))).unwrap();
+        p.stage("double", Placement::Worker, Double(0), rx, otx).unwrap();
+        let reports = p.join().unwrap();
+        let got: Vec<usize> = orx.try_iter().collect();
+        assert_eq!(got, vec![0, 2, 4, 6, 8, 1005]);
+        let double = reports.iter().find(|r| r.name == "double").unwrap();
+        assert_eq!(double.metrics.service.len(), 6, "five items and the finish are timed");
+    }
+
+    #[test]
+    fn shared_stats_collect_by_stage_name() {
+        let shared = Arc::new(SharedStageStats::default());
+        for _ in 0..2 {
+            let mut p = Pipeline::new(PinPolicy::None, Clock::new()).with_shared(shared.clone());
+            let (tx, rx) = crossbeam_channel::bounded(2);
+            p.source("src", tx, |out| (0..3).try_for_each(|i| out.send(i))).unwrap();
+            p.stage("double", Placement::Worker, Double(0), rx, Discard).unwrap();
+            p.join().unwrap();
+        }
+        let summary = shared.summary();
+        let double = summary.iter().find(|(n, _)| n == "double").unwrap();
+        assert_eq!(double.1.count, 8, "two pipelines, three items and a finish each");
+    }
+
+    #[test]
+    fn a_cancel_from_outside_is_reported_as_cancelled() {
+        let mut p = Pipeline::new(PinPolicy::None, Clock::new());
+        let (tx, rx) = crossbeam_channel::bounded::<usize>(1);
+        p.source("src", tx, |out| loop {
+            out.send(1)?;
+        })
+        .unwrap();
+        p.stage("double", Placement::Worker, Double(0), rx, Discard).unwrap();
+        let cancel = p.cancel_flag();
+        std::thread::sleep(Duration::from_millis(30));
+        cancel.store(true, Ordering::SeqCst);
+        let err = p.join().err().expect("cancelled");
+        assert!(err.is_cancelled(), "{err}");
+    }
+
+    #[test]
+    fn pin_list_errors_name_the_bad_id() {
+        assert_eq!(PinPolicy::parse("1,x", 1).unwrap_err(), PinParseError("x".into()));
+    }
+}

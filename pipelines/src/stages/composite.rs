@@ -1,0 +1,36 @@
+//! The composite stage: the UNet's output pasted back into the frame (docs/spec.md section 5).
+
+use std::sync::Arc;
+
+use lipsync_stages::avatar::Avatar;
+use lipsync_stages::face::{Blend, Compositor};
+
+use crate::job::FrameJob;
+use crate::runtime::{Out, Stage, StageError};
+use crate::stages::unet::UnetReply;
+
+/// UNet reply in, composited frame out. A failed UNet run fails the graph here.
+pub struct CompositeStage {
+    comp: Compositor,
+    avatar: Arc<Avatar>,
+    blend: Blend,
+}
+
+impl CompositeStage {
+    /// A stage for an avatar's boxes and crop geometry, with `blend`.
+    pub fn new(avatar: Arc<Avatar>, blend: Blend) -> Self {
+        Self { comp: Compositor::new(), avatar, blend }
+    }
+}
+
+impl Stage for CompositeStage {
+    type In = UnetReply;
+    type Out = FrameJob;
+
+    fn process(&mut self, reply: UnetReply, out: &mut Out<'_, FrameJob>) -> Result<(), StageError> {
+        let mut job = reply.map_err(|e| StageError::failed(Some(e.index), e))?;
+        let FrameJob { frame, c328, output, template, .. } = &mut job;
+        self.comp.paste(frame, self.avatar.boxes[*template], &self.avatar.config.crop, c328, output, self.blend);
+        out.send(job)
+    }
+}

@@ -1,0 +1,34 @@
+//! The prep stage: the UNet's image input from the template frame (docs/spec.md sections 3
+//! and 4), written into the job's own buffer.
+
+use std::sync::Arc;
+
+use lipsync_stages::avatar::Avatar;
+use lipsync_stages::face::FacePrep;
+
+use crate::job::FrameJob;
+use crate::runtime::{Out, Stage, StageError};
+
+/// Job in, job with its UNet input out.
+pub struct PrepStage {
+    prep: FacePrep,
+    avatar: Arc<Avatar>,
+}
+
+impl PrepStage {
+    /// A stage for an avatar's boxes and crop geometry.
+    pub fn new(avatar: Arc<Avatar>) -> Self {
+        Self { prep: FacePrep::new(), avatar }
+    }
+}
+
+impl Stage for PrepStage {
+    type In = FrameJob;
+    type Out = FrameJob;
+
+    fn process(&mut self, mut job: FrameJob, out: &mut Out<'_, FrameJob>) -> Result<(), StageError> {
+        let FrameJob { frame, c328, input, template, .. } = &mut job;
+        self.prep.prep(frame, self.avatar.boxes[*template], &self.avatar.config.crop, c328, input);
+        out.send(job)
+    }
+}

@@ -1,0 +1,298 @@
+//! The UNet batcher: one thread with one model session, fed by any number of graphs (render
+//! is one producer, a daemon's sessions are many). It batches frames across producers.
+//!
+//! A run takes up to `max_batch` frames, or whatever has come once the oldest frame has waited
+//! `max_wait`, or at once when a producer's last frame is waiting (nothing more will come from
+//! it); oldest first, at most a producer's own `limit` frames per run. Frames of cancelled
+//! producers are dropped. Replies go back on each producer's own channel, which has room for
+//! all of its jobs, so the batcher never blocks on a producer.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use hdrhistogram::Histogram;
+use lipsync_stages::avatar::CropParams;
+use lipsync_stages::face::{input_len, output_len};
+use lipsync_stages::features::FRAME_AUDIO_LEN;
+use lipsync_stages::onnx::{ModelIo, OrtRuntime, SessionOptions};
+use lipsync_stages::unet::{Batch, Provider, Unet, UnetError};
+
+use crate::job::FrameJob;
+use crate::metrics::histogram;
+use crate::runtime::{panic_message, record, send_unless_cancelled, thread_cpu_seconds, Outlet, StageError};
+
+/// A UNet run that failed: every frame of the batch gets it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the UNet failed on frame {index}: {message}")]
+pub struct UnetFailure {
+    /// The frame.
+    pub index: usize,
+    /// What ONNX Runtime (or the panic) said.
+    pub message: String,
+}
+
+/// What the batcher sends back: the job with its output filled, or why it failed.
+pub type UnetReply = Result<FrameJob, UnetFailure>;
+
+/// A frame waiting for the UNet.
+struct Request {
+    job: FrameJob,
+    reply: Sender<UnetReply>,
+    producer: u64,
+    limit: usize,
+    cancel: Arc<AtomicBool>,
+    arrived: Instant,
+}
+
+/// Settings of a [`UnetService`].
+#[derive(Debug, Clone)]
+pub struct UnetServiceConfig {
+    /// Most frames per UNet run.
+    pub max_batch: Batch,
+    /// Longest the oldest waiting frame waits for a batch to fill.
+    pub max_wait: Duration,
+    /// ONNX Runtime intra-op threads.
+    pub intra_threads: usize,
+    /// Whether ORT threads spin.
+    pub spinning: bool,
+    /// Execution provider.
+    pub provider: Provider,
+}
+
+/// Counters of a [`UnetService`].
+pub struct UnetStats {
+    /// Runs per batch size (index = size).
+    pub sizes: Vec<AtomicU64>,
+    /// Run time per batch (ns).
+    pub service: Mutex<Histogram<u64>>,
+    /// How long the oldest frame of each run waited for it (ns).
+    pub wait: Mutex<Histogram<u64>>,
+    /// CPU time of the batcher thread (µs), updated after each run.
+    pub cpu_us: AtomicU64,
+}
+
+impl UnetStats {
+    /// UNet runs so far.
+    pub fn batches(&self) -> u64 {
+        self.sizes.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Frames run so far.
+    pub fn frames(&self) -> u64 {
+        self.sizes.iter().enumerate().map(|(k, n)| k as u64 * n.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// One UNet session shared by every graph that uses the model.
+pub struct UnetService {
+    tx: Option<Sender<Request>>,
+    handle: Option<JoinHandle<()>>,
+    crop: CropParams,
+    max_batch: Batch,
+    provider: Provider,
+    stats: Arc<UnetStats>,
+}
+
+impl std::fmt::Debug for UnetService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnetService").field("max_batch", &self.max_batch).field("provider", &self.provider).finish()
+    }
+}
+
+impl UnetService {
+    /// Opens the model (signature checked for `crop`) and starts the batching thread
+    /// (`ls-unet`).
+    pub fn start(
+        rt: &OrtRuntime,
+        path: &Path,
+        io: &ModelIo,
+        crop: CropParams,
+        cfg: &UnetServiceConfig,
+    ) -> Result<Self, UnetError> {
+        let opts = SessionOptions { intra_threads: cfg.intra_threads.max(1), spinning: cfg.spinning };
+        let mut unet = Unet::open(rt, path, io, &crop, cfg.max_batch, &opts, cfg.provider)?;
+        let provider = unet.provider();
+        let max_batch = cfg.max_batch.get();
+        let max_wait = cfg.max_wait;
+        let stats = Arc::new(UnetStats {
+            sizes: (0..=max_batch).map(|_| AtomicU64::new(0)).collect(),
+            service: Mutex::new(histogram()),
+            wait: Mutex::new(histogram()),
+            cpu_us: AtomicU64::new(0),
+        });
+        let (tx, rx) = bounded::<Request>(max_batch * 8);
+        let st = stats.clone();
+        let handle = std::thread::Builder::new()
+            .name("ls-unet".into())
+            .spawn(move || batch_loop(&mut unet, &crop, &rx, max_batch, max_wait, &st))
+            .map_err(|e| UnetError::Run { batch: 0, message: format!("could not start the UNet thread: {e}") })?;
+        Ok(Self { tx: Some(tx), handle: Some(handle), crop, max_batch: cfg.max_batch, provider, stats })
+    }
+
+    /// The crop geometry the model was checked against.
+    pub fn crop(&self) -> &CropParams {
+        &self.crop
+    }
+
+    /// Most frames per run.
+    pub fn max_batch(&self) -> Batch {
+        self.max_batch
+    }
+
+    /// The provider in use.
+    pub fn provider(&self) -> Provider {
+        self.provider
+    }
+
+    /// Batch counters.
+    pub fn stats(&self) -> &Arc<UnetStats> {
+        &self.stats
+    }
+
+    /// An outlet for one producer: its jobs go to the batcher (at most `limit` of them per
+    /// run), and the replies to `reply`, which must have room for all of the producer's jobs.
+    pub fn port(&self, producer: u64, limit: Batch, reply: Sender<UnetReply>, cancel: Arc<AtomicBool>) -> UnetPort {
+        UnetPort {
+            tx: self.tx.clone().expect("the service is running until dropped"),
+            reply,
+            producer,
+            limit: limit.get(),
+            cancel,
+        }
+    }
+}
+
+impl Drop for UnetService {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// One producer's way into a [`UnetService`]: an [`Outlet`] for prepared jobs.
+pub struct UnetPort {
+    tx: Sender<Request>,
+    reply: Sender<UnetReply>,
+    producer: u64,
+    limit: usize,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Outlet<FrameJob> for UnetPort {
+    fn put(&self, job: FrameJob, cancel: &AtomicBool) -> Result<(), StageError> {
+        let index = job.index;
+        let req = Request {
+            job,
+            reply: self.reply.clone(),
+            producer: self.producer,
+            limit: self.limit,
+            cancel: self.cancel.clone(),
+            arrived: Instant::now(),
+        };
+        if send_unless_cancelled(&self.tx, req, cancel) {
+            Ok(())
+        } else if cancel.load(Ordering::Relaxed) {
+            Err(StageError::Cancelled)
+        } else {
+            Err(StageError::at(index, "the UNet service has stopped"))
+        }
+    }
+}
+
+fn batch_loop(
+    unet: &mut Unet,
+    crop: &CropParams,
+    rx: &Receiver<Request>,
+    max_batch: usize,
+    max_wait: Duration,
+    stats: &UnetStats,
+) {
+    let slot = input_len(crop);
+    let out_len = output_len(crop);
+    let mut images = vec![0f32; max_batch * slot];
+    let mut audio = vec![0f32; max_batch * FRAME_AUDIO_LEN];
+    let mut out = vec![0f32; max_batch * out_len];
+    let mut pending: VecDeque<Request> = VecDeque::with_capacity(max_batch * 8);
+    let mut batch: Vec<Request> = Vec::with_capacity(max_batch);
+    let mut counts: Vec<(u64, usize)> = Vec::with_capacity(max_batch);
+    let mut open = true;
+    loop {
+        // Drop the frames of producers that were cancelled.
+        pending.retain(|r| !r.cancel.load(Ordering::Relaxed));
+        if pending.is_empty() {
+            if !open {
+                return;
+            }
+            match rx.recv() {
+                Ok(r) => pending.push_back(r),
+                Err(_) => return,
+            }
+        }
+        let deadline = pending.front().map(|r| r.arrived + max_wait).unwrap_or_else(Instant::now);
+        while open && pending.len() < max_batch && !pending.iter().any(|r| r.job.last) {
+            match rx.recv_deadline(deadline) {
+                Ok(r) => pending.push_back(r),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => break,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => open = false,
+            }
+        }
+        while let Ok(r) = rx.try_recv() {
+            pending.push_back(r);
+        }
+        // Oldest first, at most `limit` frames of one producer per run.
+        counts.clear();
+        let mut k = 0;
+        while k < pending.len() && batch.len() < max_batch {
+            let r = &pending[k];
+            let n = match counts.iter_mut().find(|(s, _)| *s == r.producer) {
+                Some((_, n)) => n,
+                None => {
+                    counts.push((r.producer, 0));
+                    &mut counts.last_mut().expect("just pushed").1
+                }
+            };
+            if *n < r.limit {
+                *n += 1;
+                batch.push(pending.remove(k).expect("index in range"));
+            } else {
+                k += 1;
+            }
+        }
+        let n = batch.len();
+        if n == 0 {
+            continue;
+        }
+        for (j, r) in batch.iter().enumerate() {
+            images[j * slot..(j + 1) * slot].copy_from_slice(&r.job.input);
+            audio[j * FRAME_AUDIO_LEN..(j + 1) * FRAME_AUDIO_LEN].copy_from_slice(&r.job.audio);
+        }
+        let t = Instant::now();
+        record(&stats.wait, t.duration_since(batch[0].arrived));
+        // A panic inside ONNX Runtime fails this batch's frames, not the service.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unet.run(n, &images, &audio, &mut out)))
+            .unwrap_or_else(|panic| {
+                Err(UnetError::Run { batch: n, message: format!("panicked: {}", panic_message(&*panic)) })
+            });
+        record(&stats.service, t.elapsed());
+        stats.sizes[n].fetch_add(1, Ordering::Relaxed);
+        stats.cpu_us.store((thread_cpu_seconds() * 1e6) as u64, Ordering::Relaxed);
+        for (j, mut r) in batch.drain(..).enumerate() {
+            let reply = match &result {
+                Ok(()) => {
+                    r.job.output.copy_from_slice(&out[j * out_len..(j + 1) * out_len]);
+                    Ok(r.job)
+                }
+                Err(e) => Err(UnetFailure { index: r.job.index, message: e.to_string() }),
+            };
+            // Room for every job of the producer: never blocks. A gone producer drops it.
+            let _ = r.reply.try_send(reply);
+        }
+    }
+}

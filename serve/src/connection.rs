@@ -1,0 +1,481 @@
+//! One connection: the handshake, then a message loop (open a session, stream its audio,
+//! stats and avatar management); frames go out through a [`SocketSink`] on the session's own
+//! sink stage. The write half is shared and breaks for good on the first failed write.
+
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lipsync_pipelines::job::FrameJob;
+use lipsync_pipelines::runtime::{lock, PipelineError};
+use lipsync_pipelines::session::{Session, SessionConfig, SessionError, SessionOutcome};
+use lipsync_pipelines::stages::sink::{FrameSink, SinkError};
+use lipsync_stages::audio::{pcm_to_mono, AudioError, PcmFormat, RATE_RANGE};
+use lipsync_stages::unet::Batch;
+use serde::Serialize;
+
+use crate::listener::Shared;
+use crate::protocol::{
+    read_message, write_json, write_parts, AudioFormat, AvatarName, Done, ErrorCode, ErrorReply, Hello, Kind,
+    OpenRequest, Opened, WireError, MAX_MESSAGE, PROTOCOL_VERSION,
+};
+use crate::registry::Loaded;
+use crate::stats::stats;
+
+/// The write half of a connection, shared by the reader and the session's output stage. The
+/// first failed or timed-out write (possibly after part of a message) breaks it for good: the
+/// socket is shut down, so the client never sees a torn message followed by more.
+#[derive(Clone)]
+struct Writer(Arc<Mutex<WriteHalf>>);
+
+struct WriteHalf {
+    stream: UnixStream,
+    broken: bool,
+}
+
+impl Writer {
+    fn new(stream: UnixStream, timeout: Duration) -> Self {
+        // A client that leaves its frames unread for this long loses its session.
+        let _ = stream.set_write_timeout(Some(timeout));
+        Self(Arc::new(Mutex::new(WriteHalf { stream, broken: false })))
+    }
+
+    /// Runs `f` on the stream unless the connection is broken; breaks it if `f` fails.
+    fn write(&self, f: impl FnOnce(&mut UnixStream) -> std::io::Result<()>) -> std::io::Result<()> {
+        let mut w = lock(&self.0);
+        if w.broken {
+            return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the connection was closed"));
+        }
+        let r = f(&mut w.stream);
+        if r.is_err() {
+            w.broken = true;
+            let _ = w.stream.shutdown(std::net::Shutdown::Both);
+        }
+        r
+    }
+
+    fn json(&self, kind: Kind, value: &impl Serialize) -> std::io::Result<()> {
+        self.write(|s| write_json(s, kind, value))
+    }
+
+    /// Closes both directions: blocked writes and reads on the connection return at once.
+    fn close(&self) {
+        let _ = self.0.lock().unwrap_or_else(|p| p.into_inner()).stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Like [`Writer::close`], without waiting for a write in progress (which then fails).
+    fn close_now(&self, raw: &UnixStream) {
+        let _ = raw.shutdown(std::net::Shutdown::Both);
+        if let Ok(mut w) = self.0.try_lock() {
+            w.broken = true;
+        }
+    }
+
+    /// Sends an error, then closes. If a frame write holds the connection for more than a
+    /// moment (a client that does not read), closes at once instead: the error cannot be put
+    /// after a frame that is half sent.
+    fn error_then_close(&self, raw: &UnixStream, code: ErrorCode, message: &str) {
+        let deadline = Instant::now() + Duration::from_millis(200);
+        loop {
+            match self.0.try_lock() {
+                Ok(mut w) => {
+                    if !w.broken {
+                        let reply = ErrorReply { code, message: message.to_string() };
+                        let _ = write_json(&mut w.stream, Kind::Error, &reply);
+                    }
+                    w.broken = true;
+                    let _ = w.stream.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => return self.close_now(raw),
+            }
+        }
+    }
+}
+
+fn send_error(w: &Writer, code: ErrorCode, message: impl std::fmt::Display) {
+    let reply = ErrorReply { code, message: message.to_string() };
+    let _ = w.json(Kind::Error, &reply);
+}
+
+/// Writes frames to the client.
+struct SocketSink {
+    writer: Writer,
+    fps: f64,
+    loaded: Arc<Loaded>,
+    shared: Arc<Shared>,
+}
+
+impl FrameSink for SocketSink {
+    fn frame(&mut self, job: &FrameJob) -> Result<(), SinkError> {
+        let ts = ((job.index as f64) * 1000.0 / self.fps).round() as u32;
+        let head_index = (job.index as u32).to_be_bytes();
+        let head_ts = ts.to_be_bytes();
+        self.writer
+            .write(|s| write_parts(s, Kind::Frame, &[&head_index, &head_ts, &job.encoded]))
+            .map_err(|e| SinkError::Output(format!("cannot send frame to the client: {e}")))?;
+        self.loaded.frames.fetch_add(1, Ordering::Relaxed);
+        self.shared.frames_total.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// How long a new connection has to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Payload capacity a connection keeps between messages.
+const KEEP_PAYLOAD: usize = 1 << 20;
+
+/// Audio handed to a session at once, ms: a huge Audio message is split so that the session's
+/// buffers (and the time it holds the shared encoder) stay small.
+const AUDIO_PIECE_MS: usize = 250;
+
+/// Reasons a connection is closed after an error reply.
+struct Fatal(ErrorCode, String);
+
+/// The per-connection state.
+struct Conn<'a> {
+    shared: &'a Arc<Shared>,
+    writer: Writer,
+    session: Option<Session>,
+    format: PcmFormat,
+    channels: usize,
+    rate: u32,
+    scratch: Vec<f32>,
+    mono: Vec<f32>,
+}
+
+/// How a connection's message loop ended.
+enum End {
+    /// The client closed its side.
+    Eof,
+    /// The client sent `Close`.
+    Close,
+}
+
+/// Serves one connection until it closes.
+pub(crate) fn connection(shared: &Arc<Shared>, id: u64, stream: UnixStream) {
+    let writer = match stream.try_clone() {
+        Ok(w) => Writer::new(w, shared.registry.settings.client_timeout),
+        Err(e) => {
+            tracing::warn!("connection {id}: {e}");
+            return;
+        }
+    };
+    let mut reader = std::io::BufReader::with_capacity(64 << 10, stream);
+    let mut conn = Conn {
+        shared,
+        writer,
+        session: None,
+        format: PcmFormat::S16Le,
+        channels: 1,
+        rate: 16_000,
+        scratch: Vec::new(),
+        mono: Vec::new(),
+    };
+    let mut payload = Vec::new();
+    // Handshake: Hello within 10 s.
+    let _ = reader.get_ref().set_read_timeout(Some(HELLO_TIMEOUT));
+    let result = match read_message(&mut reader, &mut payload) {
+        Ok(Kind::Hello) => match serde_json::from_slice::<Hello>(&payload) {
+            Ok(h) if h.protocol == PROTOCOL_VERSION => {
+                let welcome = serde_json::json!({
+                    "protocol": PROTOCOL_VERSION,
+                    "server": format!("lipsync {}", env!("CARGO_PKG_VERSION")),
+                    "max_message": MAX_MESSAGE,
+                });
+                let _ = reader.get_ref().set_read_timeout(None);
+                match conn.writer.json(Kind::Welcome, &welcome) {
+                    Ok(()) => conn.serve(&mut reader, &mut payload),
+                    Err(_) => Ok(End::Eof),
+                }
+            }
+            Ok(h) => Err(Fatal(
+                ErrorCode::Version,
+                format!("protocol version {} is not supported (this server speaks {PROTOCOL_VERSION})", h.protocol),
+            )),
+            Err(e) => Err(Fatal(ErrorCode::BadRequest, format!("invalid Hello: {e}"))),
+        },
+        Ok(k) => Err(Fatal(ErrorCode::Handshake, format!("expected Hello first, got {k:?}"))),
+        Err(WireError::Closed) => Ok(End::Eof),
+        Err(WireError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(Fatal(ErrorCode::Handshake, format!("no Hello within {} s", HELLO_TIMEOUT.as_secs())))
+        }
+        Err(e) => Err(Fatal(e.code(), e.to_string())),
+    };
+    let raw = reader.get_ref();
+    match result {
+        Err(Fatal(code, message)) => {
+            tracing::warn!(connection = id, code = code.as_str(), "{message}");
+            // The session stops first (no more frames), then the error goes out, then the
+            // connection closes.
+            if let Some(s) = &conn.session {
+                s.cancel();
+            }
+            conn.writer.error_then_close(raw, code, &message);
+        }
+        Ok(End::Close) => {
+            if let Some(s) = &conn.session {
+                s.cancel();
+            }
+            conn.writer.close_now(raw);
+        }
+        Ok(End::Eof) => match &conn.session {
+            // The client half-closed after EndAudio: its last frames and Done still go out
+            // (if it is gone altogether, the next write fails and frees the session).
+            Some(s) if s.audio_ended() && !s.is_stopped() => {}
+            Some(s) => {
+                s.cancel();
+                conn.writer.close_now(raw);
+            }
+            None => {}
+        },
+    }
+    if let Some(session) = conn.session.take() {
+        session.wait();
+    }
+    conn.writer.close();
+}
+
+impl Conn<'_> {
+    fn serve(&mut self, reader: &mut impl std::io::Read, payload: &mut Vec<u8>) -> Result<End, Fatal> {
+        loop {
+            // One big message does not pin its buffer for the rest of the connection.
+            if payload.capacity() > KEEP_PAYLOAD {
+                payload.clear();
+                payload.shrink_to(KEEP_PAYLOAD);
+            }
+            let kind = match read_message(reader, payload) {
+                Ok(k) => k,
+                Err(WireError::Closed) => return Ok(End::Eof),
+                Err(e) => return Err(Fatal(e.code(), e.to_string())),
+            };
+            match kind {
+                Kind::Open => self.open(payload)?,
+                Kind::Audio => self.audio(payload)?,
+                Kind::EndAudio => {
+                    let s = self
+                        .session
+                        .as_mut()
+                        .ok_or_else(|| Fatal(ErrorCode::NoSession, "EndAudio before Open".into()))?;
+                    match s.end_audio() {
+                        Ok(()) => {}
+                        Err(SessionError::Ended) => {
+                            return Err(Fatal(
+                                ErrorCode::NoSession,
+                                "EndAudio after the audio was already ended".into(),
+                            ))
+                        }
+                        // The session failed: its error reply is on its way.
+                        Err(_) => {}
+                    }
+                }
+                Kind::Close => return Ok(End::Close),
+                Kind::StatsRequest => {
+                    let stats = stats(self.shared);
+                    self.reply(Kind::Stats, &stats);
+                }
+                Kind::ListAvatars => {
+                    let list = serde_json::json!({ "avatars": self.shared.registry.list() });
+                    self.reply(Kind::Avatars, &list);
+                }
+                Kind::LoadAvatar | Kind::UnloadAvatar => {
+                    let name: AvatarName = serde_json::from_slice(payload)
+                        .map_err(|e| Fatal(ErrorCode::BadRequest, format!("expected {{\"name\": ...}}: {e}")))?;
+                    let r = if kind == Kind::LoadAvatar {
+                        self.shared.registry.acquire(&name.name, false).map(|l| {
+                            serde_json::json!({"loaded": name.name, "memory_bytes": l.memory, "frames": l.template.len()})
+                        })
+                    } else {
+                        self.shared
+                            .registry
+                            .unload(&name.name)
+                            .map(|was| serde_json::json!({"unloaded": name.name, "was_loaded": was}))
+                    };
+                    match r {
+                        Ok(v) => self.reply(Kind::Ok, &v),
+                        Err(e) => send_error(&self.writer, e.code(), e),
+                    }
+                }
+                Kind::Hello => return Err(Fatal(ErrorCode::Handshake, "Hello sent twice".into())),
+                other => return Err(Fatal(ErrorCode::Unexpected, format!("{other:?} is a server-to-client message"))),
+            }
+        }
+    }
+
+    fn reply(&self, kind: Kind, value: &impl Serialize) {
+        let _ = self.writer.json(kind, value);
+    }
+
+    /// A failed Open gets an error reply and leaves the connection open, without a session.
+    fn open(&mut self, payload: &[u8]) -> Result<(), Fatal> {
+        if let Err((code, message)) = self.try_open(payload) {
+            send_error(&self.writer, code, message);
+        }
+        Ok(())
+    }
+
+    fn try_open(&mut self, payload: &[u8]) -> Result<(), (ErrorCode, String)> {
+        if self.session.as_ref().is_some_and(|s| !s.audio_ended() && !s.is_stopped()) {
+            return Err((
+                ErrorCode::SessionOpen,
+                "Open while a session is streaming on this connection (send EndAudio first)".into(),
+            ));
+        }
+        // The previous session of this connection has had its audio: let it finish first.
+        if let Some(s) = self.session.take() {
+            s.wait();
+        }
+        let req: OpenRequest =
+            serde_json::from_slice(payload).map_err(|e| (ErrorCode::BadRequest, format!("invalid Open: {e}")))?;
+        if req.channels == 0 || req.channels > 32 {
+            return Err((ErrorCode::BadRequest, format!("{} channels is not in 1..=32", req.channels)));
+        }
+        if !RATE_RANGE.contains(&req.sample_rate) {
+            return Err((
+                ErrorCode::BadRequest,
+                format!(
+                    "sample rate {} Hz is out of range: expected {}..={}",
+                    req.sample_rate,
+                    RATE_RANGE.start(),
+                    RATE_RANGE.end()
+                ),
+            ));
+        }
+        let sh = self.shared;
+        if sh.draining.load(Ordering::SeqCst) {
+            return Err((ErrorCode::ShuttingDown, "the daemon is shutting down".into()));
+        }
+        let max = sh.registry.settings.max_sessions;
+        if sh.active.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1)).is_err() {
+            return Err((ErrorCode::Busy, format!("the daemon is serving its maximum of {max} sessions; retry later")));
+        }
+        let release = |sh: &Shared, loaded: Option<&Loaded>| {
+            if let Some(l) = loaded {
+                l.sessions.fetch_sub(1, Ordering::SeqCst);
+            }
+            sh.active.fetch_sub(1, Ordering::SeqCst);
+        };
+        let loaded = match sh.registry.acquire(&req.avatar, true) {
+            Ok(l) => l,
+            Err(e) => {
+                release(sh, None);
+                return Err((e.code(), e.to_string()));
+            }
+        };
+        let max_batch = loaded.unet.max_batch().get();
+        // A session cannot have more frames in one run than it may have in flight.
+        let batch = req.batch.unwrap_or(max_batch.min(sh.registry.settings.session_queue));
+        let quality = req.jpeg_quality.unwrap_or(loaded.avatar.config.jpeg_quality);
+        let batch = match Batch::new(batch) {
+            Ok(b) if b.get() <= max_batch && (1..=100).contains(&quality) => b,
+            _ => {
+                release(sh, Some(&loaded));
+                return Err((
+                    ErrorCode::BadRequest,
+                    format!("batch {batch} must be in 1..={max_batch} and JPEG quality {quality} in 1..=100"),
+                ));
+            }
+        };
+        let id = sh.next_id.fetch_add(1, Ordering::SeqCst);
+        let fps = loaded.avatar.config.fps;
+        let cfg = SessionConfig {
+            id,
+            name: loaded.name.clone(),
+            avatar: loaded.avatar.clone(),
+            template: loaded.template.clone(),
+            encoder: loaded.encoder.clone(),
+            unet: loaded.unet.clone(),
+            sample_rate: req.sample_rate,
+            jpeg_quality: quality,
+            batch,
+            queue: sh.registry.settings.session_queue.max(batch.get()),
+            start_frame: req.start_frame.unwrap_or(loaded.avatar.config.start_frame),
+            pin: sh.registry.settings.pin.clone(),
+            shared: sh.stages.clone(),
+        };
+        let sink = SocketSink { writer: self.writer.clone(), fps, loaded: loaded.clone(), shared: sh.clone() };
+        let on_finish = {
+            let writer = self.writer.clone();
+            let shared = sh.clone();
+            let loaded = loaded.clone();
+            Box::new(move |r: Result<SessionOutcome, PipelineError>| {
+                // Free the slot first: a client that reads Done may open the next session at once.
+                lock(&shared.sessions).remove(&id);
+                release(&shared, Some(&loaded));
+                match r {
+                    Ok(out) => {
+                        tracing::info!(
+                            session = id,
+                            frames = out.frames,
+                            p50_ms = out.latency.p50,
+                            p99_ms = out.latency.p99,
+                            "session done"
+                        );
+                        let _ = writer.json(Kind::Done, &Done { session: id, frames: out.frames });
+                    }
+                    Err(e) if e.is_cancelled() => tracing::info!(session = id, "session cancelled"),
+                    Err(e) => {
+                        tracing::warn!(session = id, "session failed: {e}");
+                        send_error(&writer, ErrorCode::Session, &e);
+                    }
+                }
+                // Draining waits for this: the last message is out.
+                shared.finishing.fetch_sub(1, Ordering::SeqCst);
+            })
+        };
+        // Held across the start, so that a session that ends at once is removed after it is added.
+        let mut live = lock(&sh.sessions);
+        sh.finishing.fetch_add(1, Ordering::SeqCst);
+        let session = match Session::start(cfg, Box::new(sink), on_finish) {
+            Ok(s) => s,
+            Err(e) => {
+                sh.finishing.fetch_sub(1, Ordering::SeqCst);
+                release(sh, Some(&loaded));
+                return Err((ErrorCode::Session, e.to_string()));
+            }
+        };
+        live.insert(id, session.live().clone());
+        drop(live);
+        sh.sessions_total.fetch_add(1, Ordering::Relaxed);
+        self.format = match req.format {
+            AudioFormat::S16le => PcmFormat::S16Le,
+            AudioFormat::F32le => PcmFormat::F32Le,
+        };
+        self.channels = req.channels as usize;
+        self.rate = req.sample_rate;
+        let (width, height) = loaded.template.size();
+        tracing::info!(session = id, avatar = %req.avatar, rate = req.sample_rate, "session open");
+        self.reply(Kind::Opened, &Opened { session: id, fps, width, height });
+        self.session = Some(session);
+        Ok(())
+    }
+
+    fn audio(&mut self, payload: &[u8]) -> Result<(), Fatal> {
+        let s = match &self.session {
+            Some(s) if !s.audio_ended() => s,
+            Some(_) => return Err(Fatal(ErrorCode::NoSession, "Audio after EndAudio".into())),
+            None => return Err(Fatal(ErrorCode::NoSession, "Audio before Open".into())),
+        };
+        let frame_bytes = self.format.sample_bytes() * self.channels;
+        if payload.len() % frame_bytes != 0 {
+            let e = AudioError::PartialFrame { format: self.format.name(), frame_bytes, len: payload.len() };
+            return Err(Fatal(ErrorCode::BadAudio, e.to_string()));
+        }
+        // In pieces of at most a quarter second (and 64 Ki sample frames).
+        let piece = (self.rate as usize * AUDIO_PIECE_MS / 1000).clamp(1, 1 << 16) * frame_bytes;
+        for chunk in payload.chunks(piece) {
+            self.mono.clear();
+            pcm_to_mono(chunk, self.format, self.channels, &mut self.scratch, &mut self.mono)
+                .map_err(|e| Fatal(ErrorCode::BadAudio, e.to_string()))?;
+            // Blocks while the session's queue is full: that is the client's backpressure. A
+            // stopped session has sent (or is sending) its error; its audio is dropped.
+            if s.push_audio(&self.mono).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}

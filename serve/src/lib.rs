@@ -1,0 +1,28 @@
+//! The lipsync daemon (`lipsync serve`) as a library: many sessions stream audio in over a Unix
+//! socket and get frames back, each session being the one stage graph of
+//! [`lipsync_pipelines::graph`] with a socket source and a socket sink.
+//!
+//! - [`protocol`]: the wire format (docs/protocol.md) and its error codes.
+//! - [`settings`]: every setting declared once (flags and TOML), validated once.
+//! - [`registry`]: avatars (LRU cache bounded in memory) and the models they share.
+//! - [`listener`]: bind, accept, drain; [`Daemon`] runs one in-process.
+//! - `connection`: one connection's state machine.
+//! - [`stats`]: the `Stats` reply.
+//! - [`client`]: the client library.
+//!
+//! Threads: a daemon runs one thread per connection (at most `4 * max_sessions + 16`), six
+//! stage threads and a supervisor per open session (at most `max_sessions`), and one batcher
+//! thread per UNet model (plus ONNX Runtime's intra-op pool): at most
+//! `11 * max_sessions + 16 + models` threads, whatever the load. Stage threads are pinned as
+//! `--pin` says (none by default).
+
+pub mod client;
+mod connection;
+pub mod listener;
+pub mod protocol;
+pub mod registry;
+pub mod settings;
+pub mod stats;
+
+pub use listener::{run, Daemon, ServeError};
+pub use settings::{ServeOptions, Settings, SettingsError};

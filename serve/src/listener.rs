@@ -1,0 +1,304 @@
+//! The listener: binds the socket (a stale socket file is replaced, a live daemon's or a
+//! non-socket file refused), accepts connections (each on its own thread, capped), and on stop
+//! unlinks the socket at once, lets open sessions drain, then closes what is left.
+
+use std::collections::HashMap;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use lipsync_pipelines::graph::STAGES;
+use lipsync_pipelines::runtime::{lock, SharedStageStats};
+use lipsync_pipelines::session::SessionLive;
+use lipsync_stages::onnx::OrtRuntime;
+
+use crate::connection::connection;
+use crate::protocol::{write_json, ErrorCode, ErrorReply, Kind, PROTOCOL_VERSION};
+use crate::registry::{Registry, RegistryError};
+use crate::settings::Settings;
+
+/// Everything connection threads share.
+pub(crate) struct Shared {
+    pub(crate) registry: Registry,
+    /// Every session's stage service times, by stage name.
+    pub(crate) stages: Arc<SharedStageStats>,
+    /// Frames sent by all sessions.
+    pub(crate) frames_total: AtomicU64,
+    pub(crate) sessions: Mutex<HashMap<u64, Arc<SessionLive>>>,
+    pub(crate) active: AtomicUsize,
+    pub(crate) next_id: AtomicU64,
+    pub(crate) sessions_total: AtomicU64,
+    pub(crate) started: Instant,
+    connections: Mutex<HashMap<u64, UnixStream>>,
+    pub(crate) draining: AtomicBool,
+    /// Sessions started whose last message (Done or Error) is not out yet.
+    pub(crate) finishing: AtomicUsize,
+}
+
+impl Shared {
+    /// Sessions being opened, running, or sending their last message.
+    pub(crate) fn in_progress(&self) -> usize {
+        self.active.load(Ordering::SeqCst).max(self.finishing.load(Ordering::SeqCst))
+    }
+}
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The socket path cannot be used.
+    #[error("{0}")]
+    Socket(String),
+    /// The socket could not be bound or set up.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// An avatar named by `preload` could not be loaded.
+    #[error("preloading avatar `{name}`: {source}")]
+    Preload {
+        /// The avatar.
+        name: String,
+        /// Why.
+        source: RegistryError,
+    },
+}
+
+/// Runs the daemon until `stop` is set (the binary sets it on SIGTERM/SIGINT), then drains.
+pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<(), ServeError> {
+    release_big_buffers();
+    let listener = bind(&settings.socket, settings.socket_mode)?;
+    let socket = settings.socket.clone();
+    // From here on the socket file is ours: remove it however we leave.
+    let mut socket_file = SocketFile::new(socket.clone());
+    let shared = Arc::new(Shared {
+        registry: Registry::new(settings.clone(), rt),
+        stages: Arc::new(SharedStageStats::with_stages(&STAGES)),
+        frames_total: AtomicU64::new(0),
+        sessions: Mutex::new(HashMap::new()),
+        active: AtomicUsize::new(0),
+        next_id: AtomicU64::new(1),
+        sessions_total: AtomicU64::new(0),
+        started: Instant::now(),
+        connections: Mutex::new(HashMap::new()),
+        draining: AtomicBool::new(false),
+        finishing: AtomicUsize::new(0),
+    });
+    let preload: Vec<String> = if settings.preload.iter().any(|p| p == "all") {
+        shared.registry.list().into_iter().map(|a| a.name).collect()
+    } else {
+        settings.preload.clone()
+    };
+    for name in &preload {
+        shared.registry.acquire(name, false).map_err(|source| ServeError::Preload { name: name.clone(), source })?;
+    }
+    let term = stop;
+    listener.set_nonblocking(true).map_err(|source| ServeError::Listen { path: socket.clone(), source })?;
+    tracing::info!(
+        socket = %socket.display(),
+        avatars = %settings.avatars.display(),
+        max_sessions = settings.max_sessions,
+        max_batch = settings.max_batch.get(),
+        "lipsync serve listening (protocol {PROTOCOL_VERSION})"
+    );
+    let mut conn_id = 0u64;
+    while !term.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                conn_id += 1;
+                let id = conn_id;
+                if let Err(e) = stream.set_nonblocking(false) {
+                    tracing::warn!("dropping connection: {e}");
+                    continue;
+                }
+                let max_connections = settings.max_connections();
+                if lock(&shared.connections).len() >= max_connections {
+                    tracing::warn!("refusing a connection: {max_connections} are open");
+                    let mut stream = stream;
+                    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                    let reply = ErrorReply {
+                        code: ErrorCode::Busy,
+                        message: format!("the daemon has its maximum of {max_connections} connections open"),
+                    };
+                    let _ = write_json(&mut stream, Kind::Error, &reply);
+                    continue;
+                }
+                if let Ok(c) = stream.try_clone() {
+                    lock(&shared.connections).insert(id, c);
+                }
+                let sh = shared.clone();
+                let spawned = std::thread::Builder::new().name(format!("ls-conn-{id}")).spawn(move || {
+                    connection(&sh, id, stream);
+                    lock(&sh.connections).remove(&id);
+                });
+                if let Err(e) = spawned {
+                    tracing::error!("cannot start a connection thread: {e}");
+                    lock(&shared.connections).remove(&id);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(25)),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::error!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    drop(listener);
+    // The name is free at once: a new daemon may start while this one drains.
+    socket_file.remove();
+    shared.draining.store(true, Ordering::SeqCst);
+    let open = shared.in_progress();
+    tracing::info!("shutting down: draining {open} open session(s)");
+    let deadline = Instant::now() + settings.drain_timeout;
+    while shared.in_progress() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = shared.in_progress();
+    if left > 0 {
+        tracing::warn!("{left} session(s) still open after the drain timeout: closing them");
+    }
+    for (_, c) in lock(&shared.connections).drain() {
+        let _ = c.shutdown(std::net::Shutdown::Both);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shared.in_progress() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::info!(frames = shared.frames_total.load(Ordering::SeqCst), "stopped");
+    Ok(())
+}
+
+/// Makes glibc hand big buffers (a session's frame jobs and tensors: 0.3 to 2.5 MiB each,
+/// allocated when it opens, freed when it closes) straight back to the OS. By default glibc
+/// raises its mmap threshold after the first such free and keeps later ones in its heaps, so the
+/// daemon's resident memory would follow the peak of concurrent sessions instead of the sessions
+/// open now.
+fn release_big_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; called before the daemon's threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
+}
+
+/// The socket file this daemon created: removed once, and only if it is still the same file
+/// (not one a newer daemon bound at the same path while this one drained).
+struct SocketFile {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    fn new(path: PathBuf) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let id = std::fs::symlink_metadata(&path).ok().map(|m| (m.dev(), m.ino()));
+        Self { path, id }
+    }
+
+    fn remove(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        if let Some(id) = self.id.take() {
+            let same = std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == id);
+            if same {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Binds the socket: a stale socket file (nobody listening) is replaced; a live one, or a
+/// path that is not a socket, is refused.
+fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
+    let listen = |source| ServeError::Listen { path: path.to_path_buf(), source };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ServeError::Socket(format!(
+                "{} exists and is not a socket: refusing to replace it",
+                path.display()
+            )));
+        }
+        match UnixStream::connect(path) {
+            Ok(_) => return Err(ServeError::Socket(format!("another daemon is listening on {}", path.display()))),
+            Err(_) => {
+                tracing::info!("removing stale socket {}", path.display());
+                std::fs::remove_file(path).map_err(listen)?;
+            }
+        }
+    }
+    let listener = UnixListener::bind(path).map_err(listen)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(listen)?;
+    Ok(listener)
+}
+
+/// A daemon running in this process (for tests and benchmarks): [`Daemon::stop`] drains it
+/// like SIGTERM does.
+pub struct Daemon {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<Result<(), ServeError>>>,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon on its own thread and waits until its socket accepts connections
+    /// (or it fails to start).
+    pub fn start(settings: Settings, rt: OrtRuntime) -> Result<Self, ServeError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let socket = settings.socket.clone();
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("ls-serve".into())
+            .spawn(move || run(settings, rt, flag))
+            .map_err(|source| ServeError::Listen { path: socket.clone(), source })?;
+        let mut d = Self { stop, handle: Some(handle), socket };
+        loop {
+            if d.handle.as_ref().is_some_and(|h| h.is_finished()) {
+                let r = d.handle.take().expect("present").join();
+                return Err(match r {
+                    Ok(Err(e)) => e,
+                    _ => ServeError::Socket("the daemon stopped during start-up".into()),
+                });
+            }
+            if UnixStream::connect(&d.socket).is_ok() {
+                return Ok(d);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The socket it listens on.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Stops accepting, drains open sessions, and waits for the daemon to end.
+    pub fn stop(mut self) -> Result<(), ServeError> {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.handle.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(ServeError::Socket("the daemon panicked".into())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

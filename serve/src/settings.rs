@@ -1,0 +1,324 @@
+//! The daemon's settings: declared once ([`ServeOptions`]: flags and TOML keys alike), merged
+//! (flags over the file over the defaults) and validated once into [`Settings`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use lipsync_pipelines::runtime::PinPolicy;
+use lipsync_stages::unet::{Batch, Provider};
+use serde::{Deserialize, Serialize};
+
+/// `lipsync serve` settings: each is a flag and a key of the `--config` TOML file (flags win).
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeOptions {
+    /// TOML file with any of the settings below (flags override it).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Unix socket path to listen on.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Directory whose subdirectories are avatars (the name is the subdirectory's).
+    #[arg(long, value_name = "DIR")]
+    pub avatars: Option<PathBuf>,
+    /// Most sessions open at once (more get a `busy` error) [default: 16].
+    #[arg(long)]
+    pub max_sessions: Option<usize>,
+    /// Permissions of the socket file, octal [default: 0600].
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
+    /// Avatars to load at start (comma-separated names, or `all`).
+    #[arg(long, value_delimiter = ',')]
+    pub preload: Option<Vec<String>>,
+    /// Memory bound of the avatar cache (decoded templates), MiB [default: 2048].
+    #[arg(long)]
+    pub cache_mb: Option<usize>,
+    /// Most frames per UNet run, across sessions (1..=32) [default: 8].
+    #[arg(long)]
+    pub max_batch: Option<Batch>,
+    /// Longest a frame waits for its UNet batch to fill, ms (0..=1000) [default: 2].
+    #[arg(long)]
+    pub max_wait_ms: Option<f64>,
+    /// Frames a session may have in flight before its audio intake blocks [default: 8].
+    #[arg(long)]
+    pub session_queue: Option<usize>,
+    /// ONNX Runtime intra-op threads of each UNet [default: 2].
+    #[arg(long)]
+    pub intra_threads: Option<usize>,
+    /// UNet execution provider: cpu or cuda [default: cpu].
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// Pinning of each session's stage threads: none, auto or a core list [default: none].
+    #[arg(long)]
+    pub pin: Option<String>,
+    /// Seconds to let open sessions finish after SIGTERM/SIGINT (0..=3600) [default: 30].
+    #[arg(long)]
+    pub drain_timeout: Option<f64>,
+    /// Seconds a client may leave its frames unread (socket full) before its session is
+    /// dropped (0.1..=3600) [default: 30].
+    #[arg(long)]
+    pub client_timeout: Option<f64>,
+}
+
+/// A setting that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// A required setting is missing.
+    #[error("no {0}: give --{1} or `{2}` in the config")]
+    Missing(&'static str, &'static str, &'static str),
+    /// The config file cannot be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for these settings.
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: toml::de::Error,
+    },
+    /// The avatars directory does not exist.
+    #[error("avatars directory {0} does not exist")]
+    NoAvatars(PathBuf),
+    /// A value outside its range.
+    #[error("{name} {value} is out of range: expected {allowed}")]
+    Range {
+        /// The setting.
+        name: &'static str,
+        /// The value given.
+        value: String,
+        /// The allowed range.
+        allowed: &'static str,
+    },
+    /// A value that does not parse.
+    #[error("{name} `{value}` is not valid: expected {expected}")]
+    Invalid {
+        /// The setting.
+        name: &'static str,
+        /// The value given.
+        value: String,
+        /// What is expected.
+        expected: &'static str,
+    },
+}
+
+/// The daemon's settings, merged and validated.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// Socket path.
+    pub socket: PathBuf,
+    /// Avatars directory.
+    pub avatars: PathBuf,
+    /// Most sessions at once.
+    pub max_sessions: usize,
+    /// Socket file mode.
+    #[serde(serialize_with = "octal")]
+    pub socket_mode: u32,
+    /// Avatars loaded at start.
+    pub preload: Vec<String>,
+    /// Avatar cache bound, bytes.
+    #[serde(rename = "cache_mb", serialize_with = "mib")]
+    pub cache_bytes: usize,
+    /// Most frames per UNet run.
+    pub max_batch: Batch,
+    /// Longest wait for a batch to fill.
+    #[serde(rename = "max_wait_ms", serialize_with = "millis")]
+    pub max_wait: Duration,
+    /// Frame jobs per session.
+    pub session_queue: usize,
+    /// ORT intra-op threads per UNet.
+    pub intra_threads: usize,
+    /// UNet execution provider.
+    #[serde(serialize_with = "debug_lower")]
+    pub provider: Provider,
+    /// Session thread pinning.
+    #[serde(serialize_with = "debug_lower")]
+    pub pin: PinPolicy,
+    /// Drain timeout.
+    #[serde(rename = "drain_timeout_s", serialize_with = "secs")]
+    pub drain_timeout: Duration,
+    /// Slow-client timeout.
+    #[serde(rename = "client_timeout_s", serialize_with = "secs")]
+    pub client_timeout: Duration,
+}
+
+fn octal<S: serde::Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{mode:04o}"))
+}
+
+fn mib<S: serde::Serializer>(bytes: &usize, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64((*bytes >> 20) as u64)
+}
+
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e3)
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+fn debug_lower<T: std::fmt::Debug, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:?}").to_lowercase())
+}
+
+fn in_range(name: &'static str, v: f64, lo: f64, hi: f64, allowed: &'static str) -> Result<f64, SettingsError> {
+    if (lo..=hi).contains(&v) {
+        Ok(v)
+    } else {
+        Err(SettingsError::Range { name, value: v.to_string(), allowed })
+    }
+}
+
+fn at_least_one(name: &'static str, v: usize) -> Result<usize, SettingsError> {
+    if v >= 1 {
+        Ok(v)
+    } else {
+        Err(SettingsError::Range { name, value: v.to_string(), allowed: "at least 1" })
+    }
+}
+
+impl ServeOptions {
+    /// Reads a config file's settings.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, SettingsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|source| SettingsError::Parse { path: path.into(), source })
+    }
+
+    /// These options over `base` (each setting given here wins).
+    pub fn over(self, base: ServeOptions) -> ServeOptions {
+        macro_rules! merge {
+            ($($f:ident),*) => { ServeOptions { config: self.config, $($f: self.$f.or(base.$f)),* } };
+        }
+        merge!(
+            socket,
+            avatars,
+            max_sessions,
+            socket_mode,
+            preload,
+            cache_mb,
+            max_batch,
+            max_wait_ms,
+            session_queue,
+            intra_threads,
+            provider,
+            pin,
+            drain_timeout,
+            client_timeout
+        )
+    }
+
+    /// The flags over the config file (if `--config` names one), validated.
+    pub fn resolve(self) -> Result<Settings, SettingsError> {
+        let merged = match &self.config {
+            Some(path) => {
+                let file = ServeOptions::from_file(path)?;
+                self.over(file)
+            }
+            None => self,
+        };
+        merged.validate()
+    }
+
+    /// Fills in the defaults and checks every setting.
+    pub fn validate(self) -> Result<Settings, SettingsError> {
+        let socket = self.socket.ok_or(SettingsError::Missing("socket path", "socket", "socket"))?;
+        let avatars = self.avatars.ok_or(SettingsError::Missing("avatars directory", "avatars", "avatars"))?;
+        if !avatars.is_dir() {
+            return Err(SettingsError::NoAvatars(avatars));
+        }
+        let mode = self.socket_mode.unwrap_or_else(|| "0600".into());
+        let socket_mode = u32::from_str_radix(mode.trim_start_matches("0o"), 8).ok().filter(|m| *m <= 0o777).ok_or(
+            SettingsError::Invalid { name: "socket mode", value: mode, expected: "an octal permission like 0600" },
+        )?;
+        let provider = self.provider.unwrap_or_else(|| "cpu".into());
+        let provider: Provider = provider.parse().map_err(|_| SettingsError::Invalid {
+            name: "provider",
+            value: provider,
+            expected: "cpu or cuda",
+        })?;
+        let intra_threads = at_least_one("intra threads", self.intra_threads.unwrap_or(2))?;
+        let pin = self.pin.unwrap_or_else(|| "none".into());
+        let pin = PinPolicy::parse(&pin, intra_threads).map_err(|_| SettingsError::Invalid {
+            name: "pin",
+            value: pin,
+            expected: "auto, none or a list like 0,1,2",
+        })?;
+        let wait = in_range("max wait (ms)", self.max_wait_ms.unwrap_or(2.0), 0.0, 1000.0, "0..=1000")?;
+        let drain = in_range("drain timeout (s)", self.drain_timeout.unwrap_or(30.0), 0.0, 3600.0, "0..=3600")?;
+        let client = in_range("client timeout (s)", self.client_timeout.unwrap_or(30.0), 0.1, 3600.0, "0.1..=3600")?;
+        Ok(Settings {
+            socket,
+            avatars,
+            max_sessions: at_least_one("max sessions", self.max_sessions.unwrap_or(16))?,
+            socket_mode,
+            preload: self.preload.unwrap_or_default(),
+            cache_bytes: self.cache_mb.unwrap_or(2048) << 20,
+            max_batch: self.max_batch.unwrap_or(Batch::new(8).expect("8 is a valid batch")),
+            max_wait: Duration::from_secs_f64(wait / 1000.0),
+            session_queue: at_least_one("session queue", self.session_queue.unwrap_or(8))?,
+            intra_threads,
+            provider,
+            pin,
+            drain_timeout: Duration::from_secs_f64(drain),
+            client_timeout: Duration::from_secs_f64(client),
+        })
+    }
+}
+
+impl Settings {
+    /// The settings as JSON (for `Stats`).
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
+    /// Connections allowed at once: sessions, plus room for clients that only ask for stats
+    /// or manage avatars.
+    pub fn max_connections(&self) -> usize {
+        4 * self.max_sessions + 16
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_config_parses() {
+        let file: ServeOptions = toml::from_str(include_str!("../../docs/serve.example.toml")).unwrap();
+        assert_eq!(file.max_sessions, Some(16));
+        assert_eq!(file.preload, Some(vec!["alice".to_string()]));
+        assert_eq!(file.client_timeout, Some(30.0));
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_ranges_are_checked_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = ServeOptions {
+            avatars: Some(dir.path().into()),
+            max_sessions: Some(3),
+            session_queue: Some(5),
+            ..Default::default()
+        };
+        let flags = ServeOptions { socket: Some("/tmp/x.sock".into()), max_sessions: Some(7), ..Default::default() };
+        let s = flags.over(file).validate().unwrap();
+        assert_eq!((s.max_sessions, s.session_queue, s.max_batch.get()), (7, 5, 8));
+        assert_eq!(s.summary()["socket_mode"], "0600");
+
+        let bad = ServeOptions {
+            max_wait_ms: Some(5000.0),
+            ..ServeOptions { socket: Some("s".into()), avatars: Some(dir.path().into()), ..Default::default() }
+        };
+        let e = bad.validate().unwrap_err().to_string();
+        assert_eq!(e, "max wait (ms) 5000 is out of range: expected 0..=1000");
+        let e: Result<ServeOptions, _> = toml::from_str("max_batch = 64");
+        assert!(e.unwrap_err().to_string().contains("expected 1..=32"));
+    }
+}

@@ -1,0 +1,303 @@
+//! Commands that talk to `lipsync serve` through its client library: `lipsync client` (stream an
+//! audio file, write the frames, print latencies), `lipsync stats` and
+//! `lipsync avatar list|load|unload --socket`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lipsync_pipelines::metrics::Percentiles;
+use lipsync_serve::client::{stream, ClientError, Connection, StreamSpec};
+use lipsync_serve::protocol::Kind;
+use lipsync_serve::stats::StatsReply;
+use lipsync_stages::audio::decode_file;
+use lipsync_stages::staged::{check_new_dir, parent_dir, temp_sibling, StagedDir};
+
+/// `lipsync client` flags.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The daemon's socket.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Avatar name (a directory under the daemon's avatars directory).
+    #[arg(long)]
+    pub avatar: String,
+    /// Audio file to stream (any format `lipsync render` reads; sent at its own rate).
+    #[arg(long)]
+    pub audio: PathBuf,
+    /// Where frames go: a new directory of JPEGs, `-` for MJPEG on stdout, or a `.mjpeg` file;
+    /// none: frames are counted and timed only.
+    #[arg(short, long, value_name = "DIR|-|FILE.mjpeg")]
+    pub output: Option<PathBuf>,
+    /// Pace the audio at real time (else as fast as the daemon takes it).
+    #[arg(long)]
+    pub realtime: bool,
+    /// Audio per message, ms.
+    #[arg(long, default_value_t = 20.0)]
+    pub chunk_ms: f64,
+    /// JPEG quality (default: the avatar's).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub jpeg_quality: Option<u8>,
+    /// Frames of this session per UNet run (default: the daemon's --max-batch, at most its
+    /// --session-queue).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Start offset into the template sequence (default: the avatar's).
+    #[arg(long)]
+    pub start_frame: Option<usize>,
+    /// Print the result as JSON (with per-frame records) instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Frames written by the client: a directory built under a temporary name, stdout or a file
+/// (temporary sibling, renamed when complete).
+enum FrameOut {
+    None,
+    Dir { dir: StagedDir, name: String },
+    Stream(Box<dyn Write + Send>),
+    File { tmp: PathBuf, path: PathBuf, file: std::io::BufWriter<std::fs::File> },
+}
+
+impl FrameOut {
+    fn open(output: Option<&Path>) -> Result<Self> {
+        let Some(path) = output else { return Ok(FrameOut::None) };
+        if path == Path::new("-") {
+            return Ok(FrameOut::Stream(Box::new(std::io::BufWriter::new(std::io::stdout()))));
+        }
+        let parent = parent_dir(path);
+        if !parent.is_dir() {
+            bail!("directory {} does not exist", parent.display());
+        }
+        if path.file_name().is_none() {
+            bail!("output path {} has no file name", path.display());
+        }
+        if path.extension().is_some_and(|e| e == "mjpeg" || e == "mjpg") {
+            let tmp = temp_sibling(path);
+            let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            return Ok(FrameOut::File { tmp, path: path.to_path_buf(), file: std::io::BufWriter::new(file) });
+        }
+        check_new_dir(path).map_err(anyhow::Error::msg)?;
+        Ok(FrameOut::Dir { dir: StagedDir::create(path).map_err(anyhow::Error::msg)?, name: String::new() })
+    }
+
+    fn write(&mut self, index: u32, jpeg: &[u8]) -> Result<(), ClientError> {
+        let io = |what: String| move |source| ClientError::Io { what, source };
+        match self {
+            FrameOut::None => Ok(()),
+            FrameOut::Dir { dir, name } => {
+                use std::fmt::Write as _;
+                name.clear();
+                let _ = write!(name, "{index:06}.jpg");
+                let p = dir.dir().join(&*name);
+                std::fs::write(&p, jpeg).map_err(io(format!("writing {}", p.display())))
+            }
+            FrameOut::Stream(w) => w.write_all(jpeg).map_err(io("writing to stdout".into())),
+            FrameOut::File { file, tmp, .. } => file.write_all(jpeg).map_err(io(format!("writing {}", tmp.display()))),
+        }
+    }
+
+    fn finish(self) -> Result<()> {
+        match self {
+            FrameOut::None => Ok(()),
+            FrameOut::Dir { mut dir, .. } => dir.commit().map_err(anyhow::Error::msg),
+            FrameOut::Stream(mut w) => w.flush().context("writing to stdout"),
+            FrameOut::File { tmp, path, file } => {
+                file.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", tmp.display()))?;
+                std::fs::rename(&tmp, &path)
+                    .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+            }
+        }
+    }
+
+    /// Removes what was written (a staged directory removes itself when dropped).
+    fn discard(self) {
+        if let FrameOut::File { tmp, .. } = self {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Runs `lipsync client`.
+pub fn run(args: &ClientArgs) -> Result<()> {
+    if !(1.0..=1000.0).contains(&args.chunk_ms) {
+        bail!("--chunk-ms {} is not in 1..=1000", args.chunk_ms);
+    }
+    let audio = decode_file(&args.audio).with_context(|| format!("reading audio {}", args.audio.display()))?;
+    let spec = StreamSpec {
+        avatar: args.avatar.clone(),
+        samples: audio.samples,
+        rate: audio.rate,
+        realtime: args.realtime,
+        chunk_ms: args.chunk_ms,
+        jpeg_quality: args.jpeg_quality,
+        batch: args.batch,
+        start_frame: args.start_frame,
+    };
+    let mut out = FrameOut::open(args.output.as_deref())?;
+    let result = stream(&args.socket, &spec, |i, jpeg| out.write(i, jpeg));
+    let outcome = match result {
+        Ok(o) => o,
+        Err(e) => {
+            out.discard();
+            return Err(e.into());
+        }
+    };
+    out.finish()?;
+    if args.json {
+        let mut v = serde_json::to_value(&outcome)?;
+        v["records"] = serde_json::to_value(&outcome.records)?;
+        print_out(&format!("{v}\n"))?;
+    } else {
+        let l = &outcome.latency_ms;
+        eprintln!(
+            "session {}: {} frames ({}x{} at {} fps) for {:.2} s of audio in {:.2} s ({:.1} frames/s)",
+            outcome.session,
+            outcome.frames,
+            outcome.width,
+            outcome.height,
+            outcome.fps,
+            outcome.audio_seconds,
+            outcome.seconds,
+            outcome.frames as f64 / outcome.seconds.max(1e-9)
+        );
+        eprintln!("first frame: {:.1} ms after the first audio was sent", outcome.first_frame_ms);
+        eprintln!(
+            "frame latency (audio final -> frame received), ms: p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
+            l.p50, l.p90, l.p99, l.max
+        );
+    }
+    Ok(())
+}
+
+/// `lipsync stats` flags.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// The daemon's socket.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Print the raw JSON reply.
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every this many seconds until interrupted (frames/s over the interval).
+    #[arg(long, value_name = "SECS")]
+    pub watch: Option<f64>,
+}
+
+/// Runs `lipsync stats`.
+pub fn stats(args: &StatsArgs) -> Result<()> {
+    let mut conn = Connection::connect(&args.socket)?;
+    let mut last: Option<(Instant, u64)> = None;
+    loop {
+        let s = conn.stats()?;
+        let now = Instant::now();
+        let rate = last.map(|(t, f)| (s.frames_total - f) as f64 / now.duration_since(t).as_secs_f64().max(1e-9));
+        last = Some((now, s.frames_total));
+        let text = if args.json { format!("{}\n", serde_json::to_string(&s)?) } else { format_stats(&s, rate) };
+        if !print_out(&text)? {
+            // `lipsync stats --watch 1 | head`: the reader has had enough.
+            return Ok(());
+        }
+        match args.watch {
+            Some(secs) if secs > 0.0 => std::thread::sleep(Duration::from_secs_f64(secs)),
+            _ => return Ok(()),
+        }
+    }
+}
+
+fn pct_row(name: &str, p: &Percentiles) -> String {
+    format!("  {name:<22} {:>8} {:>9.2} {:>9.2} {:>9.2} {:>9.2}\n", p.count, p.p50, p.p90, p.p99, p.max)
+}
+
+/// The `lipsync stats` table.
+pub fn format_stats(s: &StatsReply, rate: Option<f64>) -> String {
+    let mut t = String::new();
+    let fps = rate.unwrap_or(s.frames_total as f64 / s.uptime_seconds.max(1e-9));
+    t += &format!(
+        "uptime {:.1} s  sessions {} open / {} total  frames {}  {:.1} frames/s{}\n",
+        s.uptime_seconds,
+        s.sessions_open,
+        s.sessions_total,
+        s.frames_total,
+        fps,
+        if rate.is_some() { " (last interval)" } else { " (since start)" }
+    );
+    t += &format!(
+        "  {:<22} {:>8} {:>9} {:>9} {:>9} {:>9}\n",
+        "stage (service, ms)", "count", "p50", "p90", "p99", "max"
+    );
+    for (name, p) in &s.stages {
+        t += &pct_row(name, p);
+    }
+    for u in &s.unet {
+        let name = format!("unet (batch {:.1})", u.mean_batch);
+        t += &pct_row(&name, &u.service_ms);
+    }
+    if !s.sessions.is_empty() {
+        t += &format!(
+            "  {:<22} {:>8} {:>9} {:>9} {:>9} {:>9}\n",
+            "session (latency, ms)", "frames", "p50", "p90", "p99", "max"
+        );
+        for x in &s.sessions {
+            let name = format!("#{} {} {:.0} f/s", x.id, x.avatar, x.frames_per_second);
+            let mut p = x.latency_ms.clone();
+            p.count = x.frames;
+            t += &pct_row(&name, &p);
+        }
+    }
+    t
+}
+
+/// What `lipsync avatar ... --socket` asks a daemon.
+pub enum AvatarAction<'a> {
+    /// List every avatar.
+    List,
+    /// Load this one.
+    Load(&'a str),
+    /// Unload this one.
+    Unload(&'a str),
+}
+
+/// `lipsync avatar list|load|unload --socket`.
+pub fn avatars(socket: &Path, action: AvatarAction<'_>) -> Result<()> {
+    let mut conn = Connection::connect(socket)?;
+    match action {
+        AvatarAction::List => {
+            let v: serde_json::Value = conn.request(Kind::ListAvatars, &serde_json::json!({}), Kind::Avatars)?;
+            let list = v["avatars"].as_array().cloned().unwrap_or_default();
+            let mut t = format!(
+                "{:<24} {:>7} {:>10} {:>9} {:>14}\n",
+                "avatar", "loaded", "memory MB", "sessions", "frames served"
+            );
+            for a in list {
+                t += &format!(
+                    "{:<24} {:>7} {:>10.1} {:>9} {:>14}\n",
+                    a["name"].as_str().unwrap_or("?"),
+                    if a["loaded"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+                    a["memory_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+                    a["sessions"].as_u64().unwrap_or(0),
+                    a["frames_served"].as_u64().unwrap_or(0)
+                );
+            }
+            print_out(&t).map(drop)
+        }
+        AvatarAction::Load(name) | AvatarAction::Unload(name) => {
+            let kind = if matches!(action, AvatarAction::Load(_)) { Kind::LoadAvatar } else { Kind::UnloadAvatar };
+            let v: serde_json::Value = conn.request(kind, &serde_json::json!({ "name": name }), Kind::Ok)?;
+            print_out(&format!("{v}\n")).map(drop)
+        }
+    }
+}
+
+/// Writes to stdout; `Ok(false)` when the reader has closed the pipe (`| head`), which is
+/// not an error.
+fn print_out(text: &str) -> Result<bool> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e).context("writing to stdout"),
+    }
+}
