@@ -116,7 +116,7 @@ def read_frames(video: Path) -> list[np.ndarray]:
 
 
 def ping_pong(i: int, n: int, start: int = 0) -> int:
-    """Template frame index for output frame i (SPEC.md section 3), start offset wrapping."""
+    """Template frame index for output frame i (docs/spec.md section 6), start offset wrapping."""
     if n <= 1:
         return 0
     period = 2 * (n - 1)

@@ -99,7 +99,7 @@ def request(path, kind, value, want):
 
 
 def window_start(k):
-    """SPEC.md section 2: s_k = int(80.0 * (k / 25.0))."""
+    """docs/spec.md section 2: s_k = int(80.0 * (k / 25.0))."""
     return int(80.0 * (k / 25.0))
 
 
@@ -110,7 +110,7 @@ def samples_needed_16k(i):
 
 
 def expected_frames(n, rate):
-    """Frames for n samples at rate (SPEC.md: T = 1 + n16 // 200, L = int((T-16)/80*25) + 2,
+    """Frames for n samples at rate (docs/spec.md section 2: T = 1 + n16 // 200, L = int((T-16)/80*25) + 2,
     frames = L + 2)."""
     n16 = -(-n * 16000 // rate)
     t = 1 + n16 // 200

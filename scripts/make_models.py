@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build architecture-faithful SyncTalk_2D "328 / ave" ONNX models with seeded random weights.
 
-No trained weights can be downloaded here, so this script writes the two graphs of SPEC.md
+No trained weights can be downloaded here, so this script writes the two graphs of docs/spec.md (section 8)
 section 4 with the real layer structure (onnx + numpy only, no torch):
 
 * ``unet.onnx``: ``input`` [N,6,320,320] + ``audio`` [N,32,16,16] -> ``output`` [N,3,320,320]
@@ -258,7 +258,7 @@ def calibrate(g: Graph, inputs, feeds, out_name: str, out_std: float | None) -> 
 
 
 def face_input(batch: int) -> np.ndarray:
-    """A real face crop (scikit-image astronaut) prepared as SPEC.md section 3 describes."""
+    """A real face crop (scikit-image astronaut) prepared as docs/spec.md section 4 describes."""
     import cv2
     from skimage import data
 

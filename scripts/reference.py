@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""lipsync Python reference: SyncTalk_2D ``inference_328.py`` semantics as SPEC.md states them.
+"""lipsync Python reference: SyncTalk_2D ``inference_328.py`` semantics as docs/spec.md states them.
 
 avatar + audio -> frames, with librosa (mel), OpenCV (crop, resize, paste) and onnxruntime
 (audio encoder and UNet). This is the executable spec that lipsync is tested against and the
-peer it races against. Where SyncTalk_2D and SPEC.md disagree, this follows SPEC.md:
+peer it races against. Where SyncTalk_2D and docs/spec.md disagree, this follows docs/spec.md:
 ``cv2.resize(..., interpolation=cv2.INTER_CUBIC)`` both ways (SyncTalk passes INTER_CUBIC
 positionally, as ``dst``, and so really resizes bilinearly), and the start offset wraps.
 
@@ -52,7 +52,7 @@ class Timer:
         return _Ctx()
 
 
-# --- audio (SPEC.md section 1) -----------------------------------------------------------------
+# --- audio (docs/spec.md section 1) -----------------------------------------------------------------
 def load_audio(path: Path) -> np.ndarray:
     """Mono f32 at 16 kHz: int16 / 32768, channels averaged, resampled when the rate differs."""
     import soundfile as sf
@@ -92,7 +92,7 @@ def num_windows(t: int) -> int:
 
 
 def windows(mel: np.ndarray) -> np.ndarray:
-    """[L, 1, 80, 16]: window k is mel rows s_k .. s_k+16, transposed (SPEC.md section 2)."""
+    """[L, 1, 80, 16]: window k is mel rows s_k .. s_k+16, transposed (docs/spec.md section 2)."""
     t = mel.shape[0]
     n = num_windows(t)
     out = np.empty((n, 1, 80, 16), np.float32)
@@ -121,7 +121,7 @@ def frame_audio(f: np.ndarray, i: int) -> np.ndarray:
     return out.reshape(32, 16, 16)
 
 
-# --- image (SPEC.md section 3) -----------------------------------------------------------------
+# --- image (docs/spec.md sections 4 and 5) -----------------------------------------------------------------
 def prep(frame: np.ndarray, box) -> tuple[np.ndarray, np.ndarray]:
     import cv2
 

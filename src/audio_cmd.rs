@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use lipsync_stages::audio::load_16k;
 use lipsync_stages::features::{extract_windows, pad_features, AudioEncoder, FEATURE_DIM};
+use lipsync_stages::io::npy::write_f32_2d;
 use lipsync_stages::mel::{MelSpectrogram, N_MELS};
-use lipsync_stages::npy::write_f32_2d;
 use lipsync_stages::onnx::{ModelIo, SessionOptions};
 use ndarray::ArrayView2;
 

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use lipsync_stages::avatar::{self, Avatar, CreateSpec, ModelStorage};
+use lipsync_stages::io::avatar::{self, Avatar, CreateSpec, ModelStorage};
+use lipsync_stages::io::synctalk;
 use lipsync_stages::onnx::ModelIo;
-use lipsync_stages::synctalk;
 
 use crate::client_cmd::{self as client, AvatarAction};
 use crate::Cli;

@@ -36,8 +36,8 @@ pub struct BenchRenderArgs {
 
 /// Runs `lipsync bench render`.
 pub fn run(cli: &Cli, args: &BenchRenderArgs) -> Result<()> {
-    use lipsync_stages::avatar::Avatar;
     use lipsync_stages::face::{input_len, output_len};
+    use lipsync_stages::io::avatar::Avatar;
     use lipsync_stages::unet::{Provider, Unet};
 
     let avatar = Avatar::open(&args.avatar).with_context(|| format!("loading avatar {}", args.avatar.display()))?;
@@ -85,7 +85,7 @@ pub fn run(cli: &Cli, args: &BenchRenderArgs) -> Result<()> {
 /// removed afterwards.
 fn render_once(
     rt: &OrtRuntime,
-    avatar: lipsync_stages::avatar::Avatar,
+    avatar: lipsync_stages::io::avatar::Avatar,
     audio: &std::path::Path,
     batch: Batch,
     threads: usize,
@@ -134,8 +134,8 @@ pub fn render_fps(
     threads: usize,
     frames: usize,
 ) -> Result<f64> {
-    let a =
-        lipsync_stages::avatar::Avatar::open(avatar).with_context(|| format!("loading avatar {}", avatar.display()))?;
+    let a = lipsync_stages::io::avatar::Avatar::open(avatar)
+        .with_context(|| format!("loading avatar {}", avatar.display()))?;
     let rt = cli.runtime()?;
     let outcome = render_once(&rt, a, audio, batch, threads, frames, false)?;
     Ok(outcome.report.steady_frames_per_second)

@@ -13,7 +13,7 @@ use lipsync_serve::client::{stream, ClientError, Connection, StreamSpec};
 use lipsync_serve::protocol::Kind;
 use lipsync_serve::stats::StatsReply;
 use lipsync_stages::audio::decode_file;
-use lipsync_stages::staged::{check_new_dir, parent_dir, temp_sibling, StagedDir};
+use lipsync_stages::io::staged::{check_new_dir, parent_dir, temp_sibling, StagedDir};
 
 /// `lipsync client` flags.
 #[derive(Debug, Args)]

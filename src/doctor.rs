@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use lipsync_stages::avatar::Avatar;
+use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::{check_signature, describe, ModelIo, SessionOptions};
 
 use crate::Cli;
@@ -25,7 +25,7 @@ pub fn run(cli: &Cli, args: &DoctorArgs) -> Result<()> {
     let cores = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(0);
     println!("lipsync {}", env!("CARGO_PKG_VERSION"));
     println!("CPUs: {cpus} available to this process ({cores} pinnable cores)");
-    println!("FFmpeg: {}", lipsync_stages::video::ffmpeg_version());
+    println!("FFmpeg: {}", lipsync_stages::io::video::ffmpeg_version());
     let rt = cli.runtime()?;
     println!("ONNX Runtime: {} from {} (found via {})", rt.version(), rt.library.path.display(), rt.library.source);
     println!("ONNX Runtime build: {}", rt.build_info());

@@ -8,8 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use lipsync_pipelines::render::{render, ImageFormat, Output, ProgressFn, RenderConfig};
 use lipsync_pipelines::runtime::PinPolicy;
-use lipsync_stages::avatar::{read_boxes, Avatar};
 use lipsync_stages::face::Blend;
+use lipsync_stages::io::avatar::{read_boxes, Avatar};
 use lipsync_stages::unet::{Batch, Provider};
 
 use crate::Cli;
@@ -193,7 +193,7 @@ pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
             &outcome.e2e.e2e,
             std::time::Duration::from_secs_f64(outcome.report.wall_seconds),
         )?;
-        lipsync_stages::avatar::write_atomic(path, &buf)?;
+        lipsync_stages::io::avatar::write_atomic(path, &buf)?;
     }
     if !matches!(output, Output::Stdout) {
         eprintln!("wrote {} frames to {}", outcome.frames, args.output.display());

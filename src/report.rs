@@ -60,7 +60,7 @@ pub fn table(r: &RunReport) -> String {
 /// Writes the report as JSON (temporary file, then rename).
 pub fn write_json(r: &RunReport, path: &Path) -> Result<()> {
     let text = serde_json::to_string_pretty(r)?;
-    lipsync_stages::avatar::write_atomic(path, format!("{text}\n").as_bytes())?;
+    lipsync_stages::io::avatar::write_atomic(path, format!("{text}\n").as_bytes())?;
     Ok(())
 }
 
@@ -111,6 +111,6 @@ pub fn write_svg(r: &RunReport, path: &Path) -> Result<()> {
         chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
         root.present()?;
     }
-    lipsync_stages::avatar::write_atomic(path, svg.as_bytes())?;
+    lipsync_stages::io::avatar::write_atomic(path, svg.as_bytes())?;
     Ok(())
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use lipsync_stages::npy::read_f32_2d;
+use lipsync_stages::io::npy::read_f32_2d;
 
 fn max_diff(a: &ndarray::Array2<f32>, b: &ndarray::Array2<f32>) -> f32 {
     assert_eq!(a.shape(), b.shape());

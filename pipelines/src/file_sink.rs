@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use lipsync_stages::staged::{check_new_dir, parent_dir, StagedDir};
+use lipsync_stages::io::staged::{check_new_dir, parent_dir, StagedDir};
 
 use crate::job::FrameJob;
 use crate::stages::sink::{FrameSink, SinkError};

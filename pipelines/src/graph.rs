@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use lipsync_stages::audio::{AudioError, StreamResampler, SAMPLE_RATE};
-use lipsync_stages::avatar::Avatar;
 use lipsync_stages::face::Blend;
 use lipsync_stages::features::AudioEncoder;
+use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::unet::Batch;
 
 use crate::job::{AudioIn, AudioTensor, FrameJob, FrameStats};

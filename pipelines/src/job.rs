@@ -6,10 +6,10 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
-use lipsync_stages::avatar::CropParams;
 use lipsync_stages::face::{input_len, output_len, template_len};
 use lipsync_stages::features::FRAME_AUDIO_LEN;
 use lipsync_stages::frame::BgrFrame;
+use lipsync_stages::io::avatar::CropParams;
 
 use crate::metrics::{histogram, LatencyRecorder, Percentiles};
 use crate::runtime::lock;

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
 use lipsync_stages::audio::{load_16k, SAMPLE_RATE};
-use lipsync_stages::avatar::Avatar;
 use lipsync_stages::face::Blend;
 use lipsync_stages::features::AudioEncoder;
+use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
 use lipsync_stages::unet::{Batch, Provider};
 

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
-use lipsync_stages::avatar::Avatar;
 use lipsync_stages::face::Blend;
 use lipsync_stages::features::AudioEncoder;
+use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::template::SharedTemplate;
 use lipsync_stages::unet::Batch;
 

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
 use lipsync_pipelines::runtime::PinPolicy;
-use lipsync_stages::avatar::Avatar;
 use lipsync_stages::face::Blend;
+use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::OrtRuntime;
 use lipsync_stages::unet::{Batch, Provider};
 

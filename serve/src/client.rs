@@ -175,7 +175,7 @@ pub struct StreamOutcome {
     pub height: usize,
     /// Frames per second of the video.
     pub fps: f64,
-    /// Frames expected for the audio (SPEC: L + 2).
+    /// Frames expected for the audio (docs/spec.md section 2: L + 2).
     pub expected_frames: usize,
     /// Frames received.
     pub frames: usize,
@@ -195,14 +195,14 @@ pub struct StreamOutcome {
 /// A frame's (index, timestamp ms, arrival).
 type Arrival = (u32, u32, Instant);
 
-/// 16 kHz samples frame `i` needs before it is final (SPEC.md section 2, streaming): mel row
+/// 16 kHz samples frame `i` needs before it is final (docs/spec.md section 7): mel row
 /// `s_{i+6} + 15`, which needs samples up to `200 (s_{i+6} + 15) + 400`.
 pub fn samples_needed_16k(i: usize) -> u64 {
     let last_row = window_start_unclamped(i + 6) + WINDOW - 1;
     (200 * last_row + 400) as u64
 }
 
-/// Frames `lipsync render` makes for `n` samples at `rate` (SPEC: L + 2).
+/// Frames `lipsync render` makes for `n` samples at `rate` (docs/spec.md section 2: L + 2).
 pub fn expected_frames(n: usize, rate: u32) -> Result<usize, ClientError> {
     let n16 = (n as f64 * 16_000.0 / f64::from(rate)).ceil() as usize;
     Ok(window_count(mel_frames(n16))? + 2)

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use lipsync_pipelines::runtime::lock;
 use lipsync_pipelines::stages::unet::{UnetService, UnetServiceConfig};
-use lipsync_stages::avatar::Avatar;
 use lipsync_stages::features::AudioEncoder;
+use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
 use lipsync_stages::template::{SharedTemplate, TemplateFrames};
 use serde::{Deserialize, Serialize};

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use ffmpeg_next as ff;
 
 use crate::frame::BgrFrame;
-use crate::video::init_ffmpeg;
+use crate::io::video::init_ffmpeg;
 
 /// Errors writing a video file.
 #[derive(Debug, thiserror::Error)]

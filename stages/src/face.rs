@@ -1,4 +1,4 @@
-//! Face tensor prep and paste-back (SPEC.md section 3).
+//! Face tensor prep and paste-back (docs/spec.md sections 4 to 6).
 //!
 //! Prep: crop the box, resize it to the 328 template (bicubic, OpenCV-exact), take the inner
 //! 320, mask the rectangle, and write the 6-channel NCHW f32 tensor (reference BGR / 255, then
@@ -6,8 +6,8 @@
 //! truncation, goes into the 328 template, is resized back to the box and pasted (hard, or with
 //! a feathered edge).
 
-use crate::avatar::{CropBox, CropParams};
 use crate::frame::BgrFrame;
+use crate::io::avatar::{CropBox, CropParams};
 use crate::resize::CubicResizer;
 
 /// How the regenerated box is written over the frame.

@@ -1,4 +1,4 @@
-//! Audio windows, the batched audio encoder and per-frame audio tensors (SPEC.md section 2).
+//! Audio windows, the batched audio encoder and per-frame audio tensors (docs/spec.md sections 2 and 7).
 //!
 //! Window k is mel rows `s_k .. s_k + 16` with `s_k = int(80 * (k / 25))` (f64), clamped to
 //! `T - 16` at the end, transposed to [1, 80, 16]. There are `L = int((T - 16) / 80 * 25) + 2`

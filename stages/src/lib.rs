@@ -1,30 +1,27 @@
 //! Compute stages of the lipsync pipeline as plain structs, with no threads or channels.
 //!
-//! Each module is one stage (or a type shared between stages) and is testable on its own:
+//! Each module is one stage's compute (or a type shared between stages) and is testable on its
+//! own; file formats and I/O live in [`io`]:
 //!
-//! - [`audio`]: decoding audio files and raw PCM to mono 16 kHz f32.
+//! - [`audio`]: decoding audio files and raw PCM to mono 16 kHz f32, resampling.
 //! - [`mel`]: the exact mel spectrogram, whole-signal or incremental.
 //! - [`features`]: audio windows, the batched encoder, per-frame audio tensors.
+//! - [`template`]: template frames decoded within a memory budget.
+//! - [`face`], [`resize`]: the UNet's input and paste-back.
+//! - [`unet`]: the UNet session and the [`unet::Batch`] size.
+//! - [`image_io`], [`encode`]: JPEG/PNG and H.264 encoding.
 //! - [`onnx`]: finding and loading ONNX Runtime, opening models, checking their signatures.
-//! - [`video`]: probing template videos and frame directories.
-//! - [`avatar`]: the avatar directory format (template, boxes, models), loaded and validated.
-//! - [`synctalk`]: converting SyncTalk_2D dataset directories (frames + landmarks).
-//! - [`npy`]: reading and writing `.npy` arrays (numpy interchange).
-//! - [`staged`]: outputs written whole or not at all (temporary sibling, then rename).
+//! - [`io`]: the avatar format, SyncTalk_2D import, `.npy`, staged outputs, video probing.
 
 pub mod audio;
-pub mod avatar;
 pub mod encode;
 pub mod face;
 pub mod features;
 pub mod frame;
 pub mod image_io;
+pub mod io;
 pub mod mel;
-pub mod npy;
 pub mod onnx;
 pub mod resize;
-pub mod staged;
-pub mod synctalk;
 pub mod template;
 pub mod unet;
-pub mod video;

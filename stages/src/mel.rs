@@ -1,4 +1,4 @@
-//! The Wav2Lip mel spectrogram of SPEC.md section 1, whole-signal or incremental.
+//! The Wav2Lip mel spectrogram of docs/spec.md section 1, whole-signal or incremental.
 //!
 //! Pre-emphasis (0.97, causal), centre padding of 400 zeros, periodic Hann window of 800,
 //! real FFT magnitude, Slaney mel filterbank (80 x 401, fmin 55, fmax 7600, built in code with

@@ -389,7 +389,7 @@ impl fmt::Display for Signature {
     }
 }
 
-/// Names of the model inputs and outputs (SPEC.md defaults; an avatar may rename them).
+/// Names of the model inputs and outputs (docs/spec.md defaults; an avatar may rename them).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelIo {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use ffmpeg_next as ff;
 
 use crate::frame::BgrFrame;
-use crate::video::{frame_files, open_video, OpenedVideo, VideoError};
+use crate::io::video::{frame_files, open_video, OpenedVideo, VideoError};
 
 /// Default raw-frame budget of one template (bytes).
 pub const DEFAULT_BUDGET: usize = 768 << 20;

@@ -5,8 +5,8 @@ use std::path::Path;
 use ort::session::Session;
 use ort::value::TensorRef;
 
-use crate::avatar::CropParams;
 use crate::features::FRAME_AUDIO_LEN;
+use crate::io::avatar::CropParams;
 use crate::onnx::{check_signature, ModelIo, OnnxError, OrtRuntime, SessionOptions};
 
 /// Largest batch accepted.

@@ -1,4 +1,4 @@
-//! Audio path against SPEC.md sections 1-2, the seed references and the librosa fixtures.
+//! Audio path against docs/spec.md sections 1, 2 and 7, the seed references and the librosa fixtures.
 
 use std::path::PathBuf;
 
@@ -7,8 +7,8 @@ use lipsync_stages::features::{
     extract_windows, frame_audio, pad_features, window_count, window_start, FeatureAssembler, FeatureError,
     WindowTracker, FEATURE_DIM, FRAME_AUDIO_LEN, WINDOW_LEN,
 };
+use lipsync_stages::io::npy::read_f32_2d;
 use lipsync_stages::mel::{mel_filterbank, mel_frames, MelSpectrogram, N_BINS, N_MELS};
-use lipsync_stages::npy::read_f32_2d;
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)

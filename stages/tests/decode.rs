@@ -40,7 +40,7 @@ fn energy(v: &[f32]) -> f32 {
 fn lossy_and_video_containers_decode_and_resample() {
     let reference = load_16k(&audio("clip.wav")).unwrap();
     // The stereo fixtures were upmixed by FFmpeg at -3 dB per channel, so their average (what
-    // SPEC.md and the reference do) has half the energy. AAC keeps its encoder priming samples
+    // docs/spec.md and the reference do) has half the energy. AAC keeps its encoder priming samples
     // (symphonia's MP4 reader is not gapless): up to 2112 samples at 22.05 kHz.
     for (name, rate, channels, gain, max_lag) in [
         ("clip.mp3", 44_100, 2, 0.5, 40),

@@ -7,8 +7,8 @@ use lipsync_stages::features::{
     extract_windows, frame_audio, pad_features, AudioEncoder, FeatureAssembler, WindowTracker, FEATURE_DIM,
     FRAME_AUDIO_LEN,
 };
+use lipsync_stages::io::npy::read_f32_2d;
 use lipsync_stages::mel::MelSpectrogram;
-use lipsync_stages::npy::read_f32_2d;
 use lipsync_stages::onnx::{ModelIo, OrtRuntime, SessionOptions};
 
 fn fixture(rel: &str) -> PathBuf {

@@ -1,4 +1,4 @@
-"""Model generator checks: parameter counts of the full-size graphs (SPEC.md section 4) and the
+"""Model generator checks: parameter counts of the full-size graphs (docs/spec.md section 8) and the
 input/output signature of both sizes, run through ONNX Runtime with a dynamic batch."""
 
 import sys

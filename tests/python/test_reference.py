@@ -1,4 +1,4 @@
-"""The Python reference against SPEC.md: seed mel data, the worked frame-count table, the
+"""The Python reference against docs/spec.md: seed mel data, the worked frame-count table, the
 ping-pong template order and the per-frame audio rows."""
 
 import json

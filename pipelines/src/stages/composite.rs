@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use lipsync_stages::avatar::Avatar;
 use lipsync_stages::face::{Blend, Compositor};
+use lipsync_stages::io::avatar::Avatar;
 
 use crate::job::FrameJob;
 use crate::runtime::{Out, Stage, StageError};

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use lipsync_stages::face::template_index;
 use lipsync_stages::frame::BgrFrame;
+use lipsync_stages::io::video::VideoError;
 use lipsync_stages::template::{SharedTemplate, TemplateFrames};
-use lipsync_stages::video::VideoError;
 
 use crate::job::{AudioTensor, FrameJob, FrameStats};
 use crate::runtime::{Out, Pool, Stage, StageError};

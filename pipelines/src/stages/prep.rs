@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use lipsync_stages::avatar::Avatar;
 use lipsync_stages::face::FacePrep;
+use lipsync_stages::io::avatar::Avatar;
 
 use crate::job::FrameJob;
 use crate::runtime::{Out, Stage, StageError};

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use hdrhistogram::Histogram;
-use lipsync_stages::avatar::CropParams;
 use lipsync_stages::face::{input_len, output_len};
 use lipsync_stages::features::FRAME_AUDIO_LEN;
+use lipsync_stages::io::avatar::CropParams;
 use lipsync_stages::onnx::{ModelIo, OrtRuntime, SessionOptions};
 use lipsync_stages::unet::{Batch, Provider, Unet, UnetError};
 

@@ -1,9 +1,9 @@
 //! SyncTalk_2D dataset directories: `full_body_img/N.jpg` frames and `landmarks/N.lms` files
-//! (110 lines of `x y`), converted to crop boxes as SPEC.md section 3 states.
+//! (110 lines of `x y`), converted to crop boxes as docs/spec.md section 3 states.
 
 use std::path::{Path, PathBuf};
 
-use crate::avatar::CropBox;
+use crate::io::avatar::CropBox;
 
 /// Errors reading a SyncTalk_2D dataset directory.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +49,7 @@ pub enum SyncTalkError {
     },
     /// Listing frames failed.
     #[error(transparent)]
-    Video(#[from] crate::video::VideoError),
+    Video(#[from] crate::io::video::VideoError),
 }
 
 /// Number of landmarks per `.lms` file.
@@ -113,7 +113,7 @@ pub fn read_dataset(dir: &Path) -> Result<SyncTalkDataset, SyncTalkError> {
     if !lms_dir.is_dir() {
         return Err(SyncTalkError::Layout(dir.to_path_buf(), "landmarks"));
     }
-    let frames = crate::video::frame_files(&img_dir)?;
+    let frames = crate::io::video::frame_files(&img_dir)?;
     if frames.is_empty() {
         return Err(SyncTalkError::NoFrames(img_dir));
     }

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::io::video::{probe, VideoError, VideoInfo};
 use crate::onnx::{check_signature, ModelIo, OnnxError, OrtRuntime, SessionOptions};
-use crate::video::{probe, VideoError, VideoInfo};
 
 /// File name of an avatar's configuration.
 pub const AVATAR_TOML: &str = "avatar.toml";
@@ -140,7 +140,7 @@ impl CropBox {
     }
 }
 
-/// Crop geometry of the model family (SPEC.md section 3: 328 template, inner 320 at offset 4,
+/// Crop geometry of the model family (docs/spec.md section 4: 328 template, inner 320 at offset 4,
 /// mask rectangle x 5..=314, y 5..=309).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -410,7 +410,7 @@ pub fn check_model_pair(
 /// Writes `bytes` to `path` whole or not at all (temporary file in the same directory, then rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AvatarError> {
     let io = |action, source| AvatarError::Io { action, path: path.to_path_buf(), source };
-    let tmp = crate::staged::temp_sibling(path);
+    let tmp = crate::io::staged::temp_sibling(path);
     std::fs::write(&tmp, bytes).map_err(|e| io("could not write", e))?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -461,13 +461,13 @@ pub fn create(out: &Path, spec: &CreateSpec, rt: &OrtRuntime) -> Result<Avatar, 
     let crop = CropParams::default();
     check_model_pair(rt, &spec.unet, &spec.encoder, &spec.io, &crop)?;
 
-    let parent = crate::staged::parent_dir(out);
+    let parent = crate::io::staged::parent_dir(out);
     std::fs::create_dir_all(parent).map_err(|source| AvatarError::Io {
         action: "could not create",
         path: parent.to_path_buf(),
         source,
     })?;
-    let tmp = crate::staged::temp_sibling(out);
+    let tmp = crate::io::staged::temp_sibling(out);
     let result = write_avatar_dir(&tmp, spec, &crop);
     let result = result.and_then(|_| {
         std::fs::rename(&tmp, out).map_err(|source| AvatarError::Io {
@@ -502,7 +502,7 @@ fn write_avatar_dir(dir: &Path, spec: &CreateSpec, crop: &CropParams) -> Result<
     mkdir(dir)?;
     let video = if spec.video.is_dir() {
         mkdir(&dir.join("frames"))?;
-        for file in crate::video::frame_files(&spec.video)? {
+        for file in crate::io::video::frame_files(&spec.video)? {
             let name = file.file_name().expect("frame files have names");
             copy(&file, &dir.join("frames").join(name))?;
         }
