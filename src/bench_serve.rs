@@ -4,17 +4,14 @@
 //! frames/s measured in the same run with the same UNet settings.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lipsync_pipelines::metrics::{histogram, Percentiles};
+use lipsync_serve::bench;
+use lipsync_serve::client::{stream, Connection, StreamSpec};
 use lipsync_stages::audio::decode_file;
-use serde::Serialize;
-
-use lipsync_serve::client::{stream, Connection, StreamOutcome, StreamSpec};
-use lipsync_serve::stats::StatsReply;
-use lipsync_serve::{Daemon, ServeOptions};
 use lipsync_stages::unet::Batch;
 
 use crate::Cli;
@@ -34,6 +31,9 @@ pub struct BenchServeArgs {
     /// Most frames per UNet run across sessions (the daemon's --max-batch).
     #[arg(long, default_value_t = Batch::new(8).expect("valid"))]
     pub max_batch: Batch,
+    /// Threads of each session: staged, compact or auto (the daemon's --session-layout).
+    #[arg(long, default_value = "auto")]
+    pub session_layout: String,
     /// Longest a frame waits for its batch to fill, ms.
     #[arg(long, default_value_t = 2.0)]
     pub max_wait_ms: f64,
@@ -60,84 +60,76 @@ pub struct BenchServeArgs {
 }
 
 /// One round's figures.
-#[derive(Debug, Serialize)]
-struct Round {
-    sessions: usize,
-    frames: usize,
-    wall_seconds: f64,
-    frames_per_second: f64,
-    real_time_fps_demand: f64,
-    keeps_up: bool,
-    first_frame_ms_mean: f64,
-    first_frame_ms_max: f64,
-    latency_ms: Percentiles,
-    latency_p50_first_quarter_ms: f64,
-    latency_p50_last_quarter_ms: f64,
-    mean_unet_batch: f64,
-}
-
-/// The in-process daemon and its temporary directory (removed when dropped, after the
-/// daemon has drained).
-struct Bench {
-    daemon: Option<Daemon>,
+/// The daemon runs as its own process, as in production: in-process, it shares the allocator
+/// and the scheduler with the bench's clients (measured: 8 ms later first frames with 4
+/// sessions on 2 cores).
+struct Daemon {
+    child: Child,
     dir: PathBuf,
 }
 
-impl Drop for Bench {
+impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(d) = self.daemon.take() {
-            if let Err(e) = d.stop() {
-                tracing::warn!("bench daemon: {e}");
-            }
+        // SIGTERM: drain and remove the socket.
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
         }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-/// Starts a daemon in this process on a temporary socket, serving `args.avatar` as `bench`.
-fn start_daemon(cli: &Cli, args: &BenchServeArgs, threads: usize) -> Result<(Bench, PathBuf, String)> {
+fn start_daemon(cli: &Cli, args: &BenchServeArgs, threads: usize) -> Result<(Daemon, PathBuf, String)> {
     let dir = std::env::temp_dir().join(format!("lipsync-bench-serve-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("avatars")).with_context(|| format!("creating {}", dir.display()))?;
-    let mut bench = Bench { daemon: None, dir: dir.clone() };
     let avatar = args.avatar.canonicalize().with_context(|| format!("avatar {}", args.avatar.display()))?;
     let name = "bench".to_string();
     std::os::unix::fs::symlink(&avatar, dir.join("avatars").join(&name)).context("linking the avatar")?;
     let socket = dir.join("serve.sock");
-    let options = ServeOptions {
-        socket: Some(socket.clone()),
-        avatars: Some(dir.join("avatars")),
-        preload: Some(vec![name.clone()]),
-        max_sessions: Some(64),
-        max_batch: Some(args.max_batch),
-        max_wait_ms: Some(args.max_wait_ms),
-        session_queue: Some(args.session_queue),
-        intra_threads: Some(threads),
-        ..Default::default()
-    };
-    let settings = options.validate()?;
-    bench.daemon = Some(Daemon::start(settings, cli.runtime()?).context("starting the daemon")?);
-    Ok((bench, socket, name))
-}
-
-fn quarter_p50(outcomes: &[StreamOutcome], last: bool) -> f64 {
-    let mut v: Vec<f64> = outcomes
-        .iter()
-        .flat_map(|o| {
-            let q = (o.records.len() / 4).max(1);
-            let part = if last {
-                &o.records[o.records.len().saturating_sub(q)..]
-            } else {
-                &o.records[..q.min(o.records.len())]
-            };
-            part.iter().map(|r| r.latency_ms)
-        })
-        .collect();
-    if v.is_empty() {
-        return 0.0;
+    let exe = std::env::current_exe().context("finding the lipsync binary")?;
+    let mut cmd = Command::new(exe);
+    if let Some(lib) = &cli.ort_lib {
+        cmd.arg("--ort-lib").arg(lib);
     }
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    cmd.arg("--quiet")
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--avatars")
+        .arg(dir.join("avatars"))
+        .args(["--preload", &name, "--max-sessions", "64"])
+        .args(["--max-batch", &args.max_batch.to_string()])
+        .args(["--session-layout", &args.session_layout])
+        .args(["--max-wait-ms", &args.max_wait_ms.to_string()])
+        .args(["--session-queue", &args.session_queue.to_string()])
+        .args(["--intra-threads", &threads.to_string()])
+        .stdin(Stdio::null());
+    let child = cmd.spawn().context("starting lipsync serve")?;
+    let mut daemon = Daemon { child, dir };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Some(status) = daemon.child.try_wait()? {
+            bail!("lipsync serve exited during start-up ({status})");
+        }
+        if Connection::connect(&socket).is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("lipsync serve did not start listening within 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok((daemon, socket, name))
 }
 
 /// Runs `lipsync bench serve`.
@@ -180,89 +172,13 @@ pub fn run(cli: &Cli, args: &BenchServeArgs) -> Result<()> {
     let warm: Vec<f32> = audio.samples[..audio.samples.len().min(audio.rate as usize)].to_vec();
     stream(&socket, &spec(false, warm), |_, _| Ok(())).context("warm-up session")?;
 
-    let fps = 25.0;
     let mut rounds = Vec::new();
     for &n in &args.sessions {
-        let before = Connection::connect(&socket)?.stats()?;
-        let t = Instant::now();
-        let outcomes: Vec<Result<StreamOutcome, anyhow::Error>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..n)
-                .map(|_| {
-                    let s = spec(!args.fast, audio.samples.clone());
-                    let socket = &socket;
-                    scope.spawn(move || stream(socket, &s, |_, _| Ok(())).map_err(anyhow::Error::from))
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| bail!("a client thread panicked"))).collect()
-        });
-        let wall = t.elapsed().as_secs_f64();
-        let outcomes = outcomes.into_iter().collect::<Result<Vec<_>, _>>()?;
-        let after = Connection::connect(&socket)?.stats()?;
-        let batch = {
-            let b = |s: &StatsReply| {
-                s.unet.iter().map(|u| (u.batches, u.frames)).fold((0, 0), |a, x| (a.0 + x.0, a.1 + x.1))
-            };
-            let (b0, f0) = b(&before);
-            let (b1, f1) = b(&after);
-            (f1 - f0) as f64 / ((b1 - b0).max(1)) as f64
-        };
-        let mut hist = histogram();
-        for o in &outcomes {
-            for r in &o.records {
-                hist.saturating_record(((r.latency_ms * 1e6) as u64).max(1));
-            }
-        }
-        let frames: usize = outcomes.iter().map(|o| o.frames).sum();
-        let ff: Vec<f64> = outcomes.iter().map(|o| o.first_frame_ms).collect();
-        let demand = n as f64 * fps;
-        let achieved = frames as f64 / wall;
-        rounds.push(Round {
-            sessions: n,
-            frames,
-            wall_seconds: wall,
-            frames_per_second: achieved,
-            real_time_fps_demand: demand,
-            keeps_up: !args.fast && wall <= outcomes[0].audio_seconds * 1.05 + 1.0,
-            first_frame_ms_mean: ff.iter().sum::<f64>() / ff.len() as f64,
-            first_frame_ms_max: ff.iter().copied().fold(0.0, f64::max),
-            latency_ms: Percentiles::of(&hist),
-            latency_p50_first_quarter_ms: quarter_p50(&outcomes, false),
-            latency_p50_last_quarter_ms: quarter_p50(&outcomes, true),
-            mean_unet_batch: batch,
-        });
+        rounds.push(bench::round(&socket, n, &spec(!args.fast, audio.samples.clone()))?);
     }
     drop(daemon);
 
-    eprintln!(
-        "{:>8} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>7} {:>6}",
-        "sessions",
-        "frames",
-        "fps",
-        "first ms",
-        "p50 ms",
-        "p99 ms",
-        "max ms",
-        "p50 1st 1/4",
-        "p50 4th 1/4",
-        "batch",
-        "keeps"
-    );
-    for r in &rounds {
-        eprintln!(
-            "{:>8} {:>7} {:>8.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>11.0} {:>11.0} {:>7.2} {:>6}",
-            r.sessions,
-            r.frames,
-            r.frames_per_second,
-            r.first_frame_ms_mean,
-            r.latency_ms.p50,
-            r.latency_ms.p99,
-            r.latency_ms.max,
-            r.latency_p50_first_quarter_ms,
-            r.latency_p50_last_quarter_ms,
-            r.mean_unet_batch,
-            if r.keeps_up { "yes" } else { "no" }
-        );
-    }
+    eprint!("{}", bench::table(&rounds));
     if let Some(r) = &render {
         let best = rounds.iter().map(|r| r.frames_per_second).fold(0.0, f64::max);
         eprintln!(
@@ -281,6 +197,7 @@ pub fn run(cli: &Cli, args: &BenchServeArgs) -> Result<()> {
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
         "session_queue": args.session_queue,
+        "session_layout": args.session_layout,
         "intra_threads": threads,
         "render_fps": render,
         "rounds": rounds,

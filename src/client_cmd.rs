@@ -8,12 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lipsync_pipelines::metrics::Percentiles;
-use lipsync_serve::client::{stream, ClientError, Connection, StreamSpec};
+use lipsync_serve::client::{stream, Connection, StreamSpec};
+use lipsync_serve::frame_out::FrameOut;
 use lipsync_serve::protocol::Kind;
-use lipsync_serve::stats::StatsReply;
 use lipsync_stages::audio::decode_file;
-use lipsync_stages::io::staged::{check_new_dir, parent_dir, temp_sibling, StagedDir};
 
 /// `lipsync client` flags.
 #[derive(Debug, Args)]
@@ -50,74 +48,6 @@ pub struct ClientArgs {
     /// Print the result as JSON (with per-frame records) instead of a summary.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Frames written by the client: a directory built under a temporary name, stdout or a file
-/// (temporary sibling, renamed when complete).
-enum FrameOut {
-    None,
-    Dir { dir: StagedDir, name: String },
-    Stream(Box<dyn Write + Send>),
-    File { tmp: PathBuf, path: PathBuf, file: std::io::BufWriter<std::fs::File> },
-}
-
-impl FrameOut {
-    fn open(output: Option<&Path>) -> Result<Self> {
-        let Some(path) = output else { return Ok(FrameOut::None) };
-        if path == Path::new("-") {
-            return Ok(FrameOut::Stream(Box::new(std::io::BufWriter::new(std::io::stdout()))));
-        }
-        let parent = parent_dir(path);
-        if !parent.is_dir() {
-            bail!("directory {} does not exist", parent.display());
-        }
-        if path.file_name().is_none() {
-            bail!("output path {} has no file name", path.display());
-        }
-        if path.extension().is_some_and(|e| e == "mjpeg" || e == "mjpg") {
-            let tmp = temp_sibling(path);
-            let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            return Ok(FrameOut::File { tmp, path: path.to_path_buf(), file: std::io::BufWriter::new(file) });
-        }
-        check_new_dir(path).map_err(anyhow::Error::msg)?;
-        Ok(FrameOut::Dir { dir: StagedDir::create(path).map_err(anyhow::Error::msg)?, name: String::new() })
-    }
-
-    fn write(&mut self, index: u32, jpeg: &[u8]) -> Result<(), ClientError> {
-        let io = |what: String| move |source| ClientError::Io { what, source };
-        match self {
-            FrameOut::None => Ok(()),
-            FrameOut::Dir { dir, name } => {
-                use std::fmt::Write as _;
-                name.clear();
-                let _ = write!(name, "{index:06}.jpg");
-                let p = dir.dir().join(&*name);
-                std::fs::write(&p, jpeg).map_err(io(format!("writing {}", p.display())))
-            }
-            FrameOut::Stream(w) => w.write_all(jpeg).map_err(io("writing to stdout".into())),
-            FrameOut::File { file, tmp, .. } => file.write_all(jpeg).map_err(io(format!("writing {}", tmp.display()))),
-        }
-    }
-
-    fn finish(self) -> Result<()> {
-        match self {
-            FrameOut::None => Ok(()),
-            FrameOut::Dir { mut dir, .. } => dir.commit().map_err(anyhow::Error::msg),
-            FrameOut::Stream(mut w) => w.flush().context("writing to stdout"),
-            FrameOut::File { tmp, path, file } => {
-                file.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", tmp.display()))?;
-                std::fs::rename(&tmp, &path)
-                    .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-            }
-        }
-    }
-
-    /// Removes what was written (a staged directory removes itself when dropped).
-    fn discard(self) {
-        if let FrameOut::File { tmp, .. } = self {
-            let _ = std::fs::remove_file(tmp);
-        }
-    }
 }
 
 /// Runs `lipsync client`.
@@ -195,7 +125,7 @@ pub fn stats(args: &StatsArgs) -> Result<()> {
         let now = Instant::now();
         let rate = last.map(|(t, f)| (s.frames_total - f) as f64 / now.duration_since(t).as_secs_f64().max(1e-9));
         last = Some((now, s.frames_total));
-        let text = if args.json { format!("{}\n", serde_json::to_string(&s)?) } else { format_stats(&s, rate) };
+        let text = if args.json { format!("{}\n", serde_json::to_string(&s)?) } else { s.table(rate) };
         if !print_out(&text)? {
             // `lipsync stats --watch 1 | head`: the reader has had enough.
             return Ok(());
@@ -205,49 +135,6 @@ pub fn stats(args: &StatsArgs) -> Result<()> {
             _ => return Ok(()),
         }
     }
-}
-
-fn pct_row(name: &str, p: &Percentiles) -> String {
-    format!("  {name:<22} {:>8} {:>9.2} {:>9.2} {:>9.2} {:>9.2}\n", p.count, p.p50, p.p90, p.p99, p.max)
-}
-
-/// The `lipsync stats` table.
-pub fn format_stats(s: &StatsReply, rate: Option<f64>) -> String {
-    let mut t = String::new();
-    let fps = rate.unwrap_or(s.frames_total as f64 / s.uptime_seconds.max(1e-9));
-    t += &format!(
-        "uptime {:.1} s  sessions {} open / {} total  frames {}  {:.1} frames/s{}\n",
-        s.uptime_seconds,
-        s.sessions_open,
-        s.sessions_total,
-        s.frames_total,
-        fps,
-        if rate.is_some() { " (last interval)" } else { " (since start)" }
-    );
-    t += &format!(
-        "  {:<22} {:>8} {:>9} {:>9} {:>9} {:>9}\n",
-        "stage (service, ms)", "count", "p50", "p90", "p99", "max"
-    );
-    for (name, p) in &s.stages {
-        t += &pct_row(name, p);
-    }
-    for u in &s.unet {
-        let name = format!("unet (batch {:.1})", u.mean_batch);
-        t += &pct_row(&name, &u.service_ms);
-    }
-    if !s.sessions.is_empty() {
-        t += &format!(
-            "  {:<22} {:>8} {:>9} {:>9} {:>9} {:>9}\n",
-            "session (latency, ms)", "frames", "p50", "p90", "p99", "max"
-        );
-        for x in &s.sessions {
-            let name = format!("#{} {} {:.0} f/s", x.id, x.avatar, x.frames_per_second);
-            let mut p = x.latency_ms.clone();
-            p.count = x.frames;
-            t += &pct_row(&name, &p);
-        }
-    }
-    t
 }
 
 /// What `lipsync avatar ... --socket` asks a daemon.

@@ -26,7 +26,7 @@ use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::unet::Batch;
 
 use crate::job::{AudioIn, AudioTensor, FrameJob, FrameStats};
-use crate::runtime::{Discard, Pipeline, PipelineError, Placement, Pool};
+use crate::runtime::{Chain, Discard, Pipeline, PipelineError, Placement, Pool};
 use crate::stages::audio::AudioStage;
 use crate::stages::composite::CompositeStage;
 use crate::stages::encode::{EncodeStage, Encoding};
@@ -38,6 +38,29 @@ use crate::stages::unet::{UnetReply, UnetService};
 /// The graph's stage names, in order (threads are `ls-NAME`; metrics use these names; the
 /// UNet batcher, shared between graphs, reports as `unet`).
 pub const STAGES: [&str; 6] = ["audio", "frames", "prep", "composite", "encode", "sink"];
+
+/// How the graph's stages map to threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// One thread per stage: the most overlap (a render, or a daemon with cores to spare).
+    #[default]
+    Staged,
+    /// Three threads: `audio`, `frames+prep`, `composite+encode+sink` (the same stages, fewer
+    /// hops and threads: many sessions on few cores). Metrics still come per stage.
+    Compact,
+}
+
+impl std::str::FromStr for Layout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "staged" => Ok(Layout::Staged),
+            "compact" => Ok(Layout::Compact),
+            _ => Err(format!("unknown thread layout `{s}` (expected staged or compact)")),
+        }
+    }
+}
 
 /// Audio chunks queued between the source and the audio stage.
 pub const AUDIO_QUEUE: usize = 4;
@@ -74,6 +97,8 @@ pub struct GraphConfig {
     pub max_frames: Option<usize>,
     /// Called by the sink after each frame.
     pub progress: Option<ProgressFn>,
+    /// Threads per stage.
+    pub layout: Layout,
 }
 
 /// A graph setting that cannot work.
@@ -142,10 +167,7 @@ pub fn build(p: &mut Pipeline, cfg: GraphConfig, sink: Box<dyn FrameSink>) -> Re
     let (audio_tx, audio_rx) = bounded::<AudioIn>(AUDIO_QUEUE);
     let (recycle_tx, recycle_rx) = bounded::<Vec<f32>>(AUDIO_QUEUE + 2);
     let (tensor_tx, tensor_rx) = bounded::<AudioTensor>(cfg.audio_ahead);
-    let (frames_tx, frames_rx) = bounded::<FrameJob>(cap);
     let (reply_tx, reply_rx) = bounded::<UnetReply>(cfg.jobs);
-    let (comp_tx, comp_rx) = bounded::<FrameJob>(cap);
-    let (enc_tx, enc_rx) = bounded::<FrameJob>(cap);
     let tensors = Pool::new(cfg.audio_ahead + 1, || AudioTensor::new(clock.now()));
     let jobs = Pool::new(cfg.jobs, || FrameJob::new(&crop, clock.now()));
     let max_frames = cfg.max_frames.unwrap_or(usize::MAX);
@@ -157,13 +179,28 @@ pub fn build(p: &mut Pipeline, cfg: GraphConfig, sink: Box<dyn FrameSink>) -> Re
     let start = cfg.start_frame;
     let (template, job_pool, st) = (cfg.template, jobs.clone(), stats.clone());
     let frames = move || FramesStage::new(template, boxes, start, job_pool, tensors, st);
-    p.stage_built(STAGES[1], Placement::Worker, frames, tensor_rx, frames_tx)?;
-    p.stage(STAGES[2], Placement::Worker, PrepStage::new(cfg.avatar.clone()), frames_rx, port)?;
+    let prep = PrepStage::new(cfg.avatar.clone());
     let composite = CompositeStage::new(cfg.avatar, cfg.blend);
-    p.stage(STAGES[3], Placement::Worker, composite, reply_rx, comp_tx)?;
     let encoding = cfg.encoding;
-    p.stage_built(STAGES[4], Placement::Worker, move || EncodeStage::new(encoding), comp_rx, enc_tx)?;
     let sink = SinkStage::new(sink, jobs, stats.clone(), cfg.progress);
-    p.stage(STAGES[5], Placement::Worker, sink, enc_rx, Discard)?;
+    let [_, f, pr, c, e, s] = STAGES;
+    match cfg.layout {
+        Layout::Staged => {
+            let (frames_tx, frames_rx) = bounded::<FrameJob>(cap);
+            let (comp_tx, comp_rx) = bounded::<FrameJob>(cap);
+            let (enc_tx, enc_rx) = bounded::<FrameJob>(cap);
+            p.stage_built(f, Placement::Worker, frames, tensor_rx, frames_tx)?;
+            p.stage(pr, Placement::Worker, prep, frames_rx, port)?;
+            p.stage(c, Placement::Worker, composite, reply_rx, comp_tx)?;
+            p.stage_built(e, Placement::Worker, move || EncodeStage::new(encoding), comp_rx, enc_tx)?;
+            p.stage(s, Placement::Worker, sink, enc_rx, Discard)?;
+        }
+        Layout::Compact => {
+            let front = move || Chain::new(f, frames(), Some(pr), prep);
+            p.stage_built("frames+prep", Placement::Worker, front, tensor_rx, port)?;
+            let back = move || Chain::new(c, composite, None, Chain::new(e, EncodeStage::new(encoding), Some(s), sink));
+            p.stage_built("composite+encode+sink", Placement::Worker, back, reply_rx, Discard)?;
+        }
+    }
     Ok(Graph { input: audio_tx, recycle: recycle_rx, stats })
 }

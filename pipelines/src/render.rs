@@ -18,7 +18,7 @@ use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
 use lipsync_stages::unet::{Batch, Provider};
 
 pub use crate::file_sink::{ImageFormat, Output};
-use crate::graph::{build, GraphConfig};
+use crate::graph::{build, GraphConfig, Layout};
 use crate::job::AudioIn;
 use crate::metrics::{Clock, LatencyRecorder, Percentiles, RunReport, StageMetrics, StageSummary};
 use crate::runtime::{lock, PinPolicy, Pipeline, PipelineError, StageError};
@@ -145,6 +145,7 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
         audio_ahead: cap.max(n),
         max_frames: cfg.max_frames,
         progress: cfg.progress,
+        layout: Layout::Staged,
     };
     let g = build(&mut p, graph, sink).map_err(|e| PipelineError::setup("graph", e))?;
     let (input, recycle) = (g.input, g.recycle);

@@ -18,7 +18,7 @@ use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::template::SharedTemplate;
 use lipsync_stages::unet::Batch;
 
-use crate::graph::{build, GraphConfig, GraphError};
+use crate::graph::{build, GraphConfig, GraphError, Layout};
 use crate::job::{AudioIn, FrameStats};
 use crate::metrics::{Clock, Percentiles};
 use crate::runtime::{send_unless_cancelled, PinPolicy, Pipeline, PipelineError, SharedStageStats};
@@ -87,6 +87,8 @@ pub struct SessionConfig {
     pub start_frame: usize,
     /// Thread pinning of the session's stages.
     pub pin: PinPolicy,
+    /// Threads per stage.
+    pub layout: Layout,
     /// Daemon-wide per-stage statistics.
     pub shared: Arc<SharedStageStats>,
 }
@@ -136,6 +138,7 @@ impl Session {
             audio_ahead: TENSORS_AHEAD,
             max_frames: None,
             progress: None,
+            layout: cfg.layout,
         };
         let g = match build(&mut p, graph, sink) {
             Ok(g) => g,

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use lipsync_pipelines::graph::Layout;
 use lipsync_pipelines::job::FrameJob;
 use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
 use lipsync_pipelines::runtime::PinPolicy;
@@ -87,7 +88,8 @@ fn shared(rt: &OrtRuntime, max_batch: usize, max_wait: Duration) -> Shared {
     }
 }
 
-/// Settings of a session of the golden avatar (JPEG quality 90, start frame 0).
+/// Settings of a session of the golden avatar (JPEG quality 90, start frame 0; staged threads
+/// for even ids, compact for odd ones).
 fn config(sh: &Shared, id: u64, rate: u32, batch: usize, queue: usize) -> SessionConfig {
     SessionConfig {
         id,
@@ -102,6 +104,8 @@ fn config(sh: &Shared, id: u64, rate: u32, batch: usize, queue: usize) -> Sessio
         queue,
         start_frame: 0,
         pin: PinPolicy::None,
+        // Both thread layouts run the same stages: odd sessions are compact.
+        layout: if id % 2 == 0 { Layout::Staged } else { Layout::Compact },
         shared: sh.shared.clone(),
     }
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use lipsync_pipelines::graph::Layout;
 use lipsync_pipelines::job::FrameJob;
 use lipsync_pipelines::runtime::{PinPolicy, SharedStageStats};
 use lipsync_pipelines::session::{Session, SessionConfig};
@@ -49,7 +50,7 @@ struct Fixture {
 /// per session thread and the number of windows (L = frames - 2). A 20 ms chunk adds 1.6 mel
 /// rows and a window needs 3.2 more, so each encoder run takes exactly one window, except
 /// the tail windows, which run together at the end.
-fn allocations(fx: &Fixture, id: u64, seconds: usize) -> (HashMap<String, u64>, u64) {
+fn allocations(fx: &Fixture, id: u64, seconds: usize, layout: Layout) -> (HashMap<String, u64>, u64) {
     let first_slot = alloc_counter::slots();
     let speech = load_16k(&fixture("golden/speech_2s.wav")).unwrap();
     let samples: Vec<f32> = speech.iter().copied().cycle().take(seconds * 16_000).collect();
@@ -67,6 +68,7 @@ fn allocations(fx: &Fixture, id: u64, seconds: usize) -> (HashMap<String, u64>, 
         queue: 4,
         start_frame: 0,
         pin: PinPolicy::None,
+        layout,
         shared: fx.shared.clone(),
     };
     let bytes = Arc::new(AtomicU64::new(0));
@@ -114,10 +116,30 @@ fn session_hot_path_allocates_nothing_per_frame() {
         unet: Arc::new(unet),
         shared: Arc::new(SharedStageStats::default()),
     };
-    let (short, short_windows) = allocations(&fx, 1, 2);
-    let (long, long_windows) = allocations(&fx, 2, 6);
+    for (k, (layout, stages)) in [
+        (Layout::Staged, &["ls-frames", "ls-prep", "ls-composite", "ls-encode", "ls-sink"][..]),
+        (Layout::Compact, &["ls-frames+prep", "ls-composite+encode+sink"][..]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = 10 * k as u64;
+        let (short, short_windows) = allocations(&fx, id + 1, 2, layout);
+        let (long, long_windows) = allocations(&fx, id + 2, 6, layout);
+        check(&short, &long, stages, short_windows, long_windows, per_run);
+    }
+}
+
+fn check(
+    short: &HashMap<String, u64>,
+    long: &HashMap<String, u64>,
+    stages: &[&str],
+    short_windows: u64,
+    long_windows: u64,
+    per_run: u64,
+) {
     let extra_frames = 100u64; // 4 s more audio: 100 more frames
-    for stage in ["ls-frames", "ls-prep", "ls-composite", "ls-encode", "ls-sink"] {
+    for &stage in stages {
         let a = *short.get(stage).unwrap_or_else(|| panic!("stage {stage} ran: {short:?}"));
         let b = long[stage];
         // Channel wake-ups may register a waiter now and then (timing-dependent); a per-frame

@@ -394,6 +394,7 @@ impl Conn<'_> {
             queue: sh.registry.settings.session_queue.max(batch.get()),
             start_frame: req.start_frame.unwrap_or(loaded.avatar.config.start_frame),
             pin: sh.registry.settings.pin.clone(),
+            layout: sh.registry.settings.session_layout,
             shared: sh.stages.clone(),
         };
         let sink = SocketSink { writer: self.writer.clone(), fps, loaded: loaded.clone(), shared: sh.clone() };

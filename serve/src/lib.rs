@@ -8,7 +8,7 @@
 //! - [`listener`]: bind, accept, drain; [`Daemon`] runs one in-process.
 //! - `connection`: one connection's state machine.
 //! - [`stats`]: the `Stats` reply.
-//! - [`client`]: the client library.
+//! - [`client`]: the client library; [`bench`]: rounds of concurrent sessions, measured.
 //!
 //! Threads: a daemon runs one thread per connection (at most `4 * max_sessions + 16`), six
 //! stage threads and a supervisor per open session (at most `max_sessions`), and one batcher
@@ -16,8 +16,10 @@
 //! `11 * max_sessions + 16 + models` threads, whatever the load. Stage threads are pinned as
 //! `--pin` says (none by default).
 
+pub mod bench;
 pub mod client;
 mod connection;
+pub mod frame_out;
 pub mod listener;
 pub mod protocol;
 pub mod registry;

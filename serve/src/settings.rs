@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use lipsync_pipelines::graph::Layout;
 use lipsync_pipelines::runtime::PinPolicy;
 use lipsync_stages::unet::{Batch, Provider};
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,10 @@ pub struct ServeOptions {
     /// Pinning of each session's stage threads: none, auto or a core list [default: none].
     #[arg(long)]
     pub pin: Option<String>,
+    /// Threads of each session: staged (one per stage), compact (three) or auto (staged with
+    /// at least 4 cores, else compact) [default: auto].
+    #[arg(long)]
+    pub session_layout: Option<String>,
     /// Seconds to let open sessions finish after SIGTERM/SIGINT (0..=3600) [default: 30].
     #[arg(long)]
     pub drain_timeout: Option<f64>,
@@ -141,6 +146,8 @@ pub struct Settings {
     /// Session thread pinning.
     #[serde(serialize_with = "debug_lower")]
     pub pin: PinPolicy,
+    /// Threads of each session.
+    pub session_layout: Layout,
     /// Drain timeout.
     #[serde(rename = "drain_timeout_s", serialize_with = "secs")]
     pub drain_timeout: Duration,
@@ -210,6 +217,7 @@ impl ServeOptions {
             intra_threads,
             provider,
             pin,
+            session_layout,
             drain_timeout,
             client_timeout
         )
@@ -251,6 +259,15 @@ impl ServeOptions {
             value: pin,
             expected: "auto, none or a list like 0,1,2",
         })?;
+        let layout = self.session_layout.unwrap_or_else(|| "auto".into());
+        let session_layout = match layout.as_str() {
+            "auto" => auto_layout(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            other => other.parse().map_err(|_| SettingsError::Invalid {
+                name: "session layout",
+                value: layout.clone(),
+                expected: "staged, compact or auto",
+            })?,
+        };
         let wait = in_range("max wait (ms)", self.max_wait_ms.unwrap_or(2.0), 0.0, 1000.0, "0..=1000")?;
         let drain = in_range("drain timeout (s)", self.drain_timeout.unwrap_or(30.0), 0.0, 3600.0, "0..=3600")?;
         let client = in_range("client timeout (s)", self.client_timeout.unwrap_or(30.0), 0.1, 3600.0, "0.1..=3600")?;
@@ -267,9 +284,20 @@ impl ServeOptions {
             intra_threads,
             provider,
             pin,
+            session_layout,
             drain_timeout: Duration::from_secs_f64(drain),
             client_timeout: Duration::from_secs_f64(client),
         })
+    }
+}
+
+/// The session layout for a machine with `cores` cores: one thread per stage when there are
+/// cores for them to overlap on, else three (fewer hops; measured in docs/architecture.md).
+pub fn auto_layout(cores: usize) -> Layout {
+    if cores >= 4 {
+        Layout::Staged
+    } else {
+        Layout::Compact
     }
 }
 

@@ -124,3 +124,49 @@ pub(crate) fn stats(sh: &Shared) -> StatsReply {
         settings: sh.registry.settings.summary(),
     }
 }
+
+fn pct_row(name: &str, p: &Percentiles) -> String {
+    format!("  {name:<22} {:>8} {:>9.2} {:>9.2} {:>9.2} {:>9.2}\n", p.count, p.p50, p.p90, p.p99, p.max)
+}
+
+impl StatsReply {
+    /// The `lipsync stats` table; `rate` is frames/s over the last interval, when known.
+    pub fn table(&self, rate: Option<f64>) -> String {
+        let s = self;
+        let mut t = String::new();
+        let fps = rate.unwrap_or(s.frames_total as f64 / s.uptime_seconds.max(1e-9));
+        t += &format!(
+            "uptime {:.1} s  sessions {} open / {} total  frames {}  {:.1} frames/s{}\n",
+            s.uptime_seconds,
+            s.sessions_open,
+            s.sessions_total,
+            s.frames_total,
+            fps,
+            if rate.is_some() { " (last interval)" } else { " (since start)" }
+        );
+        t += &format!(
+            "  {:<22} {:>8} {:>9} {:>9} {:>9} {:>9}\n",
+            "stage (service, ms)", "count", "p50", "p90", "p99", "max"
+        );
+        for (name, p) in &s.stages {
+            t += &pct_row(name, p);
+        }
+        for u in &s.unet {
+            let name = format!("unet (batch {:.1})", u.mean_batch);
+            t += &pct_row(&name, &u.service_ms);
+        }
+        if !s.sessions.is_empty() {
+            t += &format!(
+                "  {:<22} {:>8} {:>9} {:>9} {:>9} {:>9}\n",
+                "session (latency, ms)", "frames", "p50", "p90", "p99", "max"
+            );
+            for x in &s.sessions {
+                let name = format!("#{} {} {:.0} f/s", x.id, x.avatar, x.frames_per_second);
+                let mut p = x.latency_ms.clone();
+                p.count = x.frames;
+                t += &pct_row(&name, &p);
+            }
+        }
+        t
+    }
+}

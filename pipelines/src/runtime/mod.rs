@@ -19,9 +19,11 @@ use hdrhistogram::Histogram;
 
 use crate::metrics::{histogram, Clock, Percentiles, StageMetrics};
 
+mod chain;
 mod error;
 mod pin;
 
+pub use chain::Chain;
 pub use error::{BoxError, ErrorKind, Message, PipelineError, StageError};
 pub use pin::{PinParseError, PinPolicy};
 
@@ -96,6 +98,7 @@ pub struct StageCtx {
     name: String,
     cancel: Arc<AtomicBool>,
     shared: Option<SharedHistogram>,
+    registry: Option<Arc<SharedStageStats>>,
     /// This stage's service and queue-wait histograms.
     pub metrics: StageMetrics,
     /// The shared clock.
@@ -343,7 +346,9 @@ impl Pipeline {
         let mut ctx = StageCtx {
             name: name.to_string(),
             cancel: self.cancel.clone(),
-            shared: self.shared.as_ref().map(|s| s.histogram(name)),
+            // A fused thread (`a+b`) records its parts under their own names instead.
+            shared: self.shared.as_ref().filter(|_| !name.contains('+')).map(|s| s.histogram(name)),
+            registry: self.shared.clone(),
             metrics: StageMetrics::new(),
             clock: self.clock.clone(),
         };

@@ -1,0 +1,114 @@
+//! The daemon started in-process (`Daemon::start`): a session streamed through the client
+//! library gives the offline render's JPEG bytes, a stop drains it and removes the socket, and a
+//! daemon that cannot start says why.
+
+use std::path::PathBuf;
+
+use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
+use lipsync_pipelines::runtime::PinPolicy;
+use lipsync_serve::client::{stream, ClientError, Connection, StreamSpec};
+use lipsync_serve::protocol::ErrorCode;
+use lipsync_serve::{Daemon, ServeError, ServeOptions};
+use lipsync_stages::audio::decode_file;
+use lipsync_stages::face::Blend;
+use lipsync_stages::io::avatar::Avatar;
+use lipsync_stages::onnx::OrtRuntime;
+use lipsync_stages::unet::{Batch, Provider};
+
+fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
+}
+
+fn runtime() -> OrtRuntime {
+    OrtRuntime::load(None).expect("ONNX Runtime (run scripts/setup.sh)")
+}
+
+#[test]
+fn an_in_process_daemon_serves_the_render_frames_and_drains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let avatars = tmp.path().join("avatars");
+    std::fs::create_dir_all(&avatars).unwrap();
+    std::os::unix::fs::symlink(fixture("golden/avatar"), avatars.join("golden")).unwrap();
+    let audio = fixture("golden/speech_2s.wav");
+
+    let frames_dir = tmp.path().join("frames");
+    let cfg = RenderConfig {
+        avatar: Avatar::open(&fixture("golden/avatar")).unwrap(),
+        audio: audio.clone(),
+        output: Output::Dir { path: frames_dir.clone(), format: ImageFormat::Jpeg },
+        batch: Batch::new(4).unwrap(),
+        encoder_batch: 64,
+        capacity: 4,
+        intra_threads: 1,
+        spinning: false,
+        provider: Provider::Cpu,
+        pin: PinPolicy::None,
+        jpeg_quality: 90,
+        max_frames: None,
+        blend: Blend::Hard,
+        template_budget: 1 << 30,
+        progress: None,
+    };
+    let n = render(&runtime(), cfg).unwrap().frames;
+
+    let socket = tmp.path().join("d.sock");
+    let options = ServeOptions {
+        socket: Some(socket.clone()),
+        avatars: Some(avatars),
+        intra_threads: Some(1),
+        ..Default::default()
+    };
+    let daemon = Daemon::start(options.validate().unwrap(), runtime()).unwrap();
+    let decoded = decode_file(&audio).unwrap();
+    let spec = StreamSpec {
+        avatar: "golden".into(),
+        samples: decoded.samples,
+        rate: decoded.rate,
+        realtime: false,
+        chunk_ms: 20.0,
+        jpeg_quality: Some(90),
+        batch: None,
+        start_frame: None,
+    };
+    let mut got = Vec::new();
+    let outcome = stream(daemon.socket(), &spec, |i, jpeg| {
+        got.push((i, jpeg.to_vec()));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(outcome.frames, n);
+    assert_eq!(got.len(), n);
+    for (i, jpeg) in &got {
+        let want = std::fs::read(frames_dir.join(format!("{i:06}.jpg"))).unwrap();
+        assert!(jpeg == &want, "frame {i} differs from the render's");
+    }
+    // Errors come back typed.
+    let spec = StreamSpec { avatar: "nobody".into(), ..spec };
+    match stream(daemon.socket(), &spec, |_, _| Ok(())) {
+        Err(ClientError::Remote(e)) => assert_eq!(e.code, ErrorCode::UnknownAvatar),
+        other => panic!("expected unknown_avatar, got {:?}", other.map(|o| o.frames)),
+    }
+    let stats = Connection::connect(daemon.socket()).unwrap().stats().unwrap();
+    assert_eq!(stats.frames_total as usize, n);
+    let names: Vec<&str> = stats.stages.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["audio", "frames", "prep", "composite", "encode", "sink"]);
+    daemon.stop().unwrap();
+    assert!(!socket.exists(), "the socket is removed when the daemon stops");
+}
+
+#[test]
+fn a_daemon_that_cannot_start_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let options = ServeOptions {
+        socket: Some(tmp.path().join("d.sock")),
+        avatars: Some(tmp.path().into()),
+        preload: Some(vec!["ghost".into()]),
+        ..Default::default()
+    };
+    match Daemon::start(options.validate().unwrap(), runtime()) {
+        Err(ServeError::Preload { name, .. }) => assert_eq!(name, "ghost"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a daemon with an unknown preload started"),
+    }
+    assert!(!tmp.path().join("d.sock").exists());
+}
