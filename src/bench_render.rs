@@ -94,8 +94,6 @@ fn render_once(
 ) -> Result<lipsync_pipelines::render::RenderOutcome> {
     use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
     use lipsync_pipelines::runtime::PinPolicy;
-    use lipsync_stages::face::Blend;
-    use lipsync_stages::unet::Provider;
 
     let tmp = tempfile_dir()?;
     let output = if mp4 {
@@ -104,21 +102,11 @@ fn render_once(
         Output::Dir { path: tmp.join("frames"), format: ImageFormat::Jpeg }
     };
     let cfg = RenderConfig {
-        jpeg_quality: avatar.config.jpeg_quality,
-        avatar,
-        audio: audio.to_path_buf(),
-        output,
         batch,
-        encoder_batch: 64,
-        capacity: 4,
         intra_threads: threads,
-        spinning: false,
-        provider: Provider::Cpu,
         pin: PinPolicy::Auto { reserved: threads },
         max_frames: Some(frames),
-        blend: Blend::Hard,
-        template_budget: lipsync_stages::template::DEFAULT_BUDGET,
-        progress: None,
+        ..RenderConfig::new(avatar, audio.to_path_buf(), output)
     };
     let outcome = render(rt, cfg);
     let _ = std::fs::remove_dir_all(&tmp);

@@ -68,6 +68,31 @@ pub struct RenderConfig {
     pub progress: Option<ProgressFn>,
 }
 
+impl RenderConfig {
+    /// A render of `audio` by `avatar` into `output` with the defaults: batch 8, encoder
+    /// batch 64, channel capacity 4, one ONNX Runtime thread without spinning, CPU, no
+    /// pinning, the avatar's JPEG quality, every frame, hard paste, the default template budget.
+    pub fn new(avatar: Avatar, audio: PathBuf, output: Output) -> Self {
+        Self {
+            jpeg_quality: avatar.config.jpeg_quality,
+            avatar,
+            audio,
+            output,
+            batch: Batch::new(8).expect("8 is a valid batch"),
+            encoder_batch: lipsync_stages::features::DEFAULT_ENCODER_BATCH,
+            capacity: 4,
+            intra_threads: 1,
+            spinning: false,
+            provider: Provider::Cpu,
+            pin: PinPolicy::None,
+            max_frames: None,
+            blend: Blend::Hard,
+            template_budget: lipsync_stages::template::DEFAULT_BUDGET,
+            progress: None,
+        }
+    }
+}
+
 /// What a finished render returns.
 pub struct RenderOutcome {
     /// Frames written.

@@ -6,11 +6,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
-use lipsync_pipelines::runtime::PinPolicy;
-use lipsync_stages::face::Blend;
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::OrtRuntime;
-use lipsync_stages::unet::{Batch, Provider};
+use lipsync_stages::unet::Batch;
 
 mod alloc_counter;
 
@@ -23,21 +21,16 @@ fn allocations(rt: &OrtRuntime, frames: usize) -> HashMap<String, u64> {
     let first_slot = alloc_counter::slots();
     let dir = tempfile::tempdir().unwrap();
     let cfg = RenderConfig {
-        avatar: Avatar::open(&fixture("golden/avatar")).unwrap(),
-        audio: fixture("golden/speech_2s.wav"),
-        output: Output::Dir { path: dir.path().join("out"), format: ImageFormat::Jpeg },
         batch: Batch::new(2).unwrap(),
-        encoder_batch: 64,
         capacity: 2,
-        intra_threads: 1,
-        spinning: false,
-        provider: Provider::Cpu,
-        pin: PinPolicy::None,
         jpeg_quality: 90,
         max_frames: Some(frames),
-        blend: Blend::Hard,
         template_budget: 1 << 30,
-        progress: None,
+        ..RenderConfig::new(
+            Avatar::open(&fixture("golden/avatar")).unwrap(),
+            fixture("golden/speech_2s.wav"),
+            Output::Dir { path: dir.path().join("out"), format: ImageFormat::Jpeg },
+        )
     };
     let outcome = render(rt, cfg).unwrap();
     assert_eq!(outcome.frames, frames);

@@ -15,7 +15,6 @@ use lipsync_pipelines::session::{Session, SessionConfig, SessionError};
 use lipsync_pipelines::stages::sink::{FrameSink, SinkError};
 use lipsync_pipelines::stages::unet::{UnetService, UnetServiceConfig};
 use lipsync_stages::audio::{decode_file, load_16k};
-use lipsync_stages::face::Blend;
 use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
@@ -31,21 +30,14 @@ fn offline(rt: &OrtRuntime, audio: &Path) -> Vec<Vec<u8>> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("frames");
     let cfg = RenderConfig {
-        avatar: Avatar::open(&fixture("golden/avatar")).unwrap(),
-        audio: audio.to_path_buf(),
-        output: Output::Dir { path: out.clone(), format: ImageFormat::Jpeg },
         batch: Batch::new(8).unwrap(),
-        encoder_batch: 64,
-        capacity: 4,
-        intra_threads: 1,
-        spinning: false,
-        provider: Provider::Cpu,
-        pin: PinPolicy::None,
         jpeg_quality: 90,
-        max_frames: None,
-        blend: Blend::Hard,
         template_budget: 1 << 30,
-        progress: None,
+        ..RenderConfig::new(
+            Avatar::open(&fixture("golden/avatar")).unwrap(),
+            audio.to_path_buf(),
+            Output::Dir { path: out.clone(), format: ImageFormat::Jpeg },
+        )
     };
     let n = render(rt, cfg).unwrap().frames;
     (0..n).map(|i| std::fs::read(out.join(format!("{i:06}.jpg"))).unwrap()).collect()

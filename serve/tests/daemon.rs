@@ -5,15 +5,13 @@
 use std::path::PathBuf;
 
 use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
-use lipsync_pipelines::runtime::PinPolicy;
 use lipsync_serve::client::{stream, ClientError, Connection, StreamSpec};
 use lipsync_serve::protocol::ErrorCode;
 use lipsync_serve::{Daemon, ServeError, ServeOptions};
 use lipsync_stages::audio::decode_file;
-use lipsync_stages::face::Blend;
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::OrtRuntime;
-use lipsync_stages::unet::{Batch, Provider};
+use lipsync_stages::unet::Batch;
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
@@ -33,21 +31,13 @@ fn an_in_process_daemon_serves_the_render_frames_and_drains() {
 
     let frames_dir = tmp.path().join("frames");
     let cfg = RenderConfig {
-        avatar: Avatar::open(&fixture("golden/avatar")).unwrap(),
-        audio: audio.clone(),
-        output: Output::Dir { path: frames_dir.clone(), format: ImageFormat::Jpeg },
         batch: Batch::new(4).unwrap(),
-        encoder_batch: 64,
-        capacity: 4,
-        intra_threads: 1,
-        spinning: false,
-        provider: Provider::Cpu,
-        pin: PinPolicy::None,
         jpeg_quality: 90,
-        max_frames: None,
-        blend: Blend::Hard,
-        template_budget: 1 << 30,
-        progress: None,
+        ..RenderConfig::new(
+            Avatar::open(&fixture("golden/avatar")).unwrap(),
+            audio.clone(),
+            Output::Dir { path: frames_dir.clone(), format: ImageFormat::Jpeg },
+        )
     };
     let n = render(&runtime(), cfg).unwrap().frames;
 
