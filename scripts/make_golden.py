@@ -68,6 +68,20 @@ def make_audio_fixtures(speech: Path, golden_wav: Path) -> None:
     (out / "corrupt.m4a").write_bytes(bytes(m4a))
 
 
+def make_librosa_resample_fixtures() -> None:
+    """What ``librosa.load(path, sr=16000)`` (libsoxr HQ) and the reference mel make of 44.1 kHz
+    stereo and 48 kHz stereo speech: ``audio/librosa_mel_*.npy`` (T x 80 f32)."""
+    import librosa
+    from reference import melspectrogram
+
+    out = FIX / "audio"
+    ffmpeg("-i", str(out / "clip.wav"), "-ac", "2", "-ar", "48000", "-c:a", "pcm_s16le",
+           str(out / "clip_48k_stereo.wav"))
+    for name in ("clip_44k_stereo", "clip_48k_stereo"):
+        y, _ = librosa.load(str(out / f"{name}.wav"), sr=16000)
+        np.save(out / f"librosa_mel_{name}.npy", melspectrogram(y).astype(np.float32))
+
+
 def make_video_fixtures(frames_dir: Path) -> None:
     """The golden template frames in several containers/codecs, the system FFmpeg's BGR
     decode of the H.264 one (what reference.py reads), and broken files."""
@@ -183,6 +197,7 @@ def main() -> int:
             "\n".join(f"{x:.6f} {y:.6f}" for x, y in pts) + "\n")
 
     make_audio_fixtures(sample / "speech_16k.wav", golden / "speech_2s.wav")
+    make_librosa_resample_fixtures()
     make_resize_fixtures(frames[0])
     make_video_fixtures(golden / "avatar" / "frames")
 

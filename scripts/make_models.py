@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """Build architecture-faithful SyncTalk_2D "328 / ave" ONNX models with seeded random weights.
 
-No trained weights can be downloaded here, so this script writes the two graphs of docs/spec.md (section 8)
-section 4 with the real layer structure (onnx + numpy only, no torch):
+No trained weights can be downloaded here, so this script writes the two graphs of docs/spec.md
+section 8 with the real layer structure (onnx + numpy only, no torch):
 
 * ``unet.onnx``: ``input`` [N,6,320,320] + ``audio`` [N,32,16,16] -> ``output`` [N,3,320,320]
-  (12,186,935 parameters: conv weights/biases + BatchNorm gamma/beta).
+  (12,186,935 parameters: conv weights/biases + BatchNorm gamma/beta; 4,885,839,872 conv MACs
+  per frame). Its initializers are named after SyncTalk_2D's modules (``unet_328.py``:
+  ``audio_model.conv3.weight``, ``down1.maxpool_conv.0.double_conv.0.conv.3.weight``,
+  ``up5.conv.double_conv.1.conv.7.running_var``, ``outc.conv.bias``...), so a trained
+  checkpoint's state dict maps onto it one to one.
 * ``audio_encoder.onnx``: ``mel_spectrogram`` [N,1,80,16] -> ``audio_features`` [N,512]
   (2,812,672 parameters, the Wav2Lip SyncNet audio tower).
 
@@ -42,7 +46,8 @@ class Graph:
         self.params = 0
         # (input tensor name, param prefix) of each BatchNorm, in topological order.
         self.bns: list[tuple[str, str]] = []
-        self.last_conv: str | None = None
+        # Parameter prefix of each conv's output tensor.
+        self.conv_prefix: dict[str, str] = {}
 
     def name(self, kind: str) -> str:
         self.n += 1
@@ -54,8 +59,10 @@ class Graph:
             self.params += value.size
         return name
 
-    def conv(self, x, cin, cout, k, stride=1, pad=0, group=1, bias=False):
+    def conv(self, x, cin, cout, k, stride=1, pad=0, group=1, bias=False, name=None):
+        """A conv whose parameters are ``NAME.weight`` (and ``NAME.bias``)."""
         n = self.name("conv")
+        p = name or n
         fan_in = (cin // group) * k * k
         w = self.rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2.0 / fan_in)
         if group > 1 and k == 3:
@@ -64,9 +71,9 @@ class Graph:
             # amplify pixel noise relative to image content.
             blur = np.outer([1, 2, 1], [1, 2, 1]) / 16.0
             w = blur[None, None] * self.rng.normal(1.0, 0.2, (cout, 1, 1, 1)) + w * 0.1
-        ins = [x, self.init(n + ".weight", w, True)]
+        ins = [x, self.init(p + ".weight", w, True)]
         if bias:
-            ins.append(self.init(n + ".bias", self.rng.standard_normal(cout) * 0.01, True))
+            ins.append(self.init(p + ".bias", self.rng.standard_normal(cout) * 0.01, True))
         strides = list(stride) if isinstance(stride, (tuple, list)) else [stride, stride]
         self.nodes.append(
             helper.make_node(
@@ -74,23 +81,26 @@ class Graph:
                 pads=[pad] * 4, group=group,
             )
         )
-        self.last_conv = n
+        self.conv_prefix[n] = p
         return n
 
-    def bn(self, x, c):
+    def bn(self, x, c, name=None):
+        """A BatchNorm whose parameters are PyTorch's ``NAME.weight``, ``.bias``,
+        ``.running_mean`` and ``.running_var``."""
         n = self.name("bn")
-        gamma = self.init(n + ".gamma", np.ones(c), True)
+        p = name or n
+        gamma = self.init(p + ".weight", np.ones(c), True)
         # A positive shift keeps most units on the linear side of the following ReLU: random
         # deep ReLU + BatchNorm networks are otherwise chaotic (a one-level change of a few
         # input pixels rewrites the whole output), which trained networks are not.
-        beta = self.init(n + ".beta", 3.0 + self.rng.standard_normal(c) * 0.05, True)
-        mean = self.init(n + ".running_mean", np.zeros(c), False)
-        var = self.init(n + ".running_var", np.ones(c), False)
+        beta = self.init(p + ".bias", 3.0 + self.rng.standard_normal(c) * 0.05, True)
+        mean = self.init(p + ".running_mean", np.zeros(c), False)
+        var = self.init(p + ".running_var", np.ones(c), False)
         self.nodes.append(
             helper.make_node("BatchNormalization", [x, gamma, beta, mean, var], [n], name=n,
                              epsilon=BN_EPS)
         )
-        self.bns.append((x, n))
+        self.bns.append((x, p))
         return n
 
     def op(self, kind, ins, **attrs):
@@ -113,58 +123,67 @@ class Graph:
                        coordinate_transformation_mode="align_corners")
 
     # --- SyncTalk_2D building blocks (unet_328.py) -------------------------------------------
-    def inverted_residual(self, x, inp, oup, stride, use_res, expand=2):
+    def inverted_residual(self, x, inp, oup, stride, use_res, name, expand=2):
+        """``InvertedResidual``: ``NAME.conv.{0,1,3,4,6,7}`` (conv, BN, ReLU, dw conv, BN, ReLU,
+        conv, BN)."""
         hid = inp * expand
-        y = self.relu(self.bn(self.conv(x, inp, hid, 1), hid))
-        y = self.relu(self.bn(self.conv(y, hid, hid, 3, stride, 1, group=hid), hid))
-        y = self.bn(self.conv(y, hid, oup, 1), oup)
+        c = name + ".conv."
+        y = self.relu(self.bn(self.conv(x, inp, hid, 1, name=c + "0"), hid, name=c + "1"))
+        y = self.relu(self.bn(self.conv(y, hid, hid, 3, stride, 1, group=hid, name=c + "3"), hid, name=c + "4"))
+        y = self.bn(self.conv(y, hid, oup, 1, name=c + "6"), oup, name=c + "7")
         return self.op("Add", [x, y]) if use_res else y
 
-    def double_conv_dw(self, x, cin, cout, stride):
-        y = self.inverted_residual(x, cin, cout, stride, False)
-        return self.inverted_residual(y, cout, cout, 1, True)
+    def double_conv_dw(self, x, cin, cout, stride, name):
+        """``DoubleConvDW``: ``NAME.double_conv.0`` and ``.1``."""
+        y = self.inverted_residual(x, cin, cout, stride, False, name + ".double_conv.0")
+        return self.inverted_residual(y, cout, cout, 1, True, name + ".double_conv.1")
 
-    def up(self, x, skip, cin, cout):
+    def up(self, x, skip, cin, cout, name):
+        """``Up``: bilinear x2, concat with the skip, ``NAME.conv`` (a DoubleConvDW)."""
         y = self.up2(x)
         y = self.op("Concat", [y, skip], axis=1)
-        return self.double_conv_dw(y, cin, cout, 1)
+        return self.double_conv_dw(y, cin, cout, 1, name + ".conv")
 
-    def conv_bn_relu(self, x, cin, cout, k, stride, pad, residual=False):
-        """Wav2Lip ``Conv2d``: conv (with bias) + BN (+ residual) + ReLU."""
-        y = self.bn(self.conv(x, cin, cout, k, stride, pad, bias=True), cout)
+    def conv_bn_relu(self, x, cin, cout, k, stride, pad, residual=False, name=None):
+        """Wav2Lip ``Conv2d``: conv (with bias) + BN (+ residual) + ReLU, as ``NAME.conv_block.0``
+        and ``.1``."""
+        c = name + ".conv_block." if name else None
+        y = self.bn(self.conv(x, cin, cout, k, stride, pad, bias=True, name=c and c + "0"), cout, name=c and c + "1")
         if residual:
             y = self.op("Add", [y, x])
         return self.relu(y)
 
 
 def unet_full(g: Graph, x: str, audio: str) -> str:
+    """SyncTalk_2D ``Model(mode='ave')`` at 328 (``unet_328.py``), with its module names."""
     ch = [32, 64, 128, 256, 512]
-    # AudioConvAve (328 variant: conv5 padding 2 so 8x8 -> 10x10)
-    a = g.inverted_residual(audio, ch[0], ch[1], 1, False)
-    a = g.inverted_residual(a, ch[1], ch[2], 1, False)
-    a = g.relu(g.bn(g.conv(a, ch[2], ch[3], 3, 2, 1, bias=True), ch[3]))
-    a = g.inverted_residual(a, ch[3], ch[3], 1, True)
-    a = g.relu(g.bn(g.conv(a, ch[3], ch[4], 3, 1, 2, bias=True), ch[4]))
-    a = g.inverted_residual(a, ch[4], ch[4], 1, True)
-    a = g.inverted_residual(a, ch[4], ch[4], 1, True)
+    ir, dc = g.inverted_residual, g.double_conv_dw
+    # AudioConvAve: 16x16 through conv4; conv5 (stride 2, padding 3) takes it to 10x10.
+    m = "audio_model."
+    a = ir(audio, ch[0], ch[1], 1, False, m + "conv1")
+    a = ir(a, ch[1], ch[2], 1, False, m + "conv2")
+    a = g.relu(g.bn(g.conv(a, ch[2], ch[3], 3, 1, 1, bias=True, name=m + "conv3"), ch[3], name=m + "bn3"))
+    a = ir(a, ch[3], ch[3], 1, True, m + "conv4")
+    a = g.relu(g.bn(g.conv(a, ch[3], ch[4], 3, 2, 3, bias=True, name=m + "conv5"), ch[4], name=m + "bn5"))
+    a = ir(a, ch[4], ch[4], 1, True, m + "conv6")
+    a = ir(a, ch[4], ch[4], 1, True, m + "conv7")
 
-    x1 = g.inverted_residual(x, 6, ch[0], 1, False)  # inc, 320
-    x2 = g.double_conv_dw(x1, ch[0], ch[0], 2)  # 160
-    x3 = g.double_conv_dw(x2, ch[0], ch[1], 2)  # 80
-    x4 = g.double_conv_dw(x3, ch[1], ch[2], 2)  # 40
-    x5 = g.double_conv_dw(x4, ch[2], ch[3], 2)  # 20
-    x6 = g.double_conv_dw(x5, ch[3], ch[4], 2)  # 10
+    x1 = ir(x, 6, ch[0], 1, False, "inc.inconv.0")  # 320
+    x2 = dc(x1, ch[0], ch[0], 2, "down1.maxpool_conv.0")  # 160
+    x3 = dc(x2, ch[0], ch[1], 2, "down2.maxpool_conv.0")  # 80
+    x4 = dc(x3, ch[1], ch[2], 2, "down3.maxpool_conv.0")  # 40
+    x5 = dc(x4, ch[2], ch[3], 2, "down4.maxpool_conv.0")  # 20
+    x6 = dc(x5, ch[3], ch[4], 2, "down5.maxpool_conv.0")  # 10
 
     y = g.op("Concat", [x6, a], axis=1)
-    y = g.double_conv_dw(y, ch[4] * 2, ch[4], 1)
-    y = g.double_conv_dw(y, ch[4], ch[3], 1)
-    y = g.up(y, x5, ch[4], ch[3] // 2)  # 256+256 -> 128
-    y = g.up(y, x4, ch[3], ch[2] // 2)  # 128+128 -> 64
-    y = g.up(y, x3, ch[2], ch[1] // 2)  # 64+64 -> 32
-    y = g.up(y, x2, ch[1], ch[0])  # 32+32 -> 32
-    y = g.up(y, x1, ch[1], ch[0] // 2)  # 32+32 -> 16
-    y = g.conv(y, ch[0] // 2, 3, 1, bias=True)
-    return y
+    y = dc(y, ch[4] * 2, ch[4], 1, "fuse_conv.0")
+    y = dc(y, ch[4], ch[3], 1, "fuse_conv.1")
+    y = g.up(y, x5, ch[4], ch[3] // 2, "up1")  # 256+256 -> 128
+    y = g.up(y, x4, ch[3], ch[2] // 2, "up2")  # 128+128 -> 64
+    y = g.up(y, x3, ch[2], ch[1] // 2, "up3")  # 64+64 -> 32
+    y = g.up(y, x2, ch[1], ch[0], "up4")  # 32+32 -> 32
+    y = g.up(y, x1, ch[1], ch[0] // 2, "up5")  # 32+32 -> 16
+    return g.conv(y, ch[0] // 2, 3, 1, bias=True, name="outc.conv")
 
 
 def unet_tiny(g: Graph, x: str, audio: str) -> str:
@@ -183,20 +202,17 @@ def unet_tiny(g: Graph, x: str, audio: str) -> str:
 
 
 def encoder_full(g: Graph, x: str) -> str:
-    c = g.conv_bn_relu
-    y = c(x, 1, 32, 3, 1, 1)
-    y = c(y, 32, 32, 3, 1, 1, True)
-    y = c(y, 32, 32, 3, 1, 1, True)
-    y = c(y, 32, 64, 3, (3, 1), 1)
-    y = c(y, 64, 64, 3, 1, 1, True)
-    y = c(y, 64, 64, 3, 1, 1, True)
-    y = c(y, 64, 128, 3, 3, 1)
-    y = c(y, 128, 128, 3, 1, 1, True)
-    y = c(y, 128, 128, 3, 1, 1, True)
-    y = c(y, 128, 256, 3, (3, 2), 1)
-    y = c(y, 256, 256, 3, 1, 1, True)
-    y = c(y, 256, 512, 3, 1, 0)
-    y = c(y, 512, 512, 1, 1, 0)
+    """Wav2Lip's SyncNet audio tower, named ``audio_encoder.K.conv_block.{0,1}``."""
+    layers = [
+        (1, 32, 3, 1, 1, False), (32, 32, 3, 1, 1, True), (32, 32, 3, 1, 1, True),
+        (32, 64, 3, (3, 1), 1, False), (64, 64, 3, 1, 1, True), (64, 64, 3, 1, 1, True),
+        (64, 128, 3, 3, 1, False), (128, 128, 3, 1, 1, True), (128, 128, 3, 1, 1, True),
+        (128, 256, 3, (3, 2), 1, False), (256, 256, 3, 1, 1, True),
+        (256, 512, 3, 1, 0, False), (512, 512, 1, 1, 0, False),
+    ]
+    y = x
+    for k, (cin, cout, ks, stride, pad, res) in enumerate(layers):
+        y = g.conv_bn_relu(y, cin, cout, ks, stride, pad, res, name=f"audio_encoder.{k}")
     return y
 
 
@@ -206,6 +222,27 @@ def encoder_tiny(g: Graph, x: str) -> str:
     y = c(y, 16, 32, 3, 2, 1)
     y = g.op("GlobalAveragePool", [y])
     return c(y, 32, 512, 1, 1, 0)
+
+
+def conv_macs(model: onnx.ModelProto, inputs: dict[str, list[int]]) -> int:
+    """Multiply-accumulates of every Conv for one sample of the given input shapes."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for v in m.graph.input:
+        for d, n in zip(v.type.tensor_type.shape.dim, inputs[v.name]):
+            d.Clear()
+            d.dim_value = n
+    m = onnx.shape_inference.infer_shapes(m)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(m.graph.value_info) + list(m.graph.output)}
+    weights = {i.name: list(i.dims) for i in m.graph.initializer}
+    total = 0
+    for node in m.graph.node:
+        if node.op_type == "Conv":
+            cout, cin_per_group, kh, kw = weights[node.input[1]]
+            _, _, h, w = shapes[node.output[0]]
+            total += cout * cin_per_group * kh * kw * h * w
+    return total
 
 
 def to_model(g: Graph, inputs, outputs, doc: str) -> onnx.ModelProto:
@@ -249,12 +286,13 @@ def calibrate(g: Graph, inputs, feeds, out_name: str, out_std: float | None) -> 
     if out_std is not None:
         # Scale the final conv so the pre-sigmoid logits have mean 0 and the given std.
         (t,) = run_to(g, inputs, None, feeds, [out_name])
-        w, b = g.inits[out_name + ".weight"], g.inits[out_name + ".bias"]
+        p = g.conv_prefix[out_name]
+        w, b = g.inits[p + ".weight"], g.inits[p + ".bias"]
         mean = t.mean(axis=(0, 2, 3))
         std = t.std(axis=(0, 2, 3)) + 1e-6
         scale = out_std / std
-        g.inits[out_name + ".weight"] = (w * scale[:, None, None, None]).astype(np.float32)
-        g.inits[out_name + ".bias"] = ((b - mean) * scale).astype(np.float32)
+        g.inits[p + ".weight"] = (w * scale[:, None, None, None]).astype(np.float32)
+        g.inits[p + ".bias"] = ((b - mean) * scale).astype(np.float32)
 
 
 def face_input(batch: int) -> np.ndarray:

@@ -26,10 +26,14 @@ face in real time, one frame every forty milliseconds."
   rm -f "$OUT/.espeak.wav"
 fi
 
+# Models are remade when the generator changed since they were made (its hash is stamped).
+GEN="$(sha256sum scripts/make_models.py | cut -d' ' -f1)"
 for size in full tiny; do
-  if [ "$FORCE" = 1 ] || [ ! -f "$ROOT/models/$size/unet.onnx" ] || [ ! -f "$ROOT/models/$size/audio_encoder.onnx" ]; then
+  if [ "$FORCE" = 1 ] || [ ! -f "$ROOT/models/$size/unet.onnx" ] || [ ! -f "$ROOT/models/$size/audio_encoder.onnx" ] \
+     || [ "$(cat "$ROOT/models/$size/.generator" 2>/dev/null)" != "$GEN" ]; then
     flag=""; [ "$size" = tiny ] && flag="--tiny"
     "$PY" scripts/make_models.py $flag --out "$ROOT/models/$size"
+    printf '%s' "$GEN" > "$ROOT/models/$size/.generator"
   fi
 done
 

@@ -1,12 +1,10 @@
 //! Audio decoding: files (WAV, MP3, AAC/M4A, FLAC, OGG/Vorbis, the audio track of MP4/MOV/MKV)
 //! through symphonia, and raw PCM (s16le / f32le) for streaming; mixed down to mono and
-//! resampled to 16 kHz with rubato. Output is f32 in [-1, 1] (int16 / 32768).
+//! resampled to 16 kHz with libsoxr (as librosa does). Output is f32 in [-1, 1] (int16 / 32768).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use rubato::audioadapter_buffers::direct::InterleavedSlice;
-use rubato::{Fft, FixedSync, Indexing, Resampler};
 use symphonia::core::codecs::audio::AudioDecoderOptions;
 use symphonia::core::errors::Error as SymError;
 use symphonia::core::formats::probe::Hint;
@@ -241,26 +239,31 @@ pub fn pcm_to_mono(
     Ok(())
 }
 
-/// Frames per internal resampler chunk.
-const RESAMPLE_CHUNK: usize = 1024;
+/// Output frames per call into libsoxr (the output buffer is reused).
+const RESAMPLE_CHUNK: usize = 4096;
 
-/// A mono resampler to 16 kHz that accepts input in chunks of any size and gives the same
-/// output for every chunking (it works in fixed internal chunks), with the filter delay trimmed
-/// and exactly `ceil(n * 16000 / rate)` samples in total after [`StreamResampler::finish`].
+/// A mono resampler to 16 kHz with libsoxr at the settings `librosa.load(sr=16000)` uses
+/// (python-soxr's `HQ` quality: 20-bit, linear phase; f32 in and out; one thread). It accepts
+/// input in chunks of any size and gives the same output for every chunking. After
+/// [`StreamResampler::finish`] the stream has exactly `ceil(n * 16000 / rate)` samples: the first
+/// `round(n * 16000 / rate)` are libsoxr's (what python-soxr returns), the rest (at most one)
+/// zero, as librosa's `fix_length` pads.
 pub struct StreamResampler {
-    inner: Option<Fft<f32>>,
-    ratio: f64,
-    pending: Vec<f32>,
+    inner: Option<soxr::Soxr<soxr::format::Mono<f32>>>,
+    rate: u32,
     out_buf: Vec<f32>,
-    to_trim: usize,
     consumed: u64,
     produced: u64,
 }
 
 impl std::fmt::Debug for StreamResampler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamResampler").field("ratio", &self.ratio).field("consumed", &self.consumed).finish()
+        f.debug_struct("StreamResampler").field("rate", &self.rate).field("consumed", &self.consumed).finish()
     }
+}
+
+fn soxr_error(e: soxr::Error) -> AudioError {
+    AudioError::Resample(e.as_str().to_string())
 }
 
 impl StreamResampler {
@@ -269,86 +272,69 @@ impl StreamResampler {
         if !RATE_RANGE.contains(&rate) {
             return Err(AudioError::BadRate(rate));
         }
-        let (inner, to_trim, out_max) = if rate == SAMPLE_RATE {
-            (None, 0, 0)
-        } else {
-            let fft = Fft::<f32>::new(rate as usize, SAMPLE_RATE as usize, RESAMPLE_CHUNK, 1, FixedSync::Input)
-                .map_err(|e| AudioError::Resample(e.to_string()))?;
-            let delay = fft.output_delay();
-            let max = fft.output_frames_max();
-            (Some(fft), delay, max)
-        };
-        Ok(Self {
-            inner,
-            ratio: f64::from(SAMPLE_RATE) / f64::from(rate),
-            pending: Vec::with_capacity(RESAMPLE_CHUNK),
-            out_buf: vec![0.0; out_max],
-            to_trim,
-            consumed: 0,
-            produced: 0,
-        })
+        let inner = if rate == SAMPLE_RATE { None } else { Some(Self::make(rate)?) };
+        Ok(Self { inner, rate, out_buf: vec![0.0; RESAMPLE_CHUNK], consumed: 0, produced: 0 })
+    }
+
+    fn make(rate: u32) -> Result<soxr::Soxr<soxr::format::Mono<f32>>, AudioError> {
+        use soxr::params::{QualityRecipe, QualitySpec, RuntimeSpec};
+        soxr::Soxr::new_with_params(
+            f64::from(rate),
+            f64::from(SAMPLE_RATE),
+            QualitySpec::new(QualityRecipe::high()),
+            RuntimeSpec::new(1),
+        )
+        .map_err(soxr_error)
     }
 
     /// Total output length for `n` input samples.
     pub fn output_len(&self, n: usize) -> usize {
-        (n as f64 * self.ratio).ceil() as usize
+        (n as u64 * u64::from(SAMPLE_RATE)).div_ceil(u64::from(self.rate)) as usize
     }
 
-    fn run_chunk(&mut self, partial: Option<usize>, out: &mut Vec<f32>, limit: u64) -> Result<(), AudioError> {
-        let fft = self.inner.as_mut().expect("resampling path");
-        let input = InterleavedSlice::new(&self.pending[..], 1, RESAMPLE_CHUNK)
-            .map_err(|e| AudioError::Resample(e.to_string()))?;
-        let frames = self.out_buf.len();
-        let mut output = InterleavedSlice::new_mut(&mut self.out_buf[..], 1, frames)
-            .map_err(|e| AudioError::Resample(e.to_string()))?;
-        let indexing = Indexing { input_offset: 0, output_offset: 0, active_channels_mask: None, partial_len: partial };
-        let (_, produced) = fft
-            .process_into_buffer(&input, &mut output, Some(&indexing))
-            .map_err(|e| AudioError::Resample(e.to_string()))?;
-        let skip = self.to_trim.min(produced);
-        self.to_trim -= skip;
-        let take = (produced - skip).min(limit.saturating_sub(self.produced) as usize);
-        out.extend_from_slice(&self.out_buf[skip..skip + take]);
-        self.produced += take as u64;
-        Ok(())
+    /// Samples libsoxr contributes for `n` input samples (python-soxr's rounded length).
+    fn resampled_len(&self, n: u64) -> u64 {
+        (n * u64::from(SAMPLE_RATE) * 2 + u64::from(self.rate)) / (2 * u64::from(self.rate))
     }
 
     /// Feeds samples; appends the output that is ready to `out`.
     pub fn push(&mut self, mut samples: &[f32], out: &mut Vec<f32>) -> Result<(), AudioError> {
         self.consumed += samples.len() as u64;
-        if self.inner.is_none() {
+        let Some(rs) = self.inner.as_mut() else {
             out.extend_from_slice(samples);
             self.produced += samples.len() as u64;
             return Ok(());
-        }
-        while !samples.is_empty() {
-            let take = (RESAMPLE_CHUNK - self.pending.len()).min(samples.len());
-            self.pending.extend_from_slice(&samples[..take]);
-            samples = &samples[take..];
-            if self.pending.len() == RESAMPLE_CHUNK {
-                self.run_chunk(None, out, u64::MAX)?;
-                self.pending.clear();
+        };
+        loop {
+            let done = rs.process(samples, &mut self.out_buf).map_err(soxr_error)?;
+            out.extend_from_slice(&self.out_buf[..done.output_frames]);
+            self.produced += done.output_frames as u64;
+            samples = &samples[done.input_frames..];
+            // libsoxr takes all input once it has room; a full output buffer means more is ready.
+            if samples.is_empty() && done.output_frames < self.out_buf.len() {
+                return Ok(());
             }
         }
-        Ok(())
     }
 
-    /// Flushes the end of the stream (zero padding past it) and resets for a new stream.
+    /// Flushes the end of the stream and resets for a new stream.
     pub fn finish(&mut self, out: &mut Vec<f32>) -> Result<(), AudioError> {
-        if self.inner.is_some() {
-            let total = self.output_len(self.consumed as usize) as u64;
-            let mut partial = Some(self.pending.len());
-            while self.produced < total {
-                self.pending.resize(RESAMPLE_CHUNK, 0.0);
-                self.run_chunk(partial, out, total)?;
-                self.pending.clear();
-                partial = Some(0);
+        let total = self.output_len(self.consumed as usize) as u64;
+        let keep = self.resampled_len(self.consumed);
+        if let Some(rs) = self.inner.as_mut() {
+            loop {
+                let n = rs.drain(&mut self.out_buf).map_err(soxr_error)?;
+                let take = (n as u64).min(keep.saturating_sub(self.produced)) as usize;
+                out.extend_from_slice(&self.out_buf[..take]);
+                self.produced += take as u64;
+                if n == 0 {
+                    break;
+                }
             }
-            let fft = self.inner.as_mut().expect("resampling path");
-            fft.reset();
-            self.to_trim = fft.output_delay();
+            // librosa's fix_length: zeros up to ceil(n * 16000 / rate).
+            out.extend(std::iter::repeat_n(0.0, total.saturating_sub(self.produced) as usize));
+            *rs = Self::make(self.rate)?;
         }
-        self.pending.clear();
         self.consumed = 0;
         self.produced = 0;
         Ok(())

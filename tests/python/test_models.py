@@ -14,6 +14,7 @@ import make_models as mm  # noqa: E402
 
 UNET_PARAMS = 12_186_935
 ENCODER_PARAMS = 2_812_672
+UNET_CONV_MACS = 4_885_839_872
 
 
 def run(model, feeds, out):
@@ -57,6 +58,32 @@ class ModelTests(unittest.TestCase):
 
     def test_full_unet_structure(self):
         self.assertEqual(self.check_unet(False), UNET_PARAMS)
+
+    def test_full_unet_is_synctalk_328_ave(self):
+        """The audio branch keeps 16x16 through conv4 and goes to 10x10 in conv5 (stride 2,
+        padding 3): 4,885,839,872 conv MACs per frame; parameters carry unet_328.py's names."""
+        model, _, _ = mm.build_unet(False, 328, calibrated=False)
+        macs = mm.conv_macs(model, {"input": [1, 6, 320, 320], "audio": [1, 32, 16, 16]})
+        self.assertEqual(macs, UNET_CONV_MACS)
+        shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+        for name, shape in [
+            ("audio_model.conv1.conv.0.weight", [64, 32, 1, 1]),
+            ("audio_model.conv3.weight", [256, 128, 3, 3]),
+            ("audio_model.bn3.running_var", [256]),
+            ("audio_model.conv5.weight", [512, 256, 3, 3]),
+            ("audio_model.conv7.conv.7.bias", [512]),
+            ("inc.inconv.0.conv.3.weight", [12, 1, 3, 3]),
+            ("down5.maxpool_conv.0.double_conv.1.conv.6.weight", [512, 1024, 1, 1]),
+            ("fuse_conv.0.double_conv.0.conv.0.weight", [2048, 1024, 1, 1]),
+            ("up5.conv.double_conv.1.conv.7.running_mean", [16]),
+            ("outc.conv.weight", [3, 16, 1, 1]),
+        ]:
+            self.assertEqual(shapes.get(name), shape, name)
+        conv5 = next(n for n in model.graph.node if n.op_type == "Conv" and n.input[1] == "audio_model.conv5.weight")
+        attrs = {a.name: list(a.ints) for a in conv5.attribute}
+        self.assertEqual((attrs["strides"], attrs["pads"]), ([2, 2], [3, 3, 3, 3]))
+        conv3 = next(n for n in model.graph.node if n.op_type == "Conv" and n.input[1] == "audio_model.conv3.weight")
+        self.assertEqual({a.name: list(a.ints) for a in conv3.attribute}["strides"], [1, 1])
 
     def test_full_encoder_structure(self):
         self.assertEqual(self.check_encoder(False), ENCODER_PARAMS)
