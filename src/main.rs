@@ -107,7 +107,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<render_cmd::Interrupted>() {
+                Some(i) => ExitCode::from(i.code),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

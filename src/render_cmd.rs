@@ -2,6 +2,7 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -10,6 +11,7 @@ use lipsync_pipelines::render::{render, ImageFormat, Output, ProgressFn, RenderC
 use lipsync_pipelines::runtime::PinPolicy;
 use lipsync_stages::face::Blend;
 use lipsync_stages::io::avatar::{read_boxes, Avatar};
+use lipsync_stages::io::staged::check_new_file;
 use lipsync_stages::unet::{Batch, Provider};
 
 use crate::Cli;
@@ -110,7 +112,51 @@ fn load_avatar(args: &RenderArgs) -> Result<Avatar> {
     Ok(avatar)
 }
 
+/// A render stopped by SIGINT or SIGTERM (its output removed); `main` exits with `code`.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by {signal}: the render stopped and its output was removed")]
+pub struct Interrupted {
+    /// `SIGINT` or `SIGTERM`.
+    pub signal: &'static str,
+    /// 128 + the signal's number.
+    pub code: u8,
+}
+
+/// SIGINT/SIGTERM handling for a render: the first stops the pipeline (which removes its
+/// temporary output), a second SIGINT exits at once.
+struct Signals {
+    stop: Arc<AtomicBool>,
+    term: Arc<AtomicBool>,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let stop = Arc::new(AtomicBool::new(false));
+        let term = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register_conditional_shutdown(SIGINT, 130, stop.clone())
+            .context("installing signal handlers")?;
+        for sig in [SIGINT, SIGTERM] {
+            signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+        }
+        signal_hook::flag::register(SIGTERM, term.clone()).context("installing signal handlers")?;
+        Ok(Self { stop, term })
+    }
+
+    fn interrupted(&self) -> Interrupted {
+        if self.term.load(Ordering::SeqCst) {
+            Interrupted { signal: "SIGTERM", code: 143 }
+        } else {
+            Interrupted { signal: "SIGINT", code: 130 }
+        }
+    }
+}
+
 pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
+    let signals = Signals::install()?;
+    for path in [&args.report, &args.report_svg, &args.report_hlog].into_iter().flatten() {
+        check_new_file(path).map_err(anyhow::Error::msg).context("report path")?;
+    }
     let avatar = load_avatar(args)?;
     let rt = cli.runtime()?;
     let output = if args.output.as_os_str() == "-" {
@@ -171,8 +217,13 @@ pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
         blend: args.blend,
         template_budget: args.template_cache_mb << 20,
         progress: cb,
+        cancel: Some(signals.stop.clone()),
     };
-    let outcome = render(&rt, cfg).context("render failed")?;
+    let outcome = match render(&rt, cfg) {
+        Ok(o) => o,
+        Err(e) if e.is_cancelled() => return Err(signals.interrupted().into()),
+        Err(e) => return Err(anyhow::Error::new(e).context("render failed")),
+    };
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }

@@ -479,6 +479,18 @@ fn bad_input_gets_an_error_and_closes_only_that_session() {
     send(&mut c, AUDIO, &[1, 2, 3]);
     assert!(expect_error(&mut c, "bad_audio").contains("3"));
     expect_closed(&mut c);
+    // Float audio with a NaN: refused, naming the sample (counted across Audio messages).
+    let mut c = d.connect();
+    let req = serde_json::json!({"avatar": "golden", "sample_rate": 16000, "format": "f32le"});
+    send(&mut c, OPEN, req.to_string().as_bytes());
+    assert_eq!(recv(&mut c).unwrap().0, OPENED);
+    let mut pcm: Vec<f32> = vec![0.1; 1600];
+    send(&mut c, AUDIO, &pcm.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+    pcm[100] = f32::NAN;
+    send(&mut c, AUDIO, &pcm.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+    let e = expect_error(&mut c, "bad_audio");
+    assert!(e.contains("audio sample 1700 (at 0.106 s) is NaN"), "{e}");
+    expect_closed(&mut c);
 
     let o = healthy.wait_with_output().unwrap();
     assert!(o.status.success(), "{}\n{}", text(&o), d.log());

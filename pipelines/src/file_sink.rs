@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use lipsync_stages::io::staged::{check_new_dir, parent_dir, StagedDir};
+use lipsync_stages::io::staged::{check_new_dir, check_new_file, StagedDir};
 
 use crate::job::FrameJob;
 use crate::stages::sink::{FrameSink, SinkError};
@@ -52,13 +52,7 @@ impl Output {
         match self {
             Output::Dir { path, .. } => check_new_dir(path).map_err(SinkError::Output),
             Output::Stdout => Ok(()),
-            Output::Video(path) => {
-                let parent = parent_dir(path);
-                if !parent.is_dir() {
-                    return Err(SinkError::Output(format!("directory {} does not exist", parent.display())));
-                }
-                Ok(())
-            }
+            Output::Video(path) => check_new_file(path).map_err(SinkError::Output),
         }
     }
 

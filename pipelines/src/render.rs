@@ -6,6 +6,7 @@
 //! `L + 2` of them (or `max_frames`), and the output is complete or absent.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,6 +67,9 @@ pub struct RenderConfig {
     pub template_budget: usize,
     /// Called by the sink after each frame with (frames done, total when known).
     pub progress: Option<ProgressFn>,
+    /// Set from outside (a signal) to stop the render: it then fails as cancelled and leaves
+    /// no output.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl RenderConfig {
@@ -89,6 +93,7 @@ impl RenderConfig {
             blend: Blend::Hard,
             template_budget: lipsync_stages::template::DEFAULT_BUDGET,
             progress: None,
+            cancel: None,
         }
     }
 }
@@ -107,6 +112,7 @@ pub struct RenderOutcome {
 
 /// Runs the render and returns when every frame is written (or the first error).
 pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, PipelineError> {
+    cfg.output.check().map_err(|e| PipelineError::setup("sink", e))?;
     let io = cfg.avatar.config.models.io.clone();
     let crop = cfg.avatar.config.crop;
     let unet_cfg = UnetServiceConfig {
@@ -122,13 +128,15 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
     let enc_opts = SessionOptions { intra_threads: 1, spinning: false };
     let encoder = AudioEncoder::open(rt, &cfg.avatar.encoder, &io, cfg.encoder_batch, &enc_opts)
         .map_err(|e| PipelineError::setup("encoder", e))?;
-    cfg.output.check().map_err(|e| PipelineError::setup("sink", e))?;
     let sink = cfg.output.sink().map_err(|e| PipelineError::setup("sink", e))?;
 
     let clock = Clock::new();
     let started = Instant::now();
     let t0 = clock.now();
     let mut p = Pipeline::new(cfg.pin.clone(), clock);
+    if let Some(flag) = cfg.cancel.clone() {
+        p = p.with_cancel(flag);
+    }
     let (full_tx, full_rx) = bounded::<Arc<Vec<f32>>>(1);
     let encoding = match &cfg.output {
         Output::Dir { format: ImageFormat::Png, .. } => Encoding::Png,

@@ -11,7 +11,7 @@ use lipsync_pipelines::job::FrameJob;
 use lipsync_pipelines::runtime::{lock, PipelineError};
 use lipsync_pipelines::session::{Session, SessionConfig, SessionError, SessionOutcome};
 use lipsync_pipelines::stages::sink::{FrameSink, SinkError};
-use lipsync_stages::audio::{pcm_to_mono, AudioError, PcmFormat, RATE_RANGE};
+use lipsync_stages::audio::{check_finite, pcm_to_mono, AudioError, PcmFormat, RATE_RANGE};
 use lipsync_stages::unet::Batch;
 use serde::Serialize;
 
@@ -145,6 +145,8 @@ struct Conn<'a> {
     rate: u32,
     scratch: Vec<f32>,
     mono: Vec<f32>,
+    /// Mono samples received in the current session (to name a bad one).
+    received: usize,
 }
 
 /// How a connection's message loop ended.
@@ -174,6 +176,7 @@ pub(crate) fn connection(shared: &Arc<Shared>, id: u64, stream: UnixStream) {
         rate: 16_000,
         scratch: Vec::new(),
         mono: Vec::new(),
+        received: 0,
     };
     let mut payload = Vec::new();
     // Handshake: Hello within 10 s.
@@ -447,6 +450,7 @@ impl Conn<'_> {
         };
         self.channels = req.channels as usize;
         self.rate = req.sample_rate;
+        self.received = 0;
         let (width, height) = loaded.template.size();
         tracing::info!(session = id, avatar = %req.avatar, rate = req.sample_rate, "session open");
         self.reply(Kind::Opened, &Opened { session: id, fps, width, height });
@@ -471,6 +475,9 @@ impl Conn<'_> {
             self.mono.clear();
             pcm_to_mono(chunk, self.format, self.channels, &mut self.scratch, &mut self.mono)
                 .map_err(|e| Fatal(ErrorCode::BadAudio, e.to_string()))?;
+            check_finite(&self.mono, self.received, self.rate)
+                .map_err(|e| Fatal(ErrorCode::BadAudio, e.to_string()))?;
+            self.received += self.mono.len();
             // Blocks while the session's queue is full: that is the client's backpressure. A
             // stopped session has sent (or is sending) its error; its audio is dropped.
             if s.push_audio(&self.mono).is_err() {

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use lipsync_stages::io::staged::{check_new_dir, parent_dir, temp_sibling, StagedDir};
+use lipsync_stages::io::staged::{check_new_dir, check_new_file, StagedDir, StagedFile};
 
 use crate::client::ClientError;
 
@@ -40,11 +40,9 @@ pub enum FrameOut {
     Stream(Box<dyn Write + Send>),
     /// Concatenated JPEGs in a file, written under a temporary name and renamed when complete.
     File {
-        /// The temporary file.
-        tmp: PathBuf,
-        /// The final name.
-        path: PathBuf,
-        /// The writer.
+        /// The staged file.
+        staged: StagedFile,
+        /// Its buffered writer.
         file: std::io::BufWriter<std::fs::File>,
     },
 }
@@ -57,17 +55,14 @@ impl FrameOut {
         if path == Path::new("-") {
             return Ok(FrameOut::Stream(Box::new(std::io::BufWriter::new(std::io::stdout()))));
         }
-        let parent = parent_dir(path);
-        if !parent.is_dir() {
-            return Err(FrameOutError::Path(format!("directory {} does not exist", parent.display())));
-        }
-        if path.file_name().is_none() {
-            return Err(FrameOutError::Path(format!("output path {} has no file name", path.display())));
-        }
+        check_new_file(path).map_err(FrameOutError::Path)?;
         if path.extension().is_some_and(|e| e == "mjpeg" || e == "mjpg") {
-            let tmp = temp_sibling(path);
-            let file = std::fs::File::create(&tmp).map_err(|source| FrameOutError::Io { path: tmp.clone(), source })?;
-            return Ok(FrameOut::File { tmp, path: path.to_path_buf(), file: std::io::BufWriter::new(file) });
+            let mut staged = StagedFile::create(path).map_err(FrameOutError::Path)?;
+            let file = staged
+                .file()
+                .try_clone()
+                .map_err(|source| FrameOutError::Io { path: staged.tmp_path().to_path_buf(), source })?;
+            return Ok(FrameOut::File { staged, file: std::io::BufWriter::new(file) });
         }
         check_new_dir(path).map_err(FrameOutError::Path)?;
         Ok(FrameOut::Dir { dir: StagedDir::create(path).map_err(FrameOutError::Path)?, name: String::new() })
@@ -86,7 +81,9 @@ impl FrameOut {
                 std::fs::write(&p, jpeg).map_err(io(format!("writing {}", p.display())))
             }
             FrameOut::Stream(w) => w.write_all(jpeg).map_err(io("writing to stdout".into())),
-            FrameOut::File { file, tmp, .. } => file.write_all(jpeg).map_err(io(format!("writing {}", tmp.display()))),
+            FrameOut::File { file, staged } => {
+                file.write_all(jpeg).map_err(io(format!("writing {}", staged.tmp_path().display())))
+            }
         }
     }
 
@@ -96,17 +93,14 @@ impl FrameOut {
             FrameOut::None => Ok(()),
             FrameOut::Dir { mut dir, .. } => dir.commit().map_err(FrameOutError::Path),
             FrameOut::Stream(mut w) => w.flush().map_err(|source| FrameOutError::Io { path: "stdout".into(), source }),
-            FrameOut::File { tmp, path, file } => {
-                file.into_inner().map_err(|e| FrameOutError::Io { path: tmp.clone(), source: e.into_error() })?;
-                std::fs::rename(&tmp, &path).map_err(|source| FrameOutError::Io { path: path.clone(), source })
+            FrameOut::File { staged, file } => {
+                let path = staged.tmp_path().to_path_buf();
+                file.into_inner().map_err(|e| FrameOutError::Io { path, source: e.into_error() })?;
+                staged.commit().map_err(FrameOutError::Path)
             }
         }
     }
 
-    /// Removes what was written (a staged directory removes itself when dropped).
-    pub fn discard(self) {
-        if let FrameOut::File { tmp, .. } = self {
-            let _ = std::fs::remove_file(tmp);
-        }
-    }
+    /// Removes what was written (staged outputs remove themselves when dropped).
+    pub fn discard(self) {}
 }

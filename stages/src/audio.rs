@@ -70,6 +70,16 @@ pub enum AudioError {
     /// A channel count of zero.
     #[error("audio has {0} channels (expected at least 1)")]
     BadChannels(usize),
+    /// A sample that is NaN or infinite (float input only).
+    #[error("audio sample {index} (at {seconds:.3} s) is {value}: expected finite samples")]
+    NonFinite {
+        /// Index of the first bad sample (per channel, from the start of the stream or file).
+        index: usize,
+        /// Its time.
+        seconds: f64,
+        /// What it is (`NaN`, `inf` or `-inf`).
+        value: f32,
+    },
     /// Raw PCM bytes that do not hold whole samples.
     #[error("raw {format} PCM needs a multiple of {frame_bytes} bytes per chunk (whole frames), got {len}")]
     PartialFrame {
@@ -196,6 +206,7 @@ pub fn decode_file(path: &Path) -> Result<DecodedAudio, AudioError> {
     if !RATE_RANGE.contains(&rate) {
         return Err(AudioError::BadRate(rate));
     }
+    check_finite(&samples, 0, rate)?;
     Ok(DecodedAudio { samples, rate, channels })
 }
 
@@ -210,6 +221,19 @@ pub fn load_16k(path: &Path) -> Result<Vec<f32>, AudioError> {
     rs.push(&decoded.samples, &mut out)?;
     rs.finish(&mut out)?;
     Ok(out)
+}
+
+/// Refuses NaN and infinite samples, naming the first (`offset`: samples before `samples` in
+/// the stream). Finite values are taken as they are, beyond [-1, 1] too, as librosa takes
+/// them: the mel is defined for any finite input and clips its own output.
+pub fn check_finite(samples: &[f32], offset: usize, rate: u32) -> Result<(), AudioError> {
+    match samples.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => {
+            let index = offset + i;
+            Err(AudioError::NonFinite { index, seconds: index as f64 / f64::from(rate.max(1)), value: samples[i] })
+        }
+    }
 }
 
 /// Converts raw PCM bytes (whole interleaved frames) to mono f32, appending to `out`.

@@ -21,10 +21,11 @@ pub struct EncodeError {
     pub message: String,
 }
 
-/// An open MP4/MKV writer (not `Send`: create it on the thread that uses it).
+/// An open MP4/MKV writer (not `Send`: create it on the thread that uses it). Dropped
+/// unfinished, it leaves nothing behind.
 pub struct VideoWriter {
     path: PathBuf,
-    tmp: PathBuf,
+    tmp: Option<crate::io::staged::StagedFile>,
     octx: ff::format::context::Output,
     venc: ff::encoder::Video,
     aenc: ff::encoder::Audio,
@@ -41,7 +42,6 @@ pub struct VideoWriter {
     frame_size: usize,
     frames: i64,
     fps: i32,
-    finished: bool,
 }
 
 impl std::fmt::Debug for VideoWriter {
@@ -62,10 +62,10 @@ impl VideoWriter {
     ) -> Result<Self, EncodeError> {
         init_ffmpeg();
         let err = |message: String| EncodeError { path: path.to_path_buf(), message };
-        let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| err("no file name".into()))?;
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("mp4");
-        let tmp = path.with_file_name(format!(".{name}.tmp{}.{ext}", std::process::id()));
-        let mut octx = ff::format::output(&tmp).map_err(|e| err(format!("cannot create the container: {e}")))?;
+        // An exclusive, unpredictable temporary beside the output; FFmpeg reopens it by name.
+        let tmp = crate::io::staged::StagedFile::create(path).map_err(err)?;
+        let mut octx =
+            ff::format::output(&tmp.tmp_path()).map_err(|e| err(format!("cannot create the container: {e}")))?;
         let global = octx.format().flags().contains(ff::format::Flags::GLOBAL_HEADER);
 
         let vcodec = ff::encoder::find_by_name("libx264")
@@ -124,7 +124,7 @@ impl VideoWriter {
         let frame_size = (aenc.frame_size() as usize).max(1);
         Ok(Self {
             path: path.to_path_buf(),
-            tmp,
+            tmp: Some(tmp),
             octx,
             venc,
             aenc,
@@ -145,7 +145,6 @@ impl VideoWriter {
             frame_size,
             frames: 0,
             fps,
-            finished: false,
         })
     }
 
@@ -193,7 +192,11 @@ impl VideoWriter {
             // track lasts exactly as long as the input.
             self.afr.set_samples(n);
             let plane = self.afr.plane_mut::<f32>(0);
-            plane[..n].copy_from_slice(&self.audio[self.audio_pos..self.audio_pos + n]);
+            // The sound track is clipped to [-1, 1] (what any player does); the lips were
+            // driven by the samples as given.
+            for (d, s) in plane[..n].iter_mut().zip(&self.audio[self.audio_pos..self.audio_pos + n]) {
+                *d = s.clamp(-1.0, 1.0);
+            }
             self.afr.set_pts(Some(self.audio_pos as i64));
             self.aenc.send_frame(&self.afr).map_err(|e| self.err(format!("AAC encode: {e}")))?;
             self.audio_pos += n;
@@ -221,16 +224,8 @@ impl VideoWriter {
         self.aenc.send_eof().map_err(|e| self.err(format!("AAC flush: {e}")))?;
         self.drain_audio()?;
         self.octx.write_trailer().map_err(|e| self.err(format!("trailer: {e}")))?;
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| self.err(format!("rename into place: {e}")))?;
-        self.finished = true;
+        let tmp = self.tmp.take().expect("present until finished");
+        tmp.commit().map_err(|e| self.err(e))?;
         Ok(self.frames as usize)
-    }
-}
-
-impl Drop for VideoWriter {
-    fn drop(&mut self) {
-        if !self.finished {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
     }
 }

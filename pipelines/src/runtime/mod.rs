@@ -138,6 +138,8 @@ impl StageCtx {
                     return Ok(Some(item));
                 }
                 Err(RecvTimeoutError::Timeout) => continue,
+                // Upstream gone because of a cancel is not the end of the stream.
+                Err(RecvTimeoutError::Disconnected) if self.cancelled() => return Err(StageError::Cancelled),
                 Err(RecvTimeoutError::Disconnected) => return Ok(None),
             }
         }
@@ -276,6 +278,13 @@ impl Pipeline {
         }
     }
 
+    /// Uses `flag` as the cancel flag (set it, from a signal handler say, to stop every stage);
+    /// call before adding stages.
+    pub fn with_cancel(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.cancel = flag;
+        self
+    }
+
     /// Also records every stage's service time into `shared`, by stage name.
     pub fn with_shared(mut self, shared: Arc<SharedStageStats>) -> Self {
         self.shared = Some(shared);
@@ -371,7 +380,8 @@ impl Pipeline {
                 };
                 if let Some((item, kind)) = failure {
                     let mut slot = lock(&first_error);
-                    if slot.is_none() {
+                    // Failures after a cancel are its consequences, not the cause.
+                    if slot.is_none() && !cancel.load(Ordering::SeqCst) {
                         *slot = Some(PipelineError { stage: stage.clone(), item, kind });
                     }
                     cancel.store(true, Ordering::SeqCst);

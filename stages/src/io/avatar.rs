@@ -17,6 +17,14 @@ pub const AVATAR_TOML: &str = "avatar.toml";
 /// Errors from loading, validating or writing an avatar.
 #[derive(Debug, thiserror::Error)]
 pub enum AvatarError {
+    /// An output could not be written whole (the message says which step failed).
+    #[error("could not write {path}: {message}")]
+    Write {
+        /// The output.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
     /// The avatar directory or its `avatar.toml` is missing.
     #[error("not an avatar directory: {0} (expected a directory holding avatar.toml, see docs/avatar.md)")]
     NotAvatar(PathBuf),
@@ -409,13 +417,8 @@ pub fn check_model_pair(
 
 /// Writes `bytes` to `path` whole or not at all (temporary file in the same directory, then rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AvatarError> {
-    let io = |action, source| AvatarError::Io { action, path: path.to_path_buf(), source };
-    let tmp = crate::io::staged::temp_sibling(path);
-    std::fs::write(&tmp, bytes).map_err(|e| io("could not write", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io("could not rename into place", e)
-    })
+    crate::io::staged::write_atomic(path, bytes)
+        .map_err(|message| AvatarError::Write { path: path.to_path_buf(), message })
 }
 
 /// How [`create`] handles the models.
@@ -467,19 +470,10 @@ pub fn create(out: &Path, spec: &CreateSpec, rt: &OrtRuntime) -> Result<Avatar, 
         path: parent.to_path_buf(),
         source,
     })?;
-    let tmp = crate::io::staged::temp_sibling(out);
-    let result = write_avatar_dir(&tmp, spec, &crop);
-    let result = result.and_then(|_| {
-        std::fs::rename(&tmp, out).map_err(|source| AvatarError::Io {
-            action: "could not move the avatar into place at",
-            path: out.to_path_buf(),
-            source,
-        })
-    });
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
+    let write = |message| AvatarError::Write { path: out.to_path_buf(), message };
+    let mut staged = crate::io::staged::StagedDir::create(out).map_err(write)?;
+    write_avatar_dir(staged.dir(), spec, &crop)?;
+    staged.commit().map_err(write)?;
     Avatar::open(out)
 }
 

@@ -1,6 +1,9 @@
-//! Outputs written whole or not at all: built under a temporary sibling name
-//! (`.NAME.tmpPID`) and renamed into place only when complete.
+//! Outputs written whole or not at all: built under a temporary sibling and renamed into place
+//! only when complete. Temporaries get unpredictable names (`.NAME.XXXXXX.tmp`) and are created
+//! exclusively (`mkdir`, or `O_CREAT | O_EXCL`, which never follows a symbolic link), so a link
+//! planted next to the output cannot redirect what is written; one left uncommitted is removed.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The directory `path` lives in (`.` for a bare name).
@@ -8,11 +11,8 @@ pub fn parent_dir(path: &Path) -> &Path {
     path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
-/// The temporary sibling of `path`: `.NAME.tmpPID` in the same directory, so that the final
-/// rename stays on one file system.
-pub fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    parent_dir(path).join(format!(".{name}.tmp{}", std::process::id()))
+fn prefix(path: &Path) -> String {
+    format!(".{}.", path.file_name().and_then(|n| n.to_str()).unwrap_or("out"))
 }
 
 /// Refuses an output directory that exists and is not empty (an empty one is replaced).
@@ -23,13 +23,27 @@ pub fn check_new_dir(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Refuses an output file path whose directory is missing or that names a directory.
+pub fn check_new_file(path: &Path) -> Result<(), String> {
+    let parent = parent_dir(path);
+    if !parent.is_dir() {
+        return Err(format!("directory {} does not exist", parent.display()));
+    }
+    if path.file_name().is_none() {
+        return Err(format!("output path {} has no file name", path.display()));
+    }
+    if path.is_dir() {
+        return Err(format!("output {} is an existing directory", path.display()));
+    }
+    Ok(())
+}
+
 /// A directory of output files that appears at its final path only when
 /// [`StagedDir::commit`] renames it there; dropped uncommitted, it is removed.
 #[derive(Debug)]
 pub struct StagedDir {
-    tmp: PathBuf,
+    tmp: Option<tempfile::TempDir>,
     path: PathBuf,
-    done: bool,
 }
 
 impl StagedDir {
@@ -37,36 +51,79 @@ impl StagedDir {
     pub fn create(path: &Path) -> Result<Self, String> {
         let parent = parent_dir(path);
         std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-        let tmp = temp_sibling(path);
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-        Ok(Self { tmp, path: path.to_path_buf(), done: false })
+        let tmp = tempfile::Builder::new()
+            .prefix(&prefix(path))
+            .suffix(".tmp")
+            .tempdir_in(parent)
+            .map_err(|e| format!("cannot create a temporary directory in {}: {e}", parent.display()))?;
+        Ok(Self { tmp: Some(tmp), path: path.to_path_buf() })
     }
 
     /// Where files go until the commit.
     pub fn dir(&self) -> &Path {
-        &self.tmp
+        self.tmp.as_ref().map(|t| t.path()).unwrap_or(&self.path)
     }
 
     /// Moves the directory into place (replacing an empty directory there).
     pub fn commit(&mut self) -> Result<(), String> {
-        if self.path.exists() {
+        let Some(tmp) = self.tmp.take() else { return Ok(()) };
+        if self.path.is_dir() {
             std::fs::remove_dir(&self.path)
                 .map_err(|e| format!("cannot replace empty {}: {e}", self.path.display()))?;
         }
-        std::fs::rename(&self.tmp, &self.path)
-            .map_err(|e| format!("cannot move frames into {}: {e}", self.path.display()))?;
-        self.done = true;
-        Ok(())
+        let tmp = tmp.keep();
+        std::fs::rename(&tmp, &self.path).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&tmp);
+            format!("cannot move the output into {}: {e}", self.path.display())
+        })
     }
 }
 
-impl Drop for StagedDir {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_dir_all(&self.tmp);
-        }
+/// An output file written under an exclusive temporary name beside `path` and renamed into
+/// place by [`StagedFile::commit`]; dropped uncommitted, it is removed.
+#[derive(Debug)]
+pub struct StagedFile {
+    tmp: tempfile::NamedTempFile,
+    path: PathBuf,
+}
+
+impl StagedFile {
+    /// Creates the temporary file for `path` (its name ends like `path`'s, so tools that
+    /// guess the format from the extension still can).
+    pub fn create(path: &Path) -> Result<Self, String> {
+        check_new_file(path)?;
+        let ext = path.extension().and_then(|e| e.to_str()).map(|e| format!(".{e}")).unwrap_or_default();
+        let tmp = tempfile::Builder::new()
+            .prefix(&prefix(path))
+            .suffix(&format!(".tmp{ext}"))
+            .tempfile_in(parent_dir(path))
+            .map_err(|e| format!("cannot create a temporary file beside {}: {e}", path.display()))?;
+        Ok(Self { tmp, path: path.to_path_buf() })
     }
+
+    /// The temporary file's path (for writers that open it by name).
+    pub fn tmp_path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// The open temporary file.
+    pub fn file(&mut self) -> &mut std::fs::File {
+        self.tmp.as_file_mut()
+    }
+
+    /// Renames the file into place (replacing a file or link at `path`, never writing through
+    /// it).
+    pub fn commit(self) -> Result<(), String> {
+        let path = self.path;
+        self.tmp.persist(&path).map(drop).map_err(|e| format!("cannot move the output into {}: {e}", path.display()))
+    }
+}
+
+/// Writes `bytes` to `path` whole or not at all.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let mut f = StagedFile::create(path)?;
+    f.file().write_all(bytes).map_err(|e| format!("cannot write {}: {e}", f.tmp_path().display()))?;
+    f.commit()
 }
 
 #[cfg(test)]
@@ -78,7 +135,6 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let out = root.path().join("frames");
         let mut d = StagedDir::create(&out).unwrap();
-        assert_eq!(d.dir(), temp_sibling(&out));
         std::fs::write(d.dir().join("a"), b"x").unwrap();
         assert!(!out.exists());
         d.commit().unwrap();
@@ -92,5 +148,39 @@ mod tests {
         drop(d);
         assert!(!tmp.exists() && !other.exists(), "an uncommitted directory leaves nothing");
         check_new_dir(&other).unwrap();
+
+        let file = root.path().join("x.mp4");
+        let f = StagedFile::create(&file).unwrap();
+        assert!(f.tmp_path().to_str().unwrap().ends_with(".mp4"));
+        let tmp = f.tmp_path().to_path_buf();
+        drop(f);
+        assert!(!tmp.exists() && !file.exists());
+        std::fs::create_dir(&file).unwrap();
+        assert!(check_new_file(&file).unwrap_err().contains("is an existing directory"));
+    }
+
+    /// A link planted where the old predictable temporary names were (`.NAME.tmpPID`), or at
+    /// the final name, is never written through.
+    #[test]
+    fn planted_links_are_never_written_through() {
+        let root = tempfile::tempdir().unwrap();
+        let victim = root.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let pid = std::process::id();
+        for name in ["o.json", "frames"] {
+            std::os::unix::fs::symlink(&victim, root.path().join(format!(".{name}.tmp{pid}"))).unwrap();
+        }
+        std::os::unix::fs::symlink(&victim, root.path().join(format!(".o.json.tmp{pid}.json"))).unwrap();
+        write_atomic(&root.path().join("o.json"), b"new").unwrap();
+        let mut d = StagedDir::create(&root.path().join("frames")).unwrap();
+        std::fs::write(d.dir().join("a"), b"x").unwrap();
+        d.commit().unwrap();
+        // At the final name, the link itself is replaced.
+        let out = root.path().join("p.json");
+        std::os::unix::fs::symlink(&victim, &out).unwrap();
+        write_atomic(&out, b"new").unwrap();
+        assert!(!std::fs::symlink_metadata(&out).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert_eq!(std::fs::read(root.path().join("o.json")).unwrap(), b"new");
     }
 }
