@@ -50,7 +50,7 @@ fn signals_stop_a_render_and_leave_no_output() {
     let avatar = fixture("golden/avatar");
     for (sig, code, out) in [(libc::SIGINT, 130, "frames"), (libc::SIGTERM, 143, "talk.mp4")] {
         let out = tmp.path().join(out);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lipsync"))
+        let child = Command::new(env!("CARGO_BIN_EXE_lipsync"))
             .args(render_args(s(&audio), s(&out), s(&avatar)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
