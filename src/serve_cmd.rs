@@ -16,11 +16,14 @@ pub struct ServeArgs {
     options: ServeOptions,
 }
 
-/// Runs the daemon until SIGTERM/SIGINT, then drains it.
+/// Runs the daemon until SIGTERM/SIGINT, then drains it (a second SIGINT cuts the drain short).
 pub fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
     let settings = args.options.clone().resolve()?;
     let rt = cli.runtime()?;
     let stop = Arc::new(AtomicBool::new(false));
+    // A second SIGINT during the drain exits at once (the socket is already gone by then).
+    signal_hook::flag::register_conditional_shutdown(signal_hook::consts::SIGINT, 130, stop.clone())
+        .context("installing signal handlers")?;
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
     }

@@ -717,7 +717,7 @@ fn the_socket_is_owned_carefully() {
     // A second daemon on a live socket refuses to start and leaves it alone.
     let o = run(&["serve", "--socket", s(&socket), "--avatars", s(&avatars)]);
     assert!(!o.status.success());
-    assert!(text(&o).contains("another daemon is listening"), "{}", text(&o));
+    assert!(text(&o).contains("another daemon is starting or running"), "{}", text(&o));
     assert!(d.connect().peer_addr().is_ok(), "the first daemon still serves");
     let (status, _) = d.stop();
     assert!(status.success());
@@ -737,6 +737,160 @@ fn the_socket_is_owned_carefully() {
     let o =
         run(&["serve", "--socket", s(&tmp.path().join("x.sock")), "--avatars", s(&avatars), "--socket-mode", "999"]);
     assert!(!o.status.success() && text(&o).contains("socket mode"), "{}", text(&o));
+    // A mode that lets others connect needs an explicit flag.
+    let o =
+        run(&["serve", "--socket", s(&tmp.path().join("x.sock")), "--avatars", s(&avatars), "--socket-mode", "0666"]);
+    assert!(!o.status.success() && text(&o).contains("--allow-shared-socket"), "{}", text(&o));
+    let d = Daemon::start(&["--socket-mode", "0666", "--allow-shared-socket"]);
+    assert_eq!(std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777, 0o666);
+}
+
+#[test]
+fn two_daemons_started_together_on_a_stale_socket_end_with_one_listener() {
+    let keep = tempfile::tempdir().unwrap();
+    let avatars = write_avatars(keep.path());
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("serve.sock");
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        let start = || {
+            Command::new(bin())
+                .args(["serve", "--socket", s(&socket), "--avatars", s(&avatars)])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (mut a, mut b) = (start(), start());
+        // One of them exits with a clear error; the other listens on the socket file.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (mut loser, mut winner) = loop {
+            if a.try_wait().unwrap().is_some() {
+                break (a, b);
+            }
+            if b.try_wait().unwrap().is_some() {
+                break (b, a);
+            }
+            assert!(Instant::now() < deadline, "neither daemon gave up");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        loser.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert!(!loser.wait().unwrap().success());
+        assert!(err.contains("another daemon"), "{err}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut c = loop {
+            if let Ok(c) = UnixStream::connect(&socket) {
+                break c;
+            }
+            assert!(Instant::now() < deadline, "the winner does not listen on the socket file");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        hello(&mut c).unwrap();
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(winner.id() as libc::pid_t, libc::SIGTERM) };
+        assert!(winner.wait().unwrap().success());
+    }
+}
+
+#[test]
+fn deadlines_bound_whole_messages_and_idle_connections() {
+    let d = Daemon::start(&["--handshake-timeout", "1", "--idle-timeout", "1", "--message-timeout", "1"]);
+    let raw = || {
+        let c = UnixStream::connect(&d.socket).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        c
+    };
+    // A Hello sent one byte at a time cannot outlast the handshake deadline.
+    let mut c = raw();
+    let body = br#"{"protocol": 1, "client": "trickle"}"#;
+    let mut hello_msg = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+    hello_msg.push(HELLO);
+    hello_msg.extend_from_slice(body);
+    let t = Instant::now();
+    for b in &hello_msg[..20] {
+        if c.write_all(&[*b]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    assert!(expect_error(&mut c, "handshake").contains("no Hello within 1 s"));
+    assert!(t.elapsed() < Duration::from_secs(4), "closed after {:?}", t.elapsed());
+    // A message that stops half-way is dropped (and its buffer with it).
+    let mut c = d.connect();
+    let mut m = ((1 << 20) as u32 + 1).to_be_bytes().to_vec();
+    m.push(AUDIO);
+    m.extend_from_slice(&[0u8; 1000]);
+    c.write_all(&m).unwrap();
+    assert!(expect_error(&mut c, "timeout").contains("not complete within 1 s"));
+    // An idle connection without a session is closed.
+    let mut c = d.connect();
+    let t = Instant::now();
+    assert!(expect_error(&mut c, "timeout").contains("no message for 1 s"));
+    assert!(t.elapsed() < Duration::from_secs(4));
+    // A session streaming frames to a client that sends nothing more is not idle.
+    let mut c = d.connect();
+    open(&mut c, "golden", 16_000);
+    send(&mut c, AUDIO, &speech_s16());
+    send(&mut c, END_AUDIO, b"");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(read_frames(&mut c).len(), 49);
+}
+
+#[test]
+fn a_client_that_reads_a_trickle_is_dropped_in_time() {
+    let d = Daemon::start(&["--client-timeout", "1"]);
+    let mut c = d.connect();
+    open(&mut c, "golden", 16_000);
+    let pcm = speech_s16().repeat(3);
+    send(&mut c, AUDIO, &pcm);
+    send(&mut c, END_AUDIO, b"");
+    // Read 64 bytes every 50 ms: far slower than frames come, so a frame write cannot
+    // finish within the second it is given, however the bytes trickle out. (What the kernel
+    // already holds stays readable after the daemon drops the connection: watch its log.)
+    let t = Instant::now();
+    let mut buf = [0u8; 64];
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let dropped = loop {
+        if d.log().contains("cannot send frame to the client") {
+            break true;
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            break false;
+        }
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break d.log().contains("cannot send frame to the client"),
+            Ok(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    assert!(dropped, "the trickling client was never dropped: {}", d.log());
+}
+
+#[test]
+fn at_the_drain_timeout_open_sessions_get_an_error() {
+    let d = Daemon::start(&["--drain-timeout", "0.5"]);
+    let mut c = d.connect();
+    open(&mut c, "golden", 16_000);
+    // Real time is slow enough: 1 s of audio, then the daemon is told to stop.
+    let pcm = speech_s16();
+    send(&mut c, AUDIO, &pcm[..32_000]);
+    d.signal(libc::SIGTERM);
+    let mut got_error = None;
+    loop {
+        match recv(&mut c) {
+            Ok((FRAME, _)) => {}
+            Ok((ERROR, p)) => {
+                got_error = Some(String::from_utf8_lossy(&p).to_string());
+            }
+            Ok((k, p)) => panic!("unexpected 0x{k:02x} {}", String::from_utf8_lossy(&p)),
+            Err(_) => break,
+        }
+    }
+    let e = got_error.expect("an Error before the connection closed");
+    assert!(e.contains("shutting_down") && e.contains("drain timeout"), "{e}");
+    let (status, _) = d.stop();
+    assert!(status.success());
 }
 
 #[test]

@@ -195,6 +195,11 @@ impl Session {
         self.cancel.load(Ordering::SeqCst)
     }
 
+    /// Whether every stage has stopped (the session finished, failed or was cancelled).
+    pub fn is_finished(&self) -> bool {
+        self.supervisor.as_ref().is_none_or(|h| h.is_finished())
+    }
+
     /// Whether [`Session::end_audio`] was called.
     pub fn audio_ended(&self) -> bool {
         self.input.is_none()

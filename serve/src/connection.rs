@@ -15,6 +15,7 @@ use lipsync_stages::audio::{check_finite, pcm_to_mono, AudioError, PcmFormat, RA
 use lipsync_stages::unet::Batch;
 use serde::Serialize;
 
+use crate::deadline::{ReadDeadline, WriteDeadline};
 use crate::listener::Shared;
 use crate::protocol::{
     read_message, write_json, write_parts, AudioFormat, AvatarName, Done, ErrorCode, ErrorReply, Hello, Kind,
@@ -27,27 +28,30 @@ use crate::stats::stats;
 /// first failed or timed-out write (possibly after part of a message) breaks it for good: the
 /// socket is shut down, so the client never sees a torn message followed by more.
 #[derive(Clone)]
-struct Writer(Arc<Mutex<WriteHalf>>);
+pub(crate) struct Writer(Arc<Mutex<WriteHalf>>);
 
 struct WriteHalf {
     stream: UnixStream,
     broken: bool,
+    timeout: Duration,
 }
 
 impl Writer {
+    /// A client that leaves a message unread for `timeout` (in all, however it trickles)
+    /// loses its connection.
     fn new(stream: UnixStream, timeout: Duration) -> Self {
-        // A client that leaves its frames unread for this long loses its session.
-        let _ = stream.set_write_timeout(Some(timeout));
-        Self(Arc::new(Mutex::new(WriteHalf { stream, broken: false })))
+        Self(Arc::new(Mutex::new(WriteHalf { stream, broken: false, timeout })))
     }
 
-    /// Runs `f` on the stream unless the connection is broken; breaks it if `f` fails.
-    fn write(&self, f: impl FnOnce(&mut UnixStream) -> std::io::Result<()>) -> std::io::Result<()> {
+    /// Runs `f` on the stream unless the connection is broken; breaks it if `f` fails or does
+    /// not finish within the timeout.
+    fn write(&self, f: impl FnOnce(&mut WriteDeadline<'_>) -> std::io::Result<()>) -> std::io::Result<()> {
         let mut w = lock(&self.0);
         if w.broken {
             return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the connection was closed"));
         }
-        let r = f(&mut w.stream);
+        let timeout = w.timeout;
+        let r = f(&mut WriteDeadline::new(&mut w.stream, timeout));
         if r.is_err() {
             w.broken = true;
             let _ = w.stream.shutdown(std::net::Shutdown::Both);
@@ -75,14 +79,15 @@ impl Writer {
     /// Sends an error, then closes. If a frame write holds the connection for more than a
     /// moment (a client that does not read), closes at once instead: the error cannot be put
     /// after a frame that is half sent.
-    fn error_then_close(&self, raw: &UnixStream, code: ErrorCode, message: &str) {
+    pub(crate) fn error_then_close(&self, raw: &UnixStream, code: ErrorCode, message: &str) {
         let deadline = Instant::now() + Duration::from_millis(200);
         loop {
             match self.0.try_lock() {
                 Ok(mut w) => {
                     if !w.broken {
                         let reply = ErrorReply { code, message: message.to_string() };
-                        let _ = write_json(&mut w.stream, Kind::Error, &reply);
+                        let mut out = WriteDeadline::new(&mut w.stream, Duration::from_secs(1));
+                        let _ = write_json(&mut out, Kind::Error, &reply);
                     }
                     w.broken = true;
                     let _ = w.stream.shutdown(std::net::Shutdown::Both);
@@ -121,9 +126,6 @@ impl FrameSink for SocketSink {
         Ok(())
     }
 }
-
-/// How long a new connection has to say Hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Payload capacity a connection keeps between messages.
 const KEEP_PAYLOAD: usize = 1 << 20;
@@ -166,7 +168,12 @@ pub(crate) fn connection(shared: &Arc<Shared>, id: u64, stream: UnixStream) {
             return;
         }
     };
-    let mut reader = std::io::BufReader::with_capacity(64 << 10, stream);
+    if let Some(entry) = lock(&shared.connections).get_mut(&id) {
+        entry.1 = Some(writer.clone());
+    }
+    let settings = &shared.registry.settings;
+    let handshake = settings.handshake_timeout;
+    let mut reader = std::io::BufReader::with_capacity(64 << 10, ReadDeadline::new(stream, settings.message_timeout));
     let mut conn = Conn {
         shared,
         writer,
@@ -179,8 +186,8 @@ pub(crate) fn connection(shared: &Arc<Shared>, id: u64, stream: UnixStream) {
         received: 0,
     };
     let mut payload = Vec::new();
-    // Handshake: Hello within 10 s.
-    let _ = reader.get_ref().set_read_timeout(Some(HELLO_TIMEOUT));
+    // Handshake: the whole Hello within the handshake timeout (10 s).
+    reader.get_mut().next_message(None, Some(Instant::now() + handshake));
     let result = match read_message(&mut reader, &mut payload) {
         Ok(Kind::Hello) => match serde_json::from_slice::<Hello>(&payload) {
             Ok(h) if h.protocol == PROTOCOL_VERSION => {
@@ -189,7 +196,6 @@ pub(crate) fn connection(shared: &Arc<Shared>, id: u64, stream: UnixStream) {
                     "server": format!("lipsync {}", env!("CARGO_PKG_VERSION")),
                     "max_message": MAX_MESSAGE,
                 });
-                let _ = reader.get_ref().set_read_timeout(None);
                 match conn.writer.json(Kind::Welcome, &welcome) {
                     Ok(()) => conn.serve(&mut reader, &mut payload),
                     Err(_) => Ok(End::Eof),
@@ -204,11 +210,11 @@ pub(crate) fn connection(shared: &Arc<Shared>, id: u64, stream: UnixStream) {
         Ok(k) => Err(Fatal(ErrorCode::Handshake, format!("expected Hello first, got {k:?}"))),
         Err(WireError::Closed) => Ok(End::Eof),
         Err(WireError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-            Err(Fatal(ErrorCode::Handshake, format!("no Hello within {} s", HELLO_TIMEOUT.as_secs())))
+            Err(Fatal(ErrorCode::Handshake, format!("no Hello within {} s", handshake.as_secs_f64())))
         }
         Err(e) => Err(Fatal(e.code(), e.to_string())),
     };
-    let raw = reader.get_ref();
+    let raw = reader.get_ref().get_ref();
     match result {
         Err(Fatal(code, message)) => {
             tracing::warn!(connection = id, code = code.as_str(), "{message}");
@@ -243,8 +249,14 @@ pub(crate) fn connection(shared: &Arc<Shared>, id: u64, stream: UnixStream) {
 }
 
 impl Conn<'_> {
-    fn serve(&mut self, reader: &mut impl std::io::Read, payload: &mut Vec<u8>) -> Result<End, Fatal> {
+    fn serve(&mut self, reader: &mut std::io::BufReader<ReadDeadline>, payload: &mut Vec<u8>) -> Result<End, Fatal> {
+        let settings = &self.shared.registry.settings;
+        let (idle, message) = (settings.idle_timeout, settings.message_timeout);
         loop {
+            // While a session streams, the client may be quiet (it reads frames); otherwise a
+            // connection may idle only so long. Either way a message, once begun, has a deadline.
+            let streaming = self.session.as_ref().is_some_and(|s| !s.is_finished());
+            reader.get_mut().next_message((!streaming).then(|| Instant::now() + idle), None);
             // One big message does not pin its buffer for the rest of the connection.
             if payload.capacity() > KEEP_PAYLOAD {
                 payload.clear();
@@ -253,6 +265,16 @@ impl Conn<'_> {
             let kind = match read_message(reader, payload) {
                 Ok(k) => k,
                 Err(WireError::Closed) => return Ok(End::Eof),
+                Err(WireError::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                {
+                    let why = if reader.get_ref().in_message() {
+                        format!("a message was not complete within {} s", message.as_secs_f64())
+                    } else {
+                        format!("no message for {} s", idle.as_secs_f64())
+                    };
+                    return Err(Fatal(ErrorCode::Timeout, why));
+                }
                 Err(e) => return Err(Fatal(e.code(), e.to_string())),
             };
             match kind {

@@ -19,6 +19,7 @@
 pub mod bench;
 pub mod client;
 mod connection;
+mod deadline;
 pub mod frame_out;
 pub mod listener;
 pub mod protocol;

@@ -16,7 +16,7 @@ use lipsync_pipelines::runtime::{lock, SharedStageStats};
 use lipsync_pipelines::session::SessionLive;
 use lipsync_stages::onnx::OrtRuntime;
 
-use crate::connection::connection;
+use crate::connection::{connection, Writer};
 use crate::protocol::{write_json, ErrorCode, ErrorReply, Kind, PROTOCOL_VERSION};
 use crate::registry::{Registry, RegistryError};
 use crate::settings::Settings;
@@ -33,7 +33,9 @@ pub(crate) struct Shared {
     pub(crate) next_id: AtomicU64,
     pub(crate) sessions_total: AtomicU64,
     pub(crate) started: Instant,
-    connections: Mutex<HashMap<u64, UnixStream>>,
+    /// Open connections: the raw stream (to shut it down) and, once greeted, its writer (to
+    /// send a last error).
+    pub(crate) connections: Mutex<HashMap<u64, (UnixStream, Option<Writer>)>>,
     pub(crate) draining: AtomicBool,
     /// Sessions started whose last message (Done or Error) is not out yet.
     pub(crate) finishing: AtomicUsize,
@@ -73,7 +75,7 @@ pub enum ServeError {
 /// Runs the daemon until `stop` is set (the binary sets it on SIGTERM/SIGINT), then drains.
 pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<(), ServeError> {
     release_big_buffers();
-    let listener = bind(&settings.socket, settings.socket_mode)?;
+    let (listener, lock_file) = bind(&settings.socket, settings.socket_mode)?;
     let socket = settings.socket.clone();
     // From here on the socket file is ours: remove it however we leave.
     let mut socket_file = SocketFile::new(socket.clone());
@@ -130,7 +132,7 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
                     continue;
                 }
                 if let Ok(c) = stream.try_clone() {
-                    lock(&shared.connections).insert(id, c);
+                    lock(&shared.connections).insert(id, (c, None));
                 }
                 let sh = shared.clone();
                 let spawned = std::thread::Builder::new().name(format!("ls-conn-{id}")).spawn(move || {
@@ -153,6 +155,8 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
     drop(listener);
     // The name is free at once: a new daemon may start while this one drains.
     socket_file.remove();
+    // ... and so is the lock: a new daemon may bind while this one drains.
+    drop(lock_file);
     shared.draining.store(true, Ordering::SeqCst);
     let open = shared.in_progress();
     tracing::info!("shutting down: draining {open} open session(s)");
@@ -164,8 +168,17 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
     if left > 0 {
         tracing::warn!("{left} session(s) still open after the drain timeout: closing them");
     }
-    for (_, c) in lock(&shared.connections).drain() {
-        let _ = c.shutdown(std::net::Shutdown::Both);
+    let message = format!(
+        "the daemon is shutting down: the drain timeout of {} s was reached",
+        settings.drain_timeout.as_secs_f64()
+    );
+    for (_, (raw, writer)) in lock(&shared.connections).drain() {
+        match writer {
+            Some(w) => w.error_then_close(&raw, ErrorCode::ShuttingDown, &message),
+            None => {
+                let _ = raw.shutdown(std::net::Shutdown::Both);
+            }
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while shared.in_progress() > 0 && Instant::now() < deadline {
@@ -220,9 +233,43 @@ impl Drop for SocketFile {
 }
 
 /// Binds the socket: a stale socket file (nobody listening) is replaced; a live one, or a
-/// path that is not a socket, is refused.
-fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
+/// path that is not a socket, is refused. An exclusive lock on `PATH.lock` (kept, never
+/// removed: removing it would let two daemons lock two files) makes two daemons started at
+/// once on the same stale socket safe: one binds, the other is refused. The socket is created
+/// under a umask that leaves it no wider than `mode`.
+fn bind(path: &Path, mode: u32) -> Result<(UnixListener, std::fs::File), ServeError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
     let listen = |source| ServeError::Listen { path: path.to_path_buf(), source };
+    let parent = lipsync_stages::io::staged::parent_dir(path);
+    if let Ok(meta) = std::fs::metadata(parent) {
+        let m = meta.permissions().mode();
+        if m & 0o002 != 0 && m & 0o1000 == 0 {
+            tracing::warn!(
+                "the socket's directory {} is writable by others: they can replace the socket",
+                parent.display()
+            );
+        }
+    }
+    let mut lock_name = path.as_os_str().to_owned();
+    lock_name.push(".lock");
+    let lock_path = PathBuf::from(lock_name);
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&lock_path)
+        .map_err(|source| ServeError::Listen { path: lock_path.clone(), source })?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(lock_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(ServeError::Socket(format!(
+            "another daemon is starting or running on {} (it holds {})",
+            path.display(),
+            lock_path.display()
+        )));
+    }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(ServeError::Socket(format!(
@@ -238,9 +285,14 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
             }
         }
     }
-    let listener = UnixListener::bind(path).map_err(listen)?;
+    // SAFETY: umask only changes this process's file-creation mask; restored right after bind.
+    let old = unsafe { libc::umask(0o777 & !(mode as libc::mode_t)) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(listen)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(listen)?;
-    Ok(listener)
+    Ok((listener, lock_file))
 }
 
 /// A daemon running in this process (for tests and benchmarks): [`Daemon::stop`] drains it

@@ -163,6 +163,8 @@ pub enum ErrorCode {
     Session,
     /// Audio that is not whole sample frames, or not finite.
     BadAudio,
+    /// The connection idled too long, or a message did not arrive whole in time.
+    Timeout,
     /// A code this build does not know (from a newer peer).
     #[serde(other)]
     Other,
@@ -192,6 +194,7 @@ impl ErrorCode {
             Busy => "busy",
             Session => "session",
             BadAudio => "bad_audio",
+            Timeout => "timeout",
             Other => "other",
         }
     }

@@ -27,9 +27,14 @@ pub struct ServeOptions {
     /// Most sessions open at once (more get a `busy` error) [default: 16].
     #[arg(long)]
     pub max_sessions: Option<usize>,
-    /// Permissions of the socket file, octal [default: 0600].
+    /// Permissions of the socket file, octal [default: 0600]; a mode that lets others write
+    /// (connect) needs --allow-shared-socket.
     #[arg(long, value_name = "MODE")]
     pub socket_mode: Option<String>,
+    /// Allow a --socket-mode that gives others (not just the group) write access.
+    #[arg(long)]
+    #[serde(default)]
+    pub allow_shared_socket: bool,
     /// Avatars to load at start (comma-separated names, or `all`).
     #[arg(long, value_delimiter = ',')]
     pub preload: Option<Vec<String>>,
@@ -65,6 +70,16 @@ pub struct ServeOptions {
     /// dropped (0.1..=3600) [default: 30].
     #[arg(long)]
     pub client_timeout: Option<f64>,
+    /// Seconds a new connection has to send its whole Hello (0.1..=60) [default: 10].
+    #[arg(long)]
+    pub handshake_timeout: Option<f64>,
+    /// Seconds a connection without a streaming session may send nothing (1..=86400)
+    /// [default: 120].
+    #[arg(long)]
+    pub idle_timeout: Option<f64>,
+    /// Seconds a message may take to arrive whole once it has begun (0.1..=3600) [default: 30].
+    #[arg(long)]
+    pub message_timeout: Option<f64>,
 }
 
 /// A setting that cannot be used.
@@ -154,6 +169,15 @@ pub struct Settings {
     /// Slow-client timeout.
     #[serde(rename = "client_timeout_s", serialize_with = "secs")]
     pub client_timeout: Duration,
+    /// Time for the whole Hello.
+    #[serde(rename = "handshake_timeout_s", serialize_with = "secs")]
+    pub handshake_timeout: Duration,
+    /// Idle time allowed without a streaming session.
+    #[serde(rename = "idle_timeout_s", serialize_with = "secs")]
+    pub idle_timeout: Duration,
+    /// Time for a begun message to arrive whole.
+    #[serde(rename = "message_timeout_s", serialize_with = "secs")]
+    pub message_timeout: Duration,
 }
 
 fn octal<S: serde::Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
@@ -202,7 +226,13 @@ impl ServeOptions {
     /// These options over `base` (each setting given here wins).
     pub fn over(self, base: ServeOptions) -> ServeOptions {
         macro_rules! merge {
-            ($($f:ident),*) => { ServeOptions { config: self.config, $($f: self.$f.or(base.$f)),* } };
+            ($($f:ident),*) => {
+                ServeOptions {
+                    config: self.config,
+                    allow_shared_socket: self.allow_shared_socket || base.allow_shared_socket,
+                    $($f: self.$f.or(base.$f)),*
+                }
+            };
         }
         merge!(
             socket,
@@ -219,7 +249,10 @@ impl ServeOptions {
             pin,
             session_layout,
             drain_timeout,
-            client_timeout
+            client_timeout,
+            handshake_timeout,
+            idle_timeout,
+            message_timeout
         )
     }
 
@@ -244,8 +277,19 @@ impl ServeOptions {
         }
         let mode = self.socket_mode.unwrap_or_else(|| "0600".into());
         let socket_mode = u32::from_str_radix(mode.trim_start_matches("0o"), 8).ok().filter(|m| *m <= 0o777).ok_or(
-            SettingsError::Invalid { name: "socket mode", value: mode, expected: "an octal permission like 0600" },
+            SettingsError::Invalid {
+                name: "socket mode",
+                value: mode.clone(),
+                expected: "an octal permission like 0600",
+            },
         )?;
+        if socket_mode & 0o002 != 0 && !self.allow_shared_socket {
+            return Err(SettingsError::Invalid {
+                name: "socket mode",
+                value: mode,
+                expected: "a mode without write access for others (or --allow-shared-socket)",
+            });
+        }
         let provider = self.provider.unwrap_or_else(|| "cpu".into());
         let provider: Provider = provider.parse().map_err(|_| SettingsError::Invalid {
             name: "provider",
@@ -271,6 +315,9 @@ impl ServeOptions {
         let wait = in_range("max wait (ms)", self.max_wait_ms.unwrap_or(2.0), 0.0, 1000.0, "0..=1000")?;
         let drain = in_range("drain timeout (s)", self.drain_timeout.unwrap_or(30.0), 0.0, 3600.0, "0..=3600")?;
         let client = in_range("client timeout (s)", self.client_timeout.unwrap_or(30.0), 0.1, 3600.0, "0.1..=3600")?;
+        let hello = in_range("handshake timeout (s)", self.handshake_timeout.unwrap_or(10.0), 0.1, 60.0, "0.1..=60")?;
+        let idle = in_range("idle timeout (s)", self.idle_timeout.unwrap_or(120.0), 1.0, 86400.0, "1..=86400")?;
+        let message = in_range("message timeout (s)", self.message_timeout.unwrap_or(30.0), 0.1, 3600.0, "0.1..=3600")?;
         Ok(Settings {
             socket,
             avatars,
@@ -287,6 +334,9 @@ impl ServeOptions {
             session_layout,
             drain_timeout: Duration::from_secs_f64(drain),
             client_timeout: Duration::from_secs_f64(client),
+            handshake_timeout: Duration::from_secs_f64(hello),
+            idle_timeout: Duration::from_secs_f64(idle),
+            message_timeout: Duration::from_secs_f64(message),
         })
     }
 }

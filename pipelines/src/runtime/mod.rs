@@ -325,12 +325,16 @@ impl Pipeline {
         input: Receiver<S::In>,
         output: impl Outlet<S::Out> + 'static,
     ) -> Result<(), PipelineError> {
-        self.spawn(name, placement, move |ctx| {
+        self.spawn_keep(name, placement, move |ctx| {
             let mut stage = make();
-            while let Some(item) = ctx.recv(&input)? {
-                run_step(ctx, &output, |out| stage.process(item, out))?;
-            }
-            run_step(ctx, &output, |out| stage.finish(out))
+            let run = |ctx: &mut StageCtx, stage: &mut S| {
+                while let Some(item) = ctx.recv(&input)? {
+                    run_step(ctx, &output, |out| stage.process(item, out))?;
+                }
+                run_step(ctx, &output, |out| stage.finish(out))
+            };
+            let r = run(ctx, &mut stage);
+            (r, Box::new((stage, output)))
         })
     }
 
@@ -341,7 +345,10 @@ impl Pipeline {
         output: impl Outlet<T> + 'static,
         body: impl FnOnce(&mut Out<'_, T>) -> Result<(), StageError> + Send + 'static,
     ) -> Result<(), PipelineError> {
-        self.spawn(name, Placement::Worker, move |ctx| run_step(ctx, &output, body))
+        self.spawn_keep(name, Placement::Worker, move |ctx| {
+            let r = run_step(ctx, &output, body);
+            (r, Box::new(output))
+        })
     }
 
     /// Spawns a thread running `body` as stage `name`. The first failure or panic of any
@@ -349,6 +356,16 @@ impl Pipeline {
     pub fn spawn<F>(&mut self, name: &str, placement: Placement, body: F) -> Result<(), PipelineError>
     where
         F: FnOnce(&mut StageCtx) -> Result<(), StageError> + Send + 'static,
+    {
+        self.spawn_keep(name, placement, move |ctx| (body(ctx), Box::new(())))
+    }
+
+    /// [`Pipeline::spawn`] for a body that hands back what it holds (its stage, its output):
+    /// that is dropped only after a failure has been recorded and the cancel flag set, so
+    /// downstream stages see the cancel, not a normal end of their input.
+    fn spawn_keep<F>(&mut self, name: &str, placement: Placement, body: F) -> Result<(), PipelineError>
+    where
+        F: FnOnce(&mut StageCtx) -> (Result<(), StageError>, Box<dyn Any>) + Send + 'static,
     {
         let core = self.pin.core_for(self.spawned, placement, &self.cores);
         self.spawned += 1;
@@ -373,6 +390,10 @@ impl Pipeline {
                     }
                 }
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&mut ctx)));
+                let (result, keep) = match result {
+                    Ok((r, keep)) => (Ok(r), Some(keep)),
+                    Err(panic) => (Err(panic), None),
+                };
                 let failure = match result {
                     Ok(Ok(())) | Ok(Err(StageError::Cancelled)) => None,
                     Ok(Err(StageError::Failed { item, source })) => Some((item, ErrorKind::Failed(Arc::from(source)))),
@@ -386,6 +407,7 @@ impl Pipeline {
                     }
                     cancel.store(true, Ordering::SeqCst);
                 }
+                drop(keep);
                 StageReport {
                     name: stage,
                     metrics: ctx.metrics,
