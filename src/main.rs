@@ -89,6 +89,12 @@ fn init_tracing(verbose: u8, quiet: bool) {
 }
 
 fn main() -> ExitCode {
+    // ONNX Runtime 1.31 keeps a device id and an event store under ~/.cache (or
+    // $XDG_CACHE_HOME) unless this is set: lipsync writes nothing under the user's HOME.
+    // Set here, before any other thread exists (a user's own setting wins).
+    if std::env::var_os("ORT_DISABLE_TELEMETRY").is_none() {
+        std::env::set_var("ORT_DISABLE_TELEMETRY", "1");
+    }
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.quiet);
     let result = match &cli.command {

@@ -118,3 +118,37 @@ fn non_finite_audio_is_refused_with_its_position() {
     ok(&render_args(s(&audio), s(&out), s(&avatar)));
     assert!(out.is_file());
 }
+
+/// ONNX Runtime 1.31 writes a device id and an event store under `~/.cache` unless told not
+/// to: a render writes nothing under HOME.
+#[test]
+fn nothing_is_written_under_home() {
+    let home = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("frames");
+    let avatar = fixture("golden/avatar");
+    let audio = fixture("golden/speech_2s.wav");
+    let o = Command::new(env!("CARGO_BIN_EXE_lipsync"))
+        .args(render_args(s(&audio), s(&out), s(&avatar)))
+        .args(["--max-frames", "3"])
+        .env("HOME", home.path())
+        .env_remove("XDG_CACHE_HOME")
+        .env_remove("ORT_DISABLE_TELEMETRY")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let written: Vec<_> = walk(home.path());
+    assert!(written.is_empty(), "written under HOME: {written:?}");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}

@@ -1023,3 +1023,26 @@ fn soak_keeps_memory_flat() {
     assert!(v["rss_growth_mib"].as_f64().unwrap() < 32.0, "{v}");
     eprintln!("soak: {v}");
 }
+
+#[test]
+fn a_second_sigint_cuts_the_drain_short() {
+    let mut d = Daemon::start(&["--drain-timeout", "120"]);
+    let mut c = d.connect();
+    open(&mut c, "golden", 16_000);
+    send(&mut c, AUDIO, &speech_s16()[..32_000]);
+    d.signal(libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(d.log().contains("draining 1 open session"), "{}", d.log());
+    let t = Instant::now();
+    d.signal(libc::SIGINT);
+    let child = d.child.as_mut().unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "the second SIGINT did not end the drain");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+    assert!(!d.socket.exists());
+}
