@@ -2,14 +2,17 @@
 """Soak test of `lipsync serve` (bounded in time, standard library only).
 
     python3 scripts/soak.py [--binary target/release/lipsync] [--avatar DIR] [--audio WAV]
-                            [--seconds 60] [--sessions 4] [--max-growth-mb 32]
+                            [--seconds 60] [--sessions 4] [--realtime] [--max-growth-mb 32]
 
 Starts a daemon on a temporary socket, runs one warm-up round (so that caches, model sessions
 and thread arenas exist), then keeps `--sessions` clients streaming in a loop until the time is
 up; every fifth session disconnects half-way through (the daemon must free it). Reports the
 daemon's resident memory (VmRSS) after the warm-up and at the end, and fails when it grew by more
-than `--max-growth-mb`, when any session lost or mangled frames, or when the daemon did not stop
-cleanly on SIGTERM (exit 0, socket removed).
+than `--max-growth-mb`, when its threads or open file descriptors did not come back to their
+count after the warm-up, when any session that finished lost or mangled frames, or when the
+daemon did not stop cleanly on SIGTERM (exit 0, socket removed). `--realtime` paces each
+client's audio at real time (the live case): `--sessions 16 --realtime` is the churn soak of
+docs/architecture.md.
 """
 
 import argparse
@@ -41,6 +44,10 @@ def threads(pid):
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
+def fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def default_binary():
     for p in ("target/release/lipsync", "target/debug/lipsync"):
         if os.path.exists(os.path.join(ROOT, p)):
@@ -55,6 +62,7 @@ def main():
     ap.add_argument("--audio", default=os.path.join(ROOT, "tests/fixtures/golden/speech_2s.wav"))
     ap.add_argument("--seconds", type=float, default=60.0, help="how long to run (after the warm-up)")
     ap.add_argument("--sessions", type=int, default=4, help="concurrent clients")
+    ap.add_argument("--realtime", action="store_true", help="pace each client's audio at real time")
     ap.add_argument("--max-growth-mb", type=float, default=32.0)
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args()
@@ -120,7 +128,7 @@ def main():
                 with lock:
                     counts["aborted"] += 1
                 return
-            r = client.stream(sock, "soak", pcm, rate, channels)
+            r = client.stream(sock, "soak", pcm, rate, channels, realtime=args.realtime)
             with lock:
                 counts["sessions"] += 1
                 counts["frames"] += r["frames"]
@@ -183,6 +191,7 @@ def main():
         time.sleep(0.5)
         start_rss = rss_kib(daemon.pid)
         start_threads = threads(daemon.pid)
+        start_fds = fds(daemon.pid)
         baseline["threads"] = start_threads
         t0 = time.monotonic()
         samples = []
@@ -201,6 +210,7 @@ def main():
         wait_idle()
         end_rss = rss_kib(daemon.pid)
         end_threads = threads(daemon.pid)
+        end_fds = fds(daemon.pid)
         elapsed = time.monotonic() - t0
     finally:
         daemon.send_signal(signal.SIGTERM)
@@ -219,6 +229,8 @@ def main():
         failures.append(f"RSS grew by {growth_mb:.1f} MiB (limit {args.max_growth_mb})")
     if end_threads > start_threads:
         failures.append(f"threads grew from {start_threads} to {end_threads}")
+    if end_fds > start_fds:
+        failures.append(f"open file descriptors grew from {start_fds} to {end_fds}")
     result = {
         "seconds": elapsed,
         "concurrent": args.sessions,
@@ -232,6 +244,9 @@ def main():
         "rss_growth_mib": growth_mb,
         "threads_start": start_threads,
         "threads_end": end_threads,
+        "fds_start": start_fds,
+        "fds_end": end_fds,
+        "realtime": args.realtime,
         "failures": failures,
     }
     if args.json:
@@ -241,7 +256,8 @@ def main():
             f"soak: {counts['sessions']} sessions ({counts['aborted']} aborted) and {counts['frames']} frames "
             f"in {elapsed:.0f} s with {args.sessions} concurrent clients\n"
             f"daemon RSS: {start_rss / 1024:.1f} MiB after warm-up, {end_rss / 1024:.1f} MiB at the end "
-            f"(max {result['rss_max_mib']:.1f}); threads {start_threads} -> {end_threads}"
+            f"(max {result['rss_max_mib']:.1f}); threads {start_threads} -> {end_threads}; "
+            f"file descriptors {start_fds} -> {end_fds}"
         )
         for f in failures:
             print(f"FAIL: {f}", file=sys.stderr)
