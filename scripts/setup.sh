@@ -44,6 +44,14 @@ else
   log "Python packages present"
 fi
 
+# AFL++ through cargo-afl (stable Rust) for scripts/fuzz.sh; its runtime is built on install.
+if ! command -v cargo-afl >/dev/null 2>&1; then
+  log "installing cargo-afl (AFL++ fuzzing)"
+  cargo install cargo-afl --locked --quiet
+else
+  log "cargo-afl present"
+fi
+
 ORT_LIB="$(ls "$ROOT"/.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 2>/dev/null | head -n1 || true)"
 if [ -z "$ORT_LIB" ]; then
   log "error: libonnxruntime.so.1.31.1 not found in .venv after install"

@@ -15,3 +15,5 @@ echo "== cargo test" >&2
 cargo test --workspace --all-targets
 echo "== python tests" >&2
 .venv/bin/python -m unittest discover -s tests/python -v
+echo "== fuzzing (AFL++, 15 s per target; scripts/fuzz.sh 150 is the 10-minute run)" >&2
+./scripts/fuzz.sh 15

@@ -9,6 +9,7 @@
 //! - `connection`: one connection's state machine.
 //! - [`stats`]: the `Stats` reply.
 //! - [`client`]: the client library; [`bench`]: rounds of concurrent sessions, measured.
+//! - [`fuzzing`]: entry points for the fuzzer (protocol, audio decoder, avatar formats).
 //!
 //! Threads: a daemon runs one thread per connection (at most `4 * max_sessions + 16`), six
 //! stage threads and a supervisor per open session (at most `max_sessions`), and one batcher
@@ -21,6 +22,7 @@ pub mod client;
 mod connection;
 mod deadline;
 pub mod frame_out;
+pub mod fuzzing;
 pub mod listener;
 pub mod protocol;
 pub mod registry;

@@ -150,7 +150,17 @@ pub fn decode_file(path: &Path) -> Result<DecodedAudio, AudioError> {
         return Err(AudioError::Missing(path.to_path_buf()));
     }
     let file = File::open(path).map_err(|source| AudioError::Open { path: path.to_path_buf(), source })?;
-    let mss = MediaSourceStream::new(Box::new(file), Default::default());
+    decode_source(Box::new(file), path)
+}
+
+/// Decodes audio held in memory (`name`, with its extension as a format hint, names it in
+/// errors): the same decoder as [`decode_file`].
+pub fn decode_bytes(bytes: Vec<u8>, name: &Path) -> Result<DecodedAudio, AudioError> {
+    decode_source(Box::new(std::io::Cursor::new(bytes)), name)
+}
+
+fn decode_source(source: Box<dyn symphonia::core::io::MediaSource>, path: &Path) -> Result<DecodedAudio, AudioError> {
+    let mss = MediaSourceStream::new(source, Default::default());
     let mut hint = Hint::new();
     if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
         hint.with_extension(ext);

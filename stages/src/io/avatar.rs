@@ -265,7 +265,12 @@ pub fn read_boxes(path: &Path) -> Result<Vec<CropBox>, AvatarError> {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_json::from_str(&text).map_err(|e| AvatarError::BoxesJson { path: path.to_path_buf(), message: e.to_string() })
+    parse_boxes(&text, path)
+}
+
+/// Parses the text of a boxes file (`path` names it in errors).
+pub fn parse_boxes(text: &str, path: &Path) -> Result<Vec<CropBox>, AvatarError> {
+    serde_json::from_str(text).map_err(|e| AvatarError::BoxesJson { path: path.to_path_buf(), message: e.to_string() })
 }
 
 /// Checks that `boxes` has one usable box per frame of `info`.
@@ -288,6 +293,14 @@ pub fn validate_boxes(boxes: &[CropBox], info: &VideoInfo, video: &Path) -> Resu
 }
 
 impl AvatarConfig {
+    /// Parses and checks the text of an `avatar.toml` (`path` names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, AvatarError> {
+        let config: AvatarConfig =
+            toml::from_str(text).map_err(|e| AvatarError::Toml { path: path.to_path_buf(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
     /// Checks the scalar settings.
     pub fn validate(&self) -> Result<(), AvatarError> {
         if !(self.fps.is_finite() && self.fps > 0.0) {
@@ -319,9 +332,7 @@ impl Avatar {
             path: toml_path.clone(),
             source,
         })?;
-        let config: AvatarConfig =
-            toml::from_str(&text).map_err(|e| AvatarError::Toml { path: toml_path.clone(), message: e.to_string() })?;
-        config.validate()?;
+        let config = AvatarConfig::parse(&text, &toml_path)?;
         let video = dir.join(&config.video);
         let video_info = probe(&video)?;
         if let Some(fps) = video_info.fps {
