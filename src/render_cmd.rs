@@ -228,7 +228,7 @@ pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
         bar.finish_and_clear();
     }
     if !cli.quiet {
-        eprint!("{}", crate::report::table(&outcome.report));
+        eprint!("{}", outcome.report.table());
     }
     if let Some(path) = &args.report {
         crate::report::write_json(&outcome.report, path)?;

@@ -21,40 +21,12 @@ pub fn run(args: &ReportArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.report).with_context(|| format!("reading {}", args.report.display()))?;
     let report: RunReport =
         serde_json::from_str(&text).with_context(|| format!("{} is not a lipsync report", args.report.display()))?;
-    print!("{}", table(&report));
+    print!("{}", report.table());
     if let Some(svg) = &args.svg {
         write_svg(&report, svg)?;
         println!("wrote {}", svg.display());
     }
     Ok(())
-}
-
-/// The report as a readable table.
-pub fn table(r: &RunReport) -> String {
-    let mut s = format!(
-        "{} frames in {:.2} s: {:.2} frames/s ({:.2} steady, first frame after {:.2} s); end to end p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n",
-        r.frames,
-        r.wall_seconds,
-        r.frames_per_second,
-        r.steady_frames_per_second,
-        r.first_frame_seconds,
-        r.end_to_end_ms.p50,
-        r.end_to_end_ms.p99,
-        r.end_to_end_ms.max
-    );
-    s += &format!(
-        "{:<13} {:>6} | {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>7}\n",
-        "stage", "items", "svc p50", "p90", "p99", "p99.9", "max", "wait p50", "p99", "max", "cpu s"
-    );
-    for st in &r.stages {
-        let (a, w) = (&st.service_ms, &st.wait_ms);
-        s += &format!(
-            "{:<13} {:>6} | {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} | {:>7.2}\n",
-            st.name, a.count, a.p50, a.p90, a.p99, a.p999, a.max, w.p50, w.p99, w.max, st.cpu_seconds
-        );
-    }
-    s += "(milliseconds; service = time working on an item, wait = time blocked on its input queue)\n";
-    s
 }
 
 /// Writes the report as JSON (temporary file, then rename).
