@@ -159,7 +159,24 @@ pub fn decode_bytes(bytes: Vec<u8>, name: &Path) -> Result<DecodedAudio, AudioEr
     decode_source(Box::new(std::io::Cursor::new(bytes)), name)
 }
 
+/// Runs the decoder; a panic inside it (symphonia's parsers have overflowed on crafted MP4
+/// atoms under the fuzzer) becomes a `Corrupt` error, never a crash.
 fn decode_source(source: Box<dyn symphonia::core::io::MediaSource>, path: &Path) -> Result<DecodedAudio, AudioError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_unguarded(source, path))).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".into());
+        Err(AudioError::Corrupt {
+            path: path.to_path_buf(),
+            decoded_seconds: 0.0,
+            message: format!("the decoder failed on malformed data ({what})"),
+        })
+    })
+}
+
+fn decode_unguarded(source: Box<dyn symphonia::core::io::MediaSource>, path: &Path) -> Result<DecodedAudio, AudioError> {
     let mss = MediaSourceStream::new(source, Default::default());
     let mut hint = Hint::new();
     if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
