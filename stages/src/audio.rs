@@ -176,7 +176,10 @@ fn decode_source(source: Box<dyn symphonia::core::io::MediaSource>, path: &Path)
     })
 }
 
-fn decode_unguarded(source: Box<dyn symphonia::core::io::MediaSource>, path: &Path) -> Result<DecodedAudio, AudioError> {
+fn decode_unguarded(
+    source: Box<dyn symphonia::core::io::MediaSource>,
+    path: &Path,
+) -> Result<DecodedAudio, AudioError> {
     let mss = MediaSourceStream::new(source, Default::default());
     let mut hint = Hint::new();
     if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
