@@ -743,6 +743,15 @@ fn the_socket_is_owned_carefully() {
     assert!(!o.status.success() && text(&o).contains("--allow-shared-socket"), "{}", text(&o));
     let d = Daemon::start(&["--socket-mode", "0666", "--allow-shared-socket"]);
     assert_eq!(std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777, 0o666);
+    drop(d);
+    // A socket directory that others may write to (and not sticky) is warned about.
+    let open_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(open_dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = open_dir.path().join("serve.sock");
+    let args: Vec<String> =
+        ["serve", "--socket", s(&socket), "--avatars", s(&avatars)].iter().map(|a| a.to_string()).collect();
+    let d = Daemon::spawn(tempfile::tempdir().unwrap(), socket, &args);
+    assert!(d.log().contains("is writable by others"), "{}", d.log());
 }
 
 #[test]
