@@ -4,6 +4,7 @@
 //! planted next to the output cannot redirect what is written; one left uncommitted is removed.
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// The directory `path` lives in (`.` for a bare name).
@@ -54,6 +55,8 @@ impl StagedDir {
         let tmp = tempfile::Builder::new()
             .prefix(&prefix(path))
             .suffix(".tmp")
+            // The usual mode of a new directory (the umask still applies), not a temporary's 0700.
+            .permissions(std::fs::Permissions::from_mode(0o755))
             .tempdir_in(parent)
             .map_err(|e| format!("cannot create a temporary directory in {}: {e}", parent.display()))?;
         Ok(Self { tmp: Some(tmp), path: path.to_path_buf() })
@@ -96,6 +99,8 @@ impl StagedFile {
         let tmp = tempfile::Builder::new()
             .prefix(&prefix(path))
             .suffix(&format!(".tmp{ext}"))
+            // The usual mode of a new file (the umask still applies), not a temporary's 0600.
+            .permissions(std::fs::Permissions::from_mode(0o644))
             .tempfile_in(parent_dir(path))
             .map_err(|e| format!("cannot create a temporary file beside {}: {e}", path.display()))?;
         Ok(Self { tmp, path: path.to_path_buf() })
@@ -149,6 +154,13 @@ mod tests {
         assert!(!tmp.exists() && !other.exists(), "an uncommitted directory leaves nothing");
         check_new_dir(&other).unwrap();
 
+        let meta = std::fs::metadata(&out).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o755 & !umask(), "an output directory has the usual mode");
+        let json = root.path().join("r.json");
+        write_atomic(&json, b"{}").unwrap();
+        let meta = std::fs::metadata(&json).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o644 & !umask(), "an output file has the usual mode");
+
         let file = root.path().join("x.mp4");
         let f = StagedFile::create(&file).unwrap();
         assert!(f.tmp_path().to_str().unwrap().ends_with(".mp4"));
@@ -157,6 +169,13 @@ mod tests {
         assert!(!tmp.exists() && !file.exists());
         std::fs::create_dir(&file).unwrap();
         assert!(check_new_file(&file).unwrap_err().contains("is an existing directory"));
+    }
+
+    /// The process's umask (read from /proc, without changing it).
+    fn umask() -> u32 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+        u32::from_str_radix(line.split_whitespace().nth(1).unwrap(), 8).unwrap()
     }
 
     /// A link planted where the old predictable temporary names were (`.NAME.tmpPID`), or at
