@@ -744,6 +744,17 @@ fn the_socket_is_owned_carefully() {
     let d = Daemon::start(&["--socket-mode", "0666", "--allow-shared-socket"]);
     assert_eq!(std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777, 0o666);
     drop(d);
+    // A FIFO planted at the lock file's name is refused, not waited on.
+    let fifo_dir = tempfile::tempdir().unwrap();
+    let sock = fifo_dir.path().join("f.sock");
+    let lock = std::ffi::CString::new(format!("{}.lock", sock.display())).unwrap();
+    // SAFETY: mkfifo with a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(lock.as_ptr(), 0o666) }, 0);
+    let t = Instant::now();
+    let o = run(&["serve", "--socket", s(&sock), "--avatars", s(&avatars)]);
+    // (Opening a FIFO without a reader fails at once; a regular-file check covers the rest.)
+    assert!(!o.status.success() && text(&o).contains("f.sock.lock"), "{}", text(&o));
+    assert!(t.elapsed() < Duration::from_secs(10));
     // A socket directory that others may write to (and not sticky) is warned about.
     let open_dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(open_dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -845,6 +856,10 @@ fn deadlines_bound_whole_messages_and_idle_connections() {
     send(&mut c, END_AUDIO, b"");
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(read_frames(&mut c).len(), 49);
+    // Once its session is done, a silent connection is idle again.
+    let t = Instant::now();
+    assert!(expect_error(&mut c, "timeout").contains("no message for 1 s"));
+    assert!(t.elapsed() < Duration::from_secs(5), "closed after {:?}", t.elapsed());
 }
 
 #[test]

@@ -182,6 +182,7 @@ pub fn build(p: &mut Pipeline, cfg: GraphConfig, sink: Box<dyn FrameSink>) -> Re
     let prep = PrepStage::new(cfg.avatar.clone());
     let composite = CompositeStage::new(cfg.avatar, cfg.blend);
     let encoding = cfg.encoding;
+    let enc_stats = stats.clone();
     let sink = SinkStage::new(sink, jobs, stats.clone(), cfg.progress);
     let [_, f, pr, c, e, s] = STAGES;
     match cfg.layout {
@@ -192,13 +193,15 @@ pub fn build(p: &mut Pipeline, cfg: GraphConfig, sink: Box<dyn FrameSink>) -> Re
             p.stage_built(f, Placement::Worker, frames, tensor_rx, frames_tx)?;
             p.stage(pr, Placement::Worker, prep, frames_rx, port)?;
             p.stage(c, Placement::Worker, composite, reply_rx, comp_tx)?;
-            p.stage_built(e, Placement::Worker, move || EncodeStage::new(encoding), comp_rx, enc_tx)?;
+            p.stage_built(e, Placement::Worker, move || EncodeStage::new(encoding, enc_stats), comp_rx, enc_tx)?;
             p.stage(s, Placement::Worker, sink, enc_rx, Discard)?;
         }
         Layout::Compact => {
             let front = move || Chain::new(f, frames(), Some(pr), prep);
             p.stage_built("frames+prep", Placement::Worker, front, tensor_rx, port)?;
-            let back = move || Chain::new(c, composite, None, Chain::new(e, EncodeStage::new(encoding), Some(s), sink));
+            let back = move || {
+                Chain::new(c, composite, None, Chain::new(e, EncodeStage::new(encoding, enc_stats), Some(s), sink))
+            };
             p.stage_built("composite+encode+sink", Placement::Worker, back, reply_rx, Discard)?;
         }
     }

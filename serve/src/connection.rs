@@ -127,6 +127,9 @@ impl FrameSink for SocketSink {
     }
 }
 
+/// How often a quiet connection with a streaming session checks whether it has finished.
+const STREAMING_POLL: Duration = Duration::from_secs(1);
+
 /// Payload capacity a connection keeps between messages.
 const KEEP_PAYLOAD: usize = 1 << 20;
 
@@ -252,22 +255,36 @@ impl Conn<'_> {
     fn serve(&mut self, reader: &mut std::io::BufReader<ReadDeadline>, payload: &mut Vec<u8>) -> Result<End, Fatal> {
         let settings = &self.shared.registry.settings;
         let (idle, message) = (settings.idle_timeout, settings.message_timeout);
+        let mut quiet_since = Instant::now();
         loop {
-            // While a session streams, the client may be quiet (it reads frames); otherwise a
-            // connection may idle only so long. Either way a message, once begun, has a deadline.
+            // While a session streams, the client may be quiet (it reads frames): the read then
+            // wakes every second to see whether the session has finished. Otherwise a connection
+            // may idle only so long. A message, once begun (its first bytes possibly already
+            // buffered), must arrive whole in time.
             let streaming = self.session.as_ref().is_some_and(|s| !s.is_finished());
-            reader.get_mut().next_message((!streaming).then(|| Instant::now() + idle), None);
+            let now = Instant::now();
+            let wake = if streaming { now + STREAMING_POLL } else { quiet_since + idle };
+            let begun = !reader.buffer().is_empty();
+            reader.get_mut().next_message(Some(wake), begun.then(|| now + message));
             // One big message does not pin its buffer for the rest of the connection.
             if payload.capacity() > KEEP_PAYLOAD {
                 payload.clear();
                 payload.shrink_to(KEEP_PAYLOAD);
             }
             let kind = match read_message(reader, payload) {
-                Ok(k) => k,
+                Ok(k) => {
+                    quiet_since = Instant::now();
+                    k
+                }
                 Err(WireError::Closed) => return Ok(End::Eof),
                 Err(WireError::Io(e))
                     if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
                 {
+                    if streaming && !reader.get_ref().in_message() {
+                        // Nothing read: look at the session again.
+                        quiet_since = Instant::now();
+                        continue;
+                    }
                     let why = if reader.get_ref().in_message() {
                         format!("a message was not complete within {} s", message.as_secs_f64())
                     } else {

@@ -259,9 +259,13 @@ fn bind(path: &Path, mode: u32) -> Result<(UnixListener, std::fs::File), ServeEr
         .truncate(false)
         .write(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(&lock_path)
         .map_err(|source| ServeError::Listen { path: lock_path.clone(), source })?;
+    // Never a FIFO or device planted there (O_NONBLOCK kept opening one from hanging).
+    if !lock_file.metadata().is_ok_and(|m| m.file_type().is_file()) {
+        return Err(ServeError::Socket(format!("{} exists and is not a regular file", lock_path.display())));
+    }
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(lock_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(ServeError::Socket(format!(

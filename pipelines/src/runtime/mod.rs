@@ -327,16 +327,12 @@ impl Pipeline {
         input: Receiver<S::In>,
         output: impl Outlet<S::Out> + 'static,
     ) -> Result<(), PipelineError> {
-        self.spawn_keep(name, placement, move |ctx| {
+        self.spawn_keep(name, placement, output, move |ctx, output| {
             let mut stage = make();
-            let run = |ctx: &mut StageCtx, stage: &mut S| {
-                while let Some(item) = ctx.recv(&input)? {
-                    run_step(ctx, &output, |out| stage.process(item, out))?;
-                }
-                run_step(ctx, &output, |out| stage.finish(out))
-            };
-            let r = run(ctx, &mut stage);
-            (r, Box::new((stage, output)))
+            while let Some(item) = ctx.recv(&input)? {
+                run_step(ctx, output, |out| stage.process(item, out))?;
+            }
+            run_step(ctx, output, |out| stage.finish(out))
         })
     }
 
@@ -347,10 +343,7 @@ impl Pipeline {
         output: impl Outlet<T> + 'static,
         body: impl FnOnce(&mut Out<'_, T>) -> Result<(), StageError> + Send + 'static,
     ) -> Result<(), PipelineError> {
-        self.spawn_keep(name, Placement::Worker, move |ctx| {
-            let r = run_step(ctx, &output, body);
-            (r, Box::new(output))
-        })
+        self.spawn_keep(name, Placement::Worker, output, move |ctx, output| run_step(ctx, output, body))
     }
 
     /// Spawns a thread running `body` as stage `name`. The first failure or panic of any
@@ -359,15 +352,17 @@ impl Pipeline {
     where
         F: FnOnce(&mut StageCtx) -> Result<(), StageError> + Send + 'static,
     {
-        self.spawn_keep(name, placement, move |ctx| (body(ctx), Box::new(())))
+        self.spawn_keep(name, placement, (), move |ctx, _| body(ctx))
     }
 
-    /// [`Pipeline::spawn`] for a body that hands back what it holds (its stage, its output):
-    /// that is dropped only after a failure has been recorded and the cancel flag set, so
-    /// downstream stages see the cancel, not a normal end of their input.
-    fn spawn_keep<F>(&mut self, name: &str, placement: Placement, body: F) -> Result<(), PipelineError>
+    /// [`Pipeline::spawn`] for a body that sends through `keep` (its output): the thread owns
+    /// it, outside the body, and drops it only after a failure or panic has been recorded and
+    /// the cancel flag set, so downstream stages see the cancel, never a normal end of their
+    /// input (which would let them finish and commit a partial output).
+    fn spawn_keep<K, F>(&mut self, name: &str, placement: Placement, keep: K, body: F) -> Result<(), PipelineError>
     where
-        F: FnOnce(&mut StageCtx) -> (Result<(), StageError>, Box<dyn Any>) + Send + 'static,
+        K: Send + 'static,
+        F: FnOnce(&mut StageCtx, &K) -> Result<(), StageError> + Send + 'static,
     {
         let core = self.pin.core_for(self.spawned, placement, &self.cores);
         self.spawned += 1;
@@ -391,11 +386,7 @@ impl Pipeline {
                         tracing::warn!("could not pin stage {stage} to core {}", core.id);
                     }
                 }
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&mut ctx)));
-                let (result, keep) = match result {
-                    Ok((r, keep)) => (Ok(r), Some(keep)),
-                    Err(panic) => (Err(panic), None),
-                };
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&mut ctx, &keep)));
                 let failure = match result {
                     Ok(Ok(())) | Ok(Err(StageError::Cancelled)) => None,
                     Ok(Err(StageError::Failed { item, source })) => Some((item, ErrorKind::Failed(Arc::from(source)))),
@@ -564,6 +555,51 @@ mod tests {
         cancel.store(true, Ordering::SeqCst);
         let err = p.join().err().expect("cancelled");
         assert!(err.is_cancelled(), "{err}");
+    }
+
+    /// Counts its items; its finish sets a flag.
+    struct Finishes(Arc<AtomicBool>);
+
+    impl Stage for Finishes {
+        type In = usize;
+        type Out = ();
+        fn process(&mut self, _: usize, _: &mut Out<'_, ()>) -> Result<(), StageError> {
+            Ok(())
+        }
+        fn finish(&mut self, _: &mut Out<'_, ()>) -> Result<(), StageError> {
+            self.0.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// Panics at item 3.
+    struct Panics;
+
+    impl Stage for Panics {
+        type In = usize;
+        type Out = usize;
+        fn process(&mut self, item: usize, out: &mut Out<'_, usize>) -> Result<(), StageError> {
+            assert!(item != 3, "injected panic");
+            out.send(item)
+        }
+    }
+
+    /// A panicking stage's output is dropped only after the cancel: the stage after it never
+    /// mistakes the panic for the end of its input (and so never finishes, never commits).
+    #[test]
+    fn a_panic_is_never_a_normal_end_downstream() {
+        for _ in 0..20 {
+            let finished = Arc::new(AtomicBool::new(false));
+            let mut p = Pipeline::new(PinPolicy::None, Clock::new());
+            let (tx, rx) = crossbeam_channel::bounded(2);
+            let (mtx, mrx) = crossbeam_channel::bounded(2);
+            p.source("src", tx, |out| (0..10).try_for_each(|i| out.send(i))).unwrap();
+            p.stage("panics", Placement::Worker, Panics, rx, mtx).unwrap();
+            p.stage("last", Placement::Worker, Finishes(finished.clone()), mrx, Discard).unwrap();
+            let err = p.join().err().expect("the run fails");
+            assert!(matches!(err.kind, ErrorKind::Panicked(_)), "{err}");
+            assert!(!finished.load(Ordering::SeqCst), "the stage after a panic did not finish");
+        }
     }
 
     #[test]

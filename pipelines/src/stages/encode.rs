@@ -8,7 +8,7 @@ use crossbeam_channel::Receiver;
 use lipsync_stages::encode::VideoWriter;
 use lipsync_stages::image_io::{encode_png, JpegEncoder};
 
-use crate::job::FrameJob;
+use crate::job::{FrameJob, FrameStats};
 use crate::runtime::{Out, Stage, StageError};
 
 /// What the encode stage makes of a frame.
@@ -35,6 +35,8 @@ pub enum Encoding {
 /// thread with [`crate::runtime::Pipeline::stage_built`].
 pub struct EncodeStage {
     encoding: Encoding,
+    stats: Arc<FrameStats>,
+    written: usize,
     jpeg: Option<JpegEncoder>,
     scratch: Vec<u8>,
     writer: Option<VideoWriter>,
@@ -43,8 +45,8 @@ pub struct EncodeStage {
 impl EncodeStage {
     /// A stage for `encoding` (the JPEG encoder and video writer are made on the stage's own
     /// thread, on first use).
-    pub fn new(encoding: Encoding) -> Self {
-        Self { encoding, jpeg: None, scratch: Vec::new(), writer: None }
+    pub fn new(encoding: Encoding, stats: Arc<FrameStats>) -> Self {
+        Self { encoding, stats, written: 0, jpeg: None, scratch: Vec::new(), writer: None }
     }
 }
 
@@ -79,13 +81,25 @@ impl Stage for EncodeStage {
                     self.writer = Some(w);
                 }
                 self.writer.as_mut().expect("made above").write(&job.frame).map_err(|e| at(&e))?;
+                self.written += 1;
             }
         }
         out.send(job)
     }
 
+    /// Completes the video, only when every frame of the audio is in it (else it is removed).
     fn finish(&mut self, _out: &mut Out<'_, FrameJob>) -> Result<(), StageError> {
         if let Some(w) = self.writer.take() {
+            match self.stats.total() {
+                Some(t) if t == self.written => {}
+                t => {
+                    let total = t.map_or("an unknown number".to_string(), |t| t.to_string());
+                    return Err(StageError::msg(format!(
+                        "only {} of {total} frames reached the encoder",
+                        self.written
+                    )));
+                }
+            }
             w.finish().map_err(|e| StageError::failed(None, e))?;
         }
         Ok(())
