@@ -67,14 +67,8 @@ pub fn run(args: &ClientArgs) -> Result<()> {
         start_frame: args.start_frame,
     };
     let mut out = FrameOut::open(args.output.as_deref())?;
-    let result = stream(&args.socket, &spec, |i, jpeg| out.write(i, jpeg));
-    let outcome = match result {
-        Ok(o) => o,
-        Err(e) => {
-            out.discard();
-            return Err(e.into());
-        }
-    };
+    // On failure `out` is dropped unfinished, which removes what was written.
+    let outcome = stream(&args.socket, &spec, |i, jpeg| out.write(i, jpeg))?;
     out.finish()?;
     if args.json {
         let mut v = serde_json::to_value(&outcome)?;

@@ -1,5 +1,5 @@
 //! Where a client's frames go: a new directory of JPEGs, MJPEG on stdout or an `.mjpeg` file,
-//! each complete or absent (staged, renamed when the session is done).
+//! each complete or absent (staged, renamed by `finish`; dropped unfinished, nothing is left).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -100,7 +100,4 @@ impl FrameOut {
             }
         }
     }
-
-    /// Removes what was written (staged outputs remove themselves when dropped).
-    pub fn discard(self) {}
 }

@@ -163,11 +163,7 @@ pub fn decode_bytes(bytes: Vec<u8>, name: &Path) -> Result<DecodedAudio, AudioEr
 /// atoms under the fuzzer) becomes a `Corrupt` error, never a crash.
 fn decode_source(source: Box<dyn symphonia::core::io::MediaSource>, path: &Path) -> Result<DecodedAudio, AudioError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_unguarded(source, path))).unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown".into());
+        let what = crate::panic_message(&*panic);
         Err(AudioError::Corrupt {
             path: path.to_path_buf(),
             decoded_seconds: 0.0,

@@ -25,3 +25,14 @@ pub mod onnx;
 pub mod resize;
 pub mod template;
 pub mod unet;
+
+/// The text of a caught panic (its `&str` or `String` payload).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}

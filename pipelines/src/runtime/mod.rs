@@ -8,7 +8,6 @@
 //! backpressure, cancellation and panic capture are done here, once, for every stage. The
 //! runtime knows nothing about lip-sync.
 
-use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -26,6 +25,7 @@ mod pool;
 
 pub use chain::Chain;
 pub use error::{BoxError, ErrorKind, Message, PipelineError, StageError};
+pub use lipsync_stages::panic_message;
 pub use pin::{PinParseError, PinPolicy};
 pub use pool::Pool;
 
@@ -149,12 +149,8 @@ impl StageCtx {
 
     /// Sends an item downstream, blocking while the channel is full (backpressure). A gone
     /// receiver or a cancel stops the stage quietly.
-    pub fn send<T>(&self, tx: &Sender<T>, item: T) -> Result<(), StageError> {
-        if send_unless_cancelled(tx, item, &self.cancel) {
-            Ok(())
-        } else {
-            Err(StageError::Cancelled)
-        }
+    pub fn send<T: Send>(&self, tx: &Sender<T>, item: T) -> Result<(), StageError> {
+        tx.put(item, &self.cancel)
     }
 }
 
@@ -467,17 +463,6 @@ pub fn send_unless_cancelled<T>(tx: &Sender<T>, mut item: T, cancel: &AtomicBool
             Err(SendTimeoutError::Timeout(back)) => item = back,
             Err(SendTimeoutError::Disconnected(_)) => return false,
         }
-    }
-}
-
-/// The text of a caught panic.
-pub fn panic_message(panic: &(dyn Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        s.to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic".to_string()
     }
 }
 
