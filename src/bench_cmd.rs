@@ -88,7 +88,7 @@ fn image(args: &BenchImageArgs) -> Result<()> {
     use lipsync_stages::frame::BgrFrame;
     use lipsync_stages::image_io::JpegEncoder;
     use lipsync_stages::io::avatar::Avatar;
-    use lipsync_stages::template::{TemplateFrames, VideoReader, DEFAULT_BUDGET};
+    use lipsync_stages::template::{SharedTemplate, VideoReader, DEFAULT_CACHE};
 
     let avatar = Avatar::open(&args.avatar).with_context(|| format!("loading avatar {}", args.avatar.display()))?;
     let crop = avatar.config.crop;
@@ -105,7 +105,9 @@ fn image(args: &BenchImageArgs) -> Result<()> {
             decode.push(t.elapsed().as_secs_f64());
         }
     }
-    let mut template = TemplateFrames::load(&avatar.video, DEFAULT_BUDGET)?;
+    let template = std::sync::Arc::new(SharedTemplate::open(&avatar.video, DEFAULT_CACHE)?);
+    let (frames_n, (w, h)) = (template.len(), template.size());
+    let mut template = template.reader(DEFAULT_CACHE);
     let (mut fetch, mut prep_t, mut paste_t, mut jpeg_t) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut prep = FacePrep::new();
     let mut comp = Compositor::new();
@@ -115,7 +117,7 @@ fn image(args: &BenchImageArgs) -> Result<()> {
     let output = vec![0.5f32; output_len(&crop)];
     let mut jpeg_bytes = 0usize;
     for i in 0..n {
-        let ti = template_index(i, template.len(), avatar.config.start_frame);
+        let ti = template_index(i, frames_n, avatar.config.start_frame);
         let b = avatar.boxes[ti];
         let t = Instant::now();
         template.get(ti, &mut frame)?;
@@ -130,7 +132,6 @@ fn image(args: &BenchImageArgs) -> Result<()> {
         jpeg_bytes = enc.encode(&frame)?.len();
         jpeg_t.push(t.elapsed().as_secs_f64());
     }
-    let (w, h) = template.size();
     let b = avatar.boxes[0];
     let mut out = serde_json::json!({
         "avatar": args.avatar.display().to_string(),

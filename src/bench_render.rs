@@ -102,7 +102,7 @@ fn render_once(
         Output::Dir { path: tmp.join("frames"), format: ImageFormat::Jpeg }
     };
     let cfg = RenderConfig {
-        batch,
+        batch: lipsync_stages::unet::BatchSetting::Fixed(batch),
         intra_threads: threads,
         pin: PinPolicy::Auto { reserved: threads },
         max_frames: Some(frames),

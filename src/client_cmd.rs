@@ -146,20 +146,22 @@ pub fn avatars(socket: &Path, action: AvatarAction<'_>) -> Result<()> {
     let mut conn = Connection::connect(socket)?;
     match action {
         AvatarAction::List => {
-            let v: serde_json::Value = conn.request(Kind::ListAvatars, &serde_json::json!({}), Kind::Avatars)?;
-            let list = v["avatars"].as_array().cloned().unwrap_or_default();
             let mut t = format!(
-                "{:<24} {:>7} {:>10} {:>9} {:>14}\n",
-                "avatar", "loaded", "memory MB", "sessions", "frames served"
+                "{:<24} {:>6} {:>8} {:>7} {:>11} {:>11} {:>9} {:>8}\n",
+                "avatar", "loaded", "sessions", "frames", "template MB", "sessions MB", "models MB", "total MB"
             );
-            for a in list {
+            let mb = |b: usize| b as f64 / (1 << 20) as f64;
+            for a in conn.avatars()? {
                 t += &format!(
-                    "{:<24} {:>7} {:>10.1} {:>9} {:>14}\n",
-                    a["name"].as_str().unwrap_or("?"),
-                    if a["loaded"].as_bool().unwrap_or(false) { "yes" } else { "no" },
-                    a["memory_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
-                    a["sessions"].as_u64().unwrap_or(0),
-                    a["frames_served"].as_u64().unwrap_or(0)
+                    "{:<24} {:>6} {:>8} {:>7} {:>11.1} {:>11.1} {:>9.1} {:>8.1}\n",
+                    a.name,
+                    if a.loaded { "yes" } else { "no" },
+                    a.sessions,
+                    a.frames_served,
+                    mb(a.template_bytes),
+                    mb(a.session_bytes),
+                    mb(a.model_bytes),
+                    mb(a.memory_bytes),
                 );
             }
             print_out(&t).map(drop)

@@ -12,7 +12,7 @@ use lipsync_pipelines::runtime::PinPolicy;
 use lipsync_stages::face::Blend;
 use lipsync_stages::io::avatar::{read_boxes, Avatar};
 use lipsync_stages::io::staged::check_new_file;
-use lipsync_stages::unet::{Batch, Provider};
+use lipsync_stages::unet::{BatchSetting, Provider};
 
 use crate::Cli;
 
@@ -43,14 +43,14 @@ pub struct RenderArgs {
     /// Frame format of a directory output.
     #[arg(long, default_value = "jpeg", value_parser = ["jpeg", "png", "raw"])]
     pub format: String,
-    /// UNet batch size (1..=32).
-    #[arg(long, default_value_t = Batch::new(8).expect("valid"))]
-    pub batch: Batch,
+    /// UNet batch: auto (1 on the CPU, measured on a GPU) or a size (1..=32).
+    #[arg(long, default_value_t = BatchSetting::Auto)]
+    pub batch: BatchSetting,
     /// Audio encoder batch size.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, default_value_t = lipsync_stages::features::DEFAULT_ENCODER_BATCH as u16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub encoder_batch: u16,
     /// Capacity of each inter-stage channel (items).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub capacity: u16,
     /// ONNX Runtime intra-op threads for the UNet (default: all CPUs).
     #[arg(long)]
@@ -73,8 +73,9 @@ pub struct RenderArgs {
     /// Paste-back: hard (the reference) or feather=PX.
     #[arg(long, default_value = "hard")]
     pub blend: Blend,
-    /// MiB of template frames kept decoded (the rest is held compressed).
-    #[arg(long, default_value_t = 768)]
+    /// MiB of decoded template frames kept for the ping-pong's backward pass (a frames
+    /// directory: raw frames held, the rest compressed).
+    #[arg(long, default_value_t = 24)]
     pub template_cache_mb: usize,
     /// Write the latency report (JSON).
     #[arg(long, value_name = "FILE.json")]
@@ -215,7 +216,7 @@ pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
         pin,
         max_frames: args.max_frames,
         blend: args.blend,
-        template_budget: args.template_cache_mb << 20,
+        template_cache: args.template_cache_mb << 20,
         progress: cb,
         cancel: Some(signals.stop.clone()),
     };

@@ -939,7 +939,10 @@ fn avatars_are_managed_over_the_socket() {
     let l = list();
     let g = row(&l, "golden ").unwrap();
     assert_eq!(g[1], "yes", "{l}");
-    assert!(g[2].parse::<f64>().unwrap() > 1.0, "memory: {l}");
+    // Columns: name, loaded, sessions, frames, template MB, sessions MB, models MB, total MB.
+    let mb = |c: &str| c.parse::<f64>().unwrap();
+    assert!(mb(&g[4]) > 0.0 && mb(&g[6]) > 0.0, "template and models: {l}");
+    assert!((mb(&g[4]) + mb(&g[5]) + mb(&g[6]) - mb(&g[7])).abs() < 0.2, "total: {l}");
     // Loading the second evicts the first (least recently used, not in use).
     assert!(run(&["avatar", "load", "golden2", "--socket", d.sock()]).status.success());
     let l = list();
@@ -951,14 +954,16 @@ fn avatars_are_managed_over_the_socket() {
     let o = run(&["avatar", "unload", "golden2", "--socket", d.sock()]);
     assert!(!o.status.success());
     assert!(text(&o).contains("in_use") && text(&o).contains("in use by 1 session"), "{}", text(&o));
-    assert_eq!(row(&list(), "golden2").unwrap()[3], "1", "one session");
+    let g = row(&list(), "golden2").unwrap();
+    assert_eq!(g[2], "1", "one session");
+    assert!(mb(&g[5]) > 0.0, "a session's memory is counted: {g:?}");
     send(&mut c, AUDIO, &speech_s16());
     send(&mut c, END_AUDIO, b"");
     let frames = read_frames(&mut c);
     assert_eq!(frames.len(), 49);
     drop(c);
     d.wait_idle();
-    assert_eq!(row(&list(), "golden2").unwrap()[4], "49", "frames served");
+    assert_eq!(row(&list(), "golden2").unwrap()[3], "49", "frames served");
     let o = run(&["avatar", "unload", "golden2", "--socket", d.sock()]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(row(&list(), "golden2").unwrap()[1], "no");

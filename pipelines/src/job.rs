@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
-use lipsync_stages::face::{input_len, output_len, template_len};
+use lipsync_stages::face::{output_len, template_len};
 use lipsync_stages::features::FRAME_AUDIO_LEN;
 use lipsync_stages::frame::BgrFrame;
 use lipsync_stages::io::avatar::CropParams;
@@ -53,14 +53,13 @@ pub struct FrameJob {
     pub template: usize,
     /// The frame being built (the template frame, then the composited frame).
     pub frame: BgrFrame,
-    /// The 328 crop, kept for paste-back.
+    /// The 328 crop: the UNet's image input is made from it in the batch (so a job carries
+    /// bytes, not the 6-channel float tensor), and it is kept for paste-back.
     pub c328: Vec<u8>,
-    /// UNet image input (`[6, S, S]`).
-    pub input: Vec<f32>,
     /// UNet audio input (`[32, 16, 16]`).
     pub audio: Vec<f32>,
-    /// UNet output (`[3, S, S]`).
-    pub output: Vec<f32>,
+    /// UNet output as bytes (`[3, S, S]`, [`lipsync_stages::face::quantize_output`]).
+    pub pred: Vec<u8>,
     /// Encoded bytes (JPEG/PNG), when the encoding makes them.
     pub encoded: Vec<u8>,
     /// When the audio that made this frame final arrived.
@@ -70,6 +69,12 @@ pub struct FrameJob {
 }
 
 impl FrameJob {
+    /// Bytes a job's buffers hold for `crop` on a `width x height` template (the encoded frame
+    /// not counted).
+    pub fn bytes(crop: &CropParams, width: usize, height: usize) -> usize {
+        width * height * 3 + template_len(crop) + output_len(crop) + FRAME_AUDIO_LEN * 4
+    }
+
     /// An empty job with buffers sized for `crop` (for pools).
     pub fn new(crop: &CropParams, t: quanta::Instant) -> Self {
         Self {
@@ -78,9 +83,8 @@ impl FrameJob {
             template: 0,
             frame: BgrFrame::default(),
             c328: vec![0; template_len(crop)],
-            input: vec![0.0; input_len(crop)],
             audio: vec![0.0; FRAME_AUDIO_LEN],
-            output: vec![0.0; output_len(crop)],
+            pred: vec![0; output_len(crop)],
             encoded: Vec::new(),
             t_audio: t,
             t_in: t,

@@ -16,7 +16,7 @@ use lipsync_stages::face::Blend;
 use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
-use lipsync_stages::unet::{Batch, Provider};
+use lipsync_stages::unet::{BatchSetting, Provider};
 
 pub use crate::file_sink::{ImageFormat, Output};
 use crate::graph::{build, GraphConfig, Layout};
@@ -43,8 +43,8 @@ pub struct RenderConfig {
     pub audio: PathBuf,
     /// Where frames go.
     pub output: Output,
-    /// UNet batch.
-    pub batch: Batch,
+    /// UNet batch (`auto`: for the provider, [`lipsync_stages::unet::Unet::auto_batch`]).
+    pub batch: BatchSetting,
     /// Audio encoder batch.
     pub encoder_batch: usize,
     /// Capacity of every inter-stage channel.
@@ -63,8 +63,9 @@ pub struct RenderConfig {
     pub max_frames: Option<usize>,
     /// Paste-back blending.
     pub blend: Blend,
-    /// Raw template bytes to keep decoded (the rest is held compressed).
-    pub template_budget: usize,
+    /// Bytes of decoded template frames kept for the ping-pong's backward pass (a frames
+    /// directory: raw frames held, the rest compressed).
+    pub template_cache: usize,
     /// Called by the sink after each frame with (frames done, total when known).
     pub progress: Option<ProgressFn>,
     /// Set from outside (a signal) to stop the render: it then fails as cancelled and leaves
@@ -73,25 +74,25 @@ pub struct RenderConfig {
 }
 
 impl RenderConfig {
-    /// A render of `audio` by `avatar` into `output` with the defaults: batch 8, encoder
-    /// batch 64, channel capacity 4, one ONNX Runtime thread without spinning, CPU, no
-    /// pinning, the avatar's JPEG quality, every frame, hard paste, the default template budget.
+    /// A render of `audio` by `avatar` into `output` with the defaults: batch auto, the
+    /// default encoder batch, channel capacity 2, one ONNX Runtime thread without spinning, CPU, no
+    /// pinning, the avatar's JPEG quality, every frame, hard paste, the default template cache.
     pub fn new(avatar: Avatar, audio: PathBuf, output: Output) -> Self {
         Self {
             jpeg_quality: avatar.config.jpeg_quality,
             avatar,
             audio,
             output,
-            batch: Batch::new(8).expect("8 is a valid batch"),
+            batch: BatchSetting::Auto,
             encoder_batch: lipsync_stages::features::DEFAULT_ENCODER_BATCH,
-            capacity: 4,
+            capacity: 2,
             intra_threads: 1,
             spinning: false,
             provider: Provider::Cpu,
             pin: PinPolicy::None,
             max_frames: None,
             blend: Blend::Hard,
-            template_budget: lipsync_stages::template::DEFAULT_BUDGET,
+            template_cache: lipsync_stages::template::DEFAULT_CACHE,
             progress: None,
             cancel: None,
         }
@@ -151,19 +152,20 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
     let settings = serde_json::json!({
         "avatar": cfg.avatar.root.display().to_string(),
         "audio": cfg.audio.display().to_string(),
-        "batch": cfg.batch,
+        "batch": unet.max_batch(),
+        "batch_setting": cfg.batch,
         "encoder_batch": cfg.encoder_batch,
         "capacity": cfg.capacity,
         "intra_threads": cfg.intra_threads,
         "provider": format!("{:?}", cfg.provider),
         "pin": format!("{:?}", cfg.pin),
     });
-    let n = cfg.batch.get();
+    let n = unet.max_batch().get();
     let cap = cfg.capacity.max(1);
     let avatar = Arc::new(cfg.avatar);
     let graph = GraphConfig {
         id: 0,
-        template: Template::Lazy { path: avatar.video.clone(), budget: cfg.template_budget },
+        template: Template::Open { path: avatar.video.clone(), cache: cfg.template_cache },
         start_frame: avatar.config.start_frame,
         avatar,
         encoder: Arc::new(Mutex::new(encoder)),
@@ -171,9 +173,9 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
         input_rate: SAMPLE_RATE,
         encoding,
         blend: cfg.blend,
-        batch: cfg.batch,
+        batch: unet.max_batch(),
         // Room for a batch being filled, one in the UNet, and full channels around them.
-        jobs: 2 * n + 3 * cap + 4,
+        jobs: 2 * n + 2 * cap + 2,
         capacity: cap,
         audio_ahead: cap.max(n),
         max_frames: cfg.max_frames,

@@ -69,8 +69,10 @@ pub struct SessionConfig {
     pub name: String,
     /// The avatar.
     pub avatar: Arc<Avatar>,
-    /// Its template frames, decoded (shared read-only).
+    /// Its template (shared read-only).
     pub template: Arc<SharedTemplate>,
+    /// Bytes of decoded template frames this session's reader keeps.
+    pub template_cache: usize,
     /// The audio encoder shared by sessions using the model.
     pub encoder: Arc<Mutex<AudioEncoder>>,
     /// The UNet service of the avatar's model.
@@ -125,7 +127,7 @@ impl Session {
         let graph = GraphConfig {
             id: cfg.id,
             avatar: cfg.avatar,
-            template: Template::Shared(cfg.template),
+            template: Template::Shared { template: cfg.template, cache: cfg.template_cache },
             start_frame: cfg.start_frame,
             encoder: cfg.encoder,
             unet: cfg.unet,

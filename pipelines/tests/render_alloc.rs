@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::OrtRuntime;
-use lipsync_stages::unet::Batch;
+use lipsync_stages::unet::{Batch, BatchSetting};
 
 mod alloc_counter;
 
@@ -21,11 +21,11 @@ fn allocations(rt: &OrtRuntime, frames: usize) -> HashMap<String, u64> {
     let first_slot = alloc_counter::slots();
     let dir = tempfile::tempdir().unwrap();
     let cfg = RenderConfig {
-        batch: Batch::new(2).unwrap(),
+        batch: BatchSetting::Fixed(Batch::new(2).unwrap()),
         capacity: 2,
         jpeg_quality: 90,
         max_frames: Some(frames),
-        template_budget: 1 << 30,
+        template_cache: 1 << 30,
         ..RenderConfig::new(
             Avatar::open(&fixture("golden/avatar")).unwrap(),
             fixture("golden/speech_2s.wav"),

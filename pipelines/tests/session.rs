@@ -18,8 +18,8 @@ use lipsync_stages::audio::{decode_file, load_16k};
 use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
-use lipsync_stages::template::TemplateFrames;
-use lipsync_stages::unet::{Batch, Provider};
+use lipsync_stages::template::SharedTemplate;
+use lipsync_stages::unet::{Batch, BatchSetting, Provider};
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
@@ -30,9 +30,9 @@ fn offline(rt: &OrtRuntime, audio: &Path) -> Vec<Vec<u8>> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("frames");
     let cfg = RenderConfig {
-        batch: Batch::new(8).unwrap(),
+        batch: BatchSetting::Fixed(Batch::new(8).unwrap()),
         jpeg_quality: 90,
-        template_budget: 1 << 30,
+        template_cache: 1 << 30,
         ..RenderConfig::new(
             Avatar::open(&fixture("golden/avatar")).unwrap(),
             audio.to_path_buf(),
@@ -65,10 +65,10 @@ struct Shared {
 
 fn shared(rt: &OrtRuntime, max_batch: usize, max_wait: Duration) -> Shared {
     let avatar = Avatar::open(&fixture("golden/avatar")).unwrap();
-    let template = TemplateFrames::open(&avatar.video, 1 << 30).unwrap().into_shared().unwrap();
+    let template = SharedTemplate::open(&avatar.video, 1 << 30).unwrap();
     let io = avatar.config.models.io.clone();
     let encoder = AudioEncoder::open(rt, &avatar.encoder, &io, 64, &SessionOptions::default()).unwrap();
-    let max_batch = Batch::new(max_batch).unwrap();
+    let max_batch = BatchSetting::Fixed(Batch::new(max_batch).unwrap());
     let cfg = UnetServiceConfig { max_batch, max_wait, intra_threads: 1, spinning: false, provider: Provider::Cpu };
     let unet = UnetService::start(rt, &avatar.unet, &io, avatar.config.crop, &cfg).unwrap();
     Shared {
@@ -88,6 +88,7 @@ fn config(sh: &Shared, id: u64, rate: u32, batch: usize, queue: usize) -> Sessio
         name: "golden".into(),
         avatar: sh.avatar.clone(),
         template: sh.template.clone(),
+        template_cache: lipsync_stages::template::DEFAULT_CACHE,
         encoder: sh.encoder.clone(),
         unet: sh.unet.clone(),
         sample_rate: rate,

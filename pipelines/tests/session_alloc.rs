@@ -19,8 +19,8 @@ use lipsync_stages::audio::load_16k;
 use lipsync_stages::features::{AudioEncoder, WINDOW_LEN};
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
-use lipsync_stages::template::TemplateFrames;
-use lipsync_stages::unet::{Batch, Provider};
+use lipsync_stages::template::SharedTemplate;
+use lipsync_stages::unet::{Batch, BatchSetting, Provider};
 
 mod alloc_counter;
 
@@ -60,6 +60,7 @@ fn allocations(fx: &Fixture, id: u64, seconds: usize, layout: Layout) -> (HashMa
         name: format!("alloc{id}"),
         avatar: fx.avatar.clone(),
         template: fx.template.clone(),
+        template_cache: lipsync_stages::template::DEFAULT_CACHE,
         encoder: fx.encoder.clone(),
         unet: fx.unet.clone(),
         sample_rate: 16_000,
@@ -89,7 +90,7 @@ fn allocations(fx: &Fixture, id: u64, seconds: usize, layout: Layout) -> (HashMa
 fn session_hot_path_allocates_nothing_per_frame() {
     let rt = OrtRuntime::load(None).expect("ONNX Runtime (run scripts/setup.sh)");
     let avatar = Avatar::open(&fixture("golden/avatar")).unwrap();
-    let template = TemplateFrames::open(&avatar.video, 1 << 30).unwrap().into_shared().unwrap();
+    let template = SharedTemplate::open(&avatar.video, 1 << 30).unwrap();
     let io = avatar.config.models.io.clone();
     let mut encoder = AudioEncoder::open(&rt, &avatar.encoder, &io, 64, &SessionOptions::default()).unwrap();
     // What one encoder run of one window allocates inside ONNX Runtime's API (warm).
@@ -102,7 +103,7 @@ fn session_hot_path_allocates_nothing_per_frame() {
     let per_run = alloc_counter::this_thread() - before;
     assert!(per_run > 0, "the counter counts ONNX Runtime's allocations");
     let cfg = UnetServiceConfig {
-        max_batch: Batch::new(2).unwrap(),
+        max_batch: BatchSetting::Fixed(Batch::new(2).unwrap()),
         max_wait: Duration::from_millis(1),
         intra_threads: 1,
         spinning: false,

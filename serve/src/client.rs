@@ -16,6 +16,7 @@ use crate::protocol::{
     parse_frame, read_message, write_json, write_parts, AudioFormat, Done, ErrorCode, ErrorReply, Hello, Kind,
     OpenRequest, Opened, WireError, PROTOCOL_VERSION,
 };
+use crate::registry::AvatarInfo;
 use crate::stats::StatsReply;
 
 /// What went wrong on the client side.
@@ -127,6 +128,18 @@ impl Connection {
     pub fn stats(&mut self) -> Result<StatsReply, ClientError> {
         self.request(Kind::StatsRequest, &serde_json::json!({}), Kind::Stats)
     }
+
+    /// The daemon's avatars: loaded or not, sessions, frames served and memory.
+    pub fn avatars(&mut self) -> Result<Vec<AvatarInfo>, ClientError> {
+        let list: AvatarList = self.request(Kind::ListAvatars, &serde_json::json!({}), Kind::Avatars)?;
+        Ok(list.avatars)
+    }
+}
+
+/// The payload of an `Avatars` reply.
+#[derive(Debug, Deserialize)]
+struct AvatarList {
+    avatars: Vec<AvatarInfo>,
 }
 
 /// What to stream.

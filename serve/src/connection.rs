@@ -428,6 +428,7 @@ impl Conn<'_> {
             name: loaded.name.clone(),
             avatar: loaded.avatar.clone(),
             template: loaded.template.clone(),
+            template_cache: sh.registry.settings.template_cache,
             encoder: loaded.encoder.clone(),
             unet: loaded.unet.clone(),
             sample_rate: req.sample_rate,

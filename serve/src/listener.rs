@@ -106,7 +106,7 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
         socket = %socket.display(),
         avatars = %settings.avatars.display(),
         max_sessions = settings.max_sessions,
-        max_batch = settings.max_batch.get(),
+        max_batch = %settings.max_batch,
         "lipsync serve listening (protocol {PROTOCOL_VERSION})"
     );
     let mut conn_id = 0u64;

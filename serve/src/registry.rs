@@ -8,12 +8,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use lipsync_pipelines::job::FrameJob;
 use lipsync_pipelines::runtime::lock;
 use lipsync_pipelines::stages::unet::{UnetService, UnetServiceConfig};
 use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
-use lipsync_stages::template::{SharedTemplate, TemplateFrames};
+use lipsync_stages::template::SharedTemplate;
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::ErrorCode;
@@ -75,6 +76,23 @@ pub(crate) struct Registry {
     loading: Mutex<()>,
     pub(crate) unets: Mutex<HashMap<PathBuf, Arc<UnetService>>>,
     encoders: Mutex<HashMap<PathBuf, Arc<Mutex<AudioEncoder>>>>,
+    /// Process memory each model file added when it was loaded (and, for a UNet, warmed up).
+    model_bytes: Mutex<HashMap<PathBuf, usize>>,
+}
+
+/// The process's resident memory (Linux `/proc/self/status`), bytes.
+pub fn rss_bytes() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb << 10)
+}
+
+/// Runs `load` and returns what it made with the growth of the process's memory meanwhile.
+fn measured<T, E>(load: impl FnOnce() -> Result<T, E>) -> Result<(T, usize), E> {
+    let before = rss_bytes().unwrap_or(0);
+    let made = load()?;
+    Ok((made, rss_bytes().unwrap_or(0).saturating_sub(before)))
 }
 
 /// One row of `ListAvatars`.
@@ -84,8 +102,18 @@ pub struct AvatarInfo {
     pub name: String,
     /// Whether it is in the cache.
     pub loaded: bool,
-    /// Bytes its decoded template holds.
+    /// Its memory in all: template, sessions and models.
     pub memory_bytes: usize,
+    /// Bytes its template holds (shared by its sessions).
+    #[serde(default)]
+    pub template_bytes: usize,
+    /// Most bytes its sessions hold (each: decoded template frames and frame buffers).
+    #[serde(default)]
+    pub session_bytes: usize,
+    /// Memory its models added when they were loaded and warmed up (shared with other avatars
+    /// naming the same model files, and counted for each).
+    #[serde(default)]
+    pub model_bytes: usize,
     /// Sessions using it.
     pub sessions: usize,
     /// Frames served since loaded.
@@ -102,6 +130,7 @@ impl Registry {
             loading: Mutex::new(()),
             unets: Mutex::new(HashMap::new()),
             encoders: Mutex::new(HashMap::new()),
+            model_bytes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -132,10 +161,8 @@ impl Registry {
         let failed = |message: String| RegistryError::Load { name: name.to_string(), message };
         let started = Instant::now();
         let avatar = Avatar::open(&dir).map_err(|e| failed(e.to_string()))?;
-        let budget = self.settings.cache_bytes.min(lipsync_stages::template::DEFAULT_BUDGET);
-        let template = TemplateFrames::open(&avatar.video, budget)
-            .and_then(TemplateFrames::into_shared)
-            .map_err(|e| failed(e.to_string()))?;
+        let budget = self.settings.cache_bytes.min(lipsync_stages::template::DEFAULT_CACHE);
+        let template = SharedTemplate::open(&avatar.video, budget).map_err(|e| failed(e.to_string()))?;
         if template.len() < avatar.boxes.len() {
             return Err(failed(format!(
                 "the template has {} frames but the avatar has {} boxes",
@@ -153,8 +180,10 @@ impl Registry {
                 Some(e) => e.clone(),
                 None => {
                     let opts = SessionOptions { intra_threads: 1, spinning: false };
-                    let e = AudioEncoder::open(&self.rt, &avatar.encoder, &io, 64, &opts)
+                    let batch = lipsync_stages::features::DEFAULT_ENCODER_BATCH;
+                    let (e, bytes) = measured(|| AudioEncoder::open(&self.rt, &avatar.encoder, &io, batch, &opts))
                         .map_err(|e| failed(e.to_string()))?;
+                    lock(&self.model_bytes).insert(encoder_key.clone(), bytes);
                     let e = Arc::new(Mutex::new(e));
                     map.insert(encoder_key.clone(), e.clone());
                     e
@@ -176,8 +205,10 @@ impl Registry {
                         spinning: false,
                         provider: self.settings.provider,
                     };
-                    let u = UnetService::start(&self.rt, &avatar.unet, &io, avatar.config.crop, &cfg)
-                        .map_err(|e| failed(e.to_string()))?;
+                    let (u, bytes) =
+                        measured(|| UnetService::start(&self.rt, &avatar.unet, &io, avatar.config.crop, &cfg))
+                            .map_err(|e| failed(e.to_string()))?;
+                    lock(&self.model_bytes).insert(unet_key.clone(), bytes);
                     let u = Arc::new(u);
                     map.insert(unet_key.clone(), u.clone());
                     u
@@ -259,6 +290,8 @@ impl Registry {
         drop(loaded);
         lock(&self.unets).retain(|path, u| unets.contains(path) || Arc::strong_count(u) > 1);
         lock(&self.encoders).retain(|path, e| encoders.contains(path) || Arc::strong_count(e) > 1);
+        let (u, e) = (lock(&self.unets), lock(&self.encoders));
+        lock(&self.model_bytes).retain(|path, _| u.contains_key(path) || e.contains_key(path));
     }
 
     pub(crate) fn unload(&self, name: &str) -> Result<bool, RegistryError> {
@@ -296,17 +329,38 @@ impl Registry {
             }
         }
         names.sort();
+        let models = lock(&self.model_bytes);
         names
             .into_iter()
             .map(|name| match map.get(&name) {
-                Some(l) => AvatarInfo {
+                Some(l) => {
+                    let sessions = l.sessions.load(Ordering::SeqCst);
+                    let (w, h) = l.template.size();
+                    let per_session = l.template.reader_bytes(self.settings.template_cache)
+                        + self.settings.session_queue * FrameJob::bytes(&l.avatar.config.crop, w, h);
+                    let model_bytes = [&l.unet_key, &l.encoder_key].iter().filter_map(|k| models.get(*k)).sum();
+                    let session_bytes = sessions * per_session;
+                    AvatarInfo {
+                        name,
+                        loaded: true,
+                        memory_bytes: l.memory + session_bytes + model_bytes,
+                        template_bytes: l.memory,
+                        session_bytes,
+                        model_bytes,
+                        sessions,
+                        frames_served: l.frames.load(Ordering::SeqCst),
+                    }
+                }
+                None => AvatarInfo {
                     name,
-                    loaded: true,
-                    memory_bytes: l.memory,
-                    sessions: l.sessions.load(Ordering::SeqCst),
-                    frames_served: l.frames.load(Ordering::SeqCst),
+                    loaded: false,
+                    memory_bytes: 0,
+                    template_bytes: 0,
+                    session_bytes: 0,
+                    model_bytes: 0,
+                    sessions: 0,
+                    frames_served: 0,
                 },
-                None => AvatarInfo { name, loaded: false, memory_bytes: 0, sessions: 0, frames_served: 0 },
             })
             .collect()
     }

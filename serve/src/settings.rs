@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use lipsync_pipelines::graph::Layout;
 use lipsync_pipelines::runtime::PinPolicy;
-use lipsync_stages::unet::{Batch, Provider};
+use lipsync_stages::unet::{BatchSetting, Provider};
 use serde::{Deserialize, Serialize};
 
 /// `lipsync serve` settings: each is a flag and a key of the `--config` TOML file (flags win).
@@ -38,12 +38,17 @@ pub struct ServeOptions {
     /// Avatars to load at start (comma-separated names, or `all`).
     #[arg(long, value_delimiter = ',')]
     pub preload: Option<Vec<String>>,
-    /// Memory bound of the avatar cache (decoded templates), MiB [default: 2048].
+    /// Memory bound of the avatar cache (loaded templates), MiB [default: 2048].
     #[arg(long)]
     pub cache_mb: Option<usize>,
-    /// Most frames per UNet run, across sessions (1..=32) [default: 8].
+    /// Decoded template frames each session keeps for the ping-pong's backward pass, MiB
+    /// (1..=4096) [default: 24].
     #[arg(long)]
-    pub max_batch: Option<Batch>,
+    pub template_cache_mb: Option<usize>,
+    /// Most frames per UNet run, across sessions: auto (1 on the CPU, measured on a GPU) or
+    /// 1..=32 [default: auto].
+    #[arg(long)]
+    pub max_batch: Option<BatchSetting>,
     /// Longest a frame waits for its UNet batch to fill, ms (0..=1000) [default: 2].
     #[arg(long)]
     pub max_wait_ms: Option<f64>,
@@ -146,8 +151,11 @@ pub struct Settings {
     /// Avatar cache bound, bytes.
     #[serde(rename = "cache_mb", serialize_with = "mib")]
     pub cache_bytes: usize,
+    /// Decoded template frames per session, bytes.
+    #[serde(rename = "template_cache_mb", serialize_with = "mib")]
+    pub template_cache: usize,
     /// Most frames per UNet run.
-    pub max_batch: Batch,
+    pub max_batch: BatchSetting,
     /// Longest wait for a batch to fill.
     #[serde(rename = "max_wait_ms", serialize_with = "millis")]
     pub max_wait: Duration,
@@ -241,6 +249,7 @@ impl ServeOptions {
             socket_mode,
             preload,
             cache_mb,
+            template_cache_mb,
             max_batch,
             max_wait_ms,
             session_queue,
@@ -317,6 +326,14 @@ impl ServeOptions {
         let client = in_range("client timeout (s)", self.client_timeout.unwrap_or(30.0), 0.1, 3600.0, "0.1..=3600")?;
         let hello = in_range("handshake timeout (s)", self.handshake_timeout.unwrap_or(10.0), 0.1, 60.0, "0.1..=60")?;
         let idle = in_range("idle timeout (s)", self.idle_timeout.unwrap_or(120.0), 1.0, 86400.0, "1..=86400")?;
+        let template_cache_mb = self.template_cache_mb.unwrap_or(lipsync_stages::template::DEFAULT_CACHE >> 20);
+        if !(1..=4096).contains(&template_cache_mb) {
+            return Err(SettingsError::Range {
+                name: "template cache (MiB)",
+                value: template_cache_mb.to_string(),
+                allowed: "1..=4096",
+            });
+        }
         let message = in_range("message timeout (s)", self.message_timeout.unwrap_or(30.0), 0.1, 3600.0, "0.1..=3600")?;
         Ok(Settings {
             socket,
@@ -325,7 +342,8 @@ impl ServeOptions {
             socket_mode,
             preload: self.preload.unwrap_or_default(),
             cache_bytes: self.cache_mb.unwrap_or(2048) << 20,
-            max_batch: self.max_batch.unwrap_or(Batch::new(8).expect("8 is a valid batch")),
+            template_cache: template_cache_mb << 20,
+            max_batch: self.max_batch.unwrap_or_default(),
             max_wait: Duration::from_secs_f64(wait / 1000.0),
             session_queue: at_least_one("session queue", self.session_queue.unwrap_or(8))?,
             intra_threads,
@@ -387,7 +405,7 @@ mod tests {
         };
         let flags = ServeOptions { socket: Some("/tmp/x.sock".into()), max_sessions: Some(7), ..Default::default() };
         let s = flags.over(file).validate().unwrap();
-        assert_eq!((s.max_sessions, s.session_queue, s.max_batch.get()), (7, 5, 8));
+        assert_eq!((s.max_sessions, s.session_queue, s.max_batch), (7, 5, BatchSetting::Auto));
         assert_eq!(s.summary()["socket_mode"], "0600");
 
         let bad = ServeOptions {
@@ -398,5 +416,15 @@ mod tests {
         assert_eq!(e, "max wait (ms) 5000 is out of range: expected 0..=1000");
         let e: Result<ServeOptions, _> = toml::from_str("max_batch = 64");
         assert!(e.unwrap_err().to_string().contains("expected 1..=32"));
+        let o: ServeOptions = toml::from_str("max_batch = \"auto\"\ntemplate_cache_mb = 16").unwrap();
+        assert_eq!((o.max_batch, o.template_cache_mb), (Some(BatchSetting::Auto), Some(16)));
+        let o: ServeOptions = toml::from_str("max_batch = 4").unwrap();
+        assert_eq!(o.max_batch.unwrap().to_string(), "4");
+        let zero = ServeOptions {
+            template_cache_mb: Some(0),
+            ..ServeOptions { socket: Some("s".into()), avatars: Some(dir.path().into()), ..Default::default() }
+        };
+        let e = zero.validate().unwrap_err().to_string();
+        assert_eq!(e, "template cache (MiB) 0 is out of range: expected 1..=4096");
     }
 }

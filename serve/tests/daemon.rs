@@ -11,7 +11,7 @@ use lipsync_serve::{Daemon, ServeError, ServeOptions};
 use lipsync_stages::audio::decode_file;
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::OrtRuntime;
-use lipsync_stages::unet::Batch;
+use lipsync_stages::unet::{Batch, BatchSetting};
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
@@ -31,7 +31,7 @@ fn an_in_process_daemon_serves_the_render_frames_and_drains() {
 
     let frames_dir = tmp.path().join("frames");
     let cfg = RenderConfig {
-        batch: Batch::new(4).unwrap(),
+        batch: BatchSetting::Fixed(Batch::new(4).unwrap()),
         jpeg_quality: 90,
         ..RenderConfig::new(
             Avatar::open(&fixture("golden/avatar")).unwrap(),
@@ -78,10 +78,19 @@ fn an_in_process_daemon_serves_the_render_frames_and_drains() {
         Err(ClientError::Remote(e)) => assert_eq!(e.code, ErrorCode::UnknownAvatar),
         other => panic!("expected unknown_avatar, got {:?}", other.map(|o| o.frames)),
     }
-    let stats = Connection::connect(daemon.socket()).unwrap().stats().unwrap();
+    let mut conn = Connection::connect(daemon.socket()).unwrap();
+    let stats = conn.stats().unwrap();
     assert_eq!(stats.frames_total as usize, n);
     let names: Vec<&str> = stats.stages.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["audio", "frames", "prep", "composite", "encode", "sink"]);
+    // The avatar's real memory: its template (shared), what a session holds and its models.
+    let list = conn.avatars().unwrap();
+    let golden = list.iter().find(|a| a.name == "golden").expect("golden is listed");
+    assert!(golden.loaded);
+    assert_eq!(golden.frames_served as usize, n);
+    assert!(golden.template_bytes > 0 && golden.model_bytes > 0, "{golden:?}");
+    assert_eq!(golden.session_bytes, 0, "no session is open");
+    assert_eq!(golden.memory_bytes, golden.template_bytes + golden.model_bytes);
     daemon.stop().unwrap();
     assert!(!socket.exists(), "the socket is removed when the daemon stops");
 }

@@ -78,11 +78,23 @@ impl FacePrep {
     /// for paste-back) and the model input into `tensor` (`input_len` values).
     /// The box must lie inside the frame (avatars are validated when loaded).
     pub fn prep(&mut self, frame: &BgrFrame, b: CropBox, crop: &CropParams, template: &mut [u8], tensor: &mut [f32]) {
+        self.crop(frame, b, crop, template);
+        self.tensor(template, crop, tensor);
+    }
+
+    /// The first half of [`FacePrep::prep`]: the box resized into `template`.
+    pub fn crop(&mut self, frame: &BgrFrame, b: CropBox, crop: &CropParams, template: &mut [u8]) {
         let t = crop.template_size as usize;
         let (x1, y1, w, h) = (b.x1 as usize, b.y1 as usize, b.width() as usize, b.height() as usize);
         let stride = frame.stride();
         let src = &frame.data[y1 * stride + x1 * 3..];
         self.resizer.resize(src, w, h, stride, template, t, t, t * 3);
+    }
+
+    /// The second half of [`FacePrep::prep`]: the model input from the resized crop alone (so a
+    /// frame can travel as its 328 crop, and the UNet batcher makes the tensor in its batch).
+    pub fn tensor(&self, template: &[u8], crop: &CropParams, tensor: &mut [f32]) {
+        let t = crop.template_size as usize;
         let s = crop.model_size as usize;
         let off = crop.inner_offset as usize;
         let [mx1, my1, mx2, my2] = crop.mask.map(|v| v as usize);
@@ -109,12 +121,21 @@ impl FacePrep {
     }
 }
 
+/// The UNet's output `[3, S, S]` as the bytes paste-back uses: `(v * 255)` clamped to 0..=255
+/// and truncated (docs/spec.md section 5), same layout.
+pub fn quantize_output(output: &[f32], pred: &mut [u8]) {
+    for (p, v) in pred.iter_mut().zip(output) {
+        *p = (v * 255.0).clamp(0.0, 255.0) as u8;
+    }
+}
+
 /// Pastes model outputs back into frames; reuses its buffers.
 #[derive(Debug, Default)]
 pub struct Compositor {
     resizer: CubicResizer,
     tmpl: Vec<u8>,
     patch: Vec<u8>,
+    pred: Vec<u8>,
 }
 
 impl Compositor {
@@ -134,6 +155,23 @@ impl Compositor {
         output: &[f32],
         blend: Blend,
     ) {
+        let mut pred = std::mem::take(&mut self.pred);
+        pred.resize(output.len(), 0);
+        quantize_output(output, &mut pred);
+        self.paste_u8(frame, b, crop, template, &pred, blend);
+        self.pred = pred;
+    }
+
+    /// [`Compositor::paste`] of a prediction already made bytes by [`quantize_output`].
+    pub fn paste_u8(
+        &mut self,
+        frame: &mut BgrFrame,
+        b: CropBox,
+        crop: &CropParams,
+        template: &[u8],
+        pred: &[u8],
+        blend: Blend,
+    ) {
         let t = crop.template_size as usize;
         let s = crop.model_size as usize;
         let off = crop.inner_offset as usize;
@@ -144,7 +182,7 @@ impl Compositor {
             let row = &mut self.tmpl[((y + off) * t + off) * 3..((y + off) * t + off + s) * 3];
             for (x, px) in row.chunks_exact_mut(3).enumerate() {
                 for (c, v) in px.iter_mut().enumerate() {
-                    *v = (output[c * plane + y * s + x] * 255.0).clamp(0.0, 255.0) as u8;
+                    *v = pred[c * plane + y * s + x];
                 }
             }
         }

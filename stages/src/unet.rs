@@ -70,6 +70,100 @@ impl std::str::FromStr for Batch {
     }
 }
 
+/// A batch setting: a fixed size, or `auto`, the batch that fits the provider at hand
+/// ([`Unet::auto_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "BatchRepr", into = "BatchRepr")]
+pub enum BatchSetting {
+    /// Chosen for the provider: 1 on the CPU, measured at start on a GPU.
+    #[default]
+    Auto,
+    /// This size.
+    Fixed(Batch),
+}
+
+/// How a [`BatchSetting`] is written in a config file: `"auto"` or a number.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum BatchRepr {
+    Size(usize),
+    Word(String),
+}
+
+impl TryFrom<BatchRepr> for BatchSetting {
+    type Error = String;
+    fn try_from(r: BatchRepr) -> Result<Self, String> {
+        match r {
+            BatchRepr::Size(n) => Batch::new(n).map(BatchSetting::Fixed).map_err(|e| e.to_string()),
+            BatchRepr::Word(s) => s.parse(),
+        }
+    }
+}
+
+impl From<BatchSetting> for BatchRepr {
+    fn from(b: BatchSetting) -> Self {
+        match b {
+            BatchSetting::Auto => BatchRepr::Word("auto".into()),
+            BatchSetting::Fixed(b) => BatchRepr::Size(b.get()),
+        }
+    }
+}
+
+impl std::str::FromStr for BatchSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim() == "auto" {
+            return Ok(BatchSetting::Auto);
+        }
+        let n: usize =
+            s.trim().parse().map_err(|_| format!("`{s}` is not a batch setting: expected auto or 1..={MAX_BATCH}"))?;
+        Batch::new(n).map(BatchSetting::Fixed).map_err(|e| e.to_string())
+    }
+}
+
+impl std::fmt::Display for BatchSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchSetting::Auto => f.write_str("auto"),
+            BatchSetting::Fixed(b) => b.fmt(f),
+        }
+    }
+}
+
+impl BatchSetting {
+    /// The largest batch a UNet opened for this setting on `provider` may be asked to run.
+    pub fn limit(self, provider: Provider) -> Batch {
+        match (self, provider) {
+            (BatchSetting::Fixed(b), _) => b,
+            (BatchSetting::Auto, Provider::Cpu) => Batch::ONE,
+            (BatchSetting::Auto, Provider::Cuda) => Batch::MAX,
+        }
+    }
+}
+
+/// Per-frame seconds of one batch size, measured by [`Unet::measure_batches`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchTiming {
+    /// The batch.
+    pub batch: Batch,
+    /// Seconds per run (the faster of two, after a warm-up run).
+    pub run_s: f64,
+}
+
+impl BatchTiming {
+    /// Frames per second at this batch.
+    pub fn fps(&self) -> f64 {
+        self.batch.get() as f64 / self.run_s
+    }
+}
+
+/// The smallest batch whose throughput is within 5 % of the best measured: more frames per run
+/// past that point only add latency (a frame waits for its whole batch).
+pub fn pick_batch(timings: &[BatchTiming]) -> Option<Batch> {
+    let best = timings.iter().map(BatchTiming::fps).fold(0.0, f64::max);
+    timings.iter().filter(|t| t.fps() >= 0.95 * best).map(|t| t.batch).min()
+}
+
 /// Which execution provider runs the UNet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Provider {
@@ -167,6 +261,59 @@ impl Unet {
         self.max_batch
     }
 
+    /// The batch for [`BatchSetting::Auto`] on this UNet's provider. On the CPU, 1: measured on
+    /// the full-size UNet with 2 threads, batch 8 renders at the same frames/s as batch 1 (14.0
+    /// against 13.8) with 4x the end-to-end latency and 1.4 GB more memory (docs/architecture.md,
+    /// "Batch"). On a GPU, where batching pays, the sizes up to the opened limit are measured now
+    /// ([`Unet::measure_batches`], [`pick_batch`]).
+    pub fn auto_batch(&mut self) -> Result<Batch, UnetError> {
+        match self.provider {
+            Provider::Cpu => Ok(Batch::ONE),
+            Provider::Cuda => {
+                let sizes: Vec<Batch> = [1, 2, 4, 8, 16, 32]
+                    .into_iter()
+                    .filter(|&n| n <= self.max_batch)
+                    .filter_map(|n| Batch::new(n).ok())
+                    .collect();
+                let timings = self.measure_batches(&sizes)?;
+                for t in &timings {
+                    tracing::info!(batch = t.batch.get(), run_ms = t.run_s * 1e3, fps = t.fps(), "UNet batch measured");
+                }
+                Ok(pick_batch(&timings).unwrap_or(Batch::ONE))
+            }
+        }
+    }
+
+    /// Runs one frame of zeros: ONNX Runtime's first run sizes its memory and is slow, so a
+    /// service does it before its first real frame.
+    pub fn warm_up(&mut self) -> Result<(), UnetError> {
+        let s = self.size;
+        let mut out = vec![0f32; 3 * s * s];
+        self.run(1, &vec![0f32; 6 * s * s], &[0f32; FRAME_AUDIO_LEN], &mut out)
+    }
+
+    /// Times each batch size on zero inputs: one warm-up run, then the faster of two.
+    pub fn measure_batches(&mut self, sizes: &[Batch]) -> Result<Vec<BatchTiming>, UnetError> {
+        let largest = sizes.iter().map(|b| b.get()).max().unwrap_or(1);
+        let s = self.size;
+        let images = vec![0f32; largest * 6 * s * s];
+        let audio = vec![0f32; largest * FRAME_AUDIO_LEN];
+        let mut output = vec![0f32; largest * 3 * s * s];
+        let mut timings = Vec::with_capacity(sizes.len());
+        for &batch in sizes {
+            let n = batch.get();
+            self.run(n, &images, &audio, &mut output)?;
+            let mut best = f64::INFINITY;
+            for _ in 0..2 {
+                let t = std::time::Instant::now();
+                self.run(n, &images, &audio, &mut output)?;
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            timings.push(BatchTiming { batch, run_s: best });
+        }
+        Ok(timings)
+    }
+
     /// Runs `n` frames: `images` holds `n x [6, S, S]`, `audio` `n x [32, 16, 16]`; writes
     /// `n x [3, S, S]` into `output`.
     pub fn run(&mut self, n: usize, images: &[f32], audio: &[f32], output: &mut [f32]) -> Result<(), UnetError> {
@@ -225,5 +372,30 @@ mod tests {
         let b: Batch = serde_json::from_str("16").unwrap();
         assert_eq!(b.get(), 16);
         assert!(serde_json::from_str::<Batch>("64").is_err());
+    }
+
+    #[test]
+    fn batch_setting_is_auto_or_a_size() {
+        assert_eq!("auto".parse::<BatchSetting>().unwrap(), BatchSetting::Auto);
+        assert_eq!("4".parse::<BatchSetting>().unwrap(), BatchSetting::Fixed(Batch::new(4).unwrap()));
+        assert!("0".parse::<BatchSetting>().unwrap_err().contains("expected auto or 1..=32"));
+        assert_eq!(serde_json::from_str::<BatchSetting>("\"auto\"").unwrap(), BatchSetting::Auto);
+        assert_eq!(serde_json::from_str::<BatchSetting>("8").unwrap().to_string(), "8");
+        assert!(serde_json::from_str::<BatchSetting>("40").is_err());
+        assert!(serde_json::from_str::<BatchSetting>("\"big\"").is_err());
+        assert_eq!(serde_json::to_string(&BatchSetting::Auto).unwrap(), "\"auto\"");
+        assert_eq!(BatchSetting::Auto.limit(Provider::Cpu), Batch::ONE);
+        assert_eq!(BatchSetting::Auto.limit(Provider::Cuda), Batch::MAX);
+    }
+
+    #[test]
+    fn the_smallest_batch_near_the_best_throughput_is_picked() {
+        let t = |n, ms| BatchTiming { batch: Batch::new(n).unwrap(), run_s: ms / 1e3 };
+        // CPU-like: no gain from batching.
+        assert_eq!(pick_batch(&[t(1, 70.0), t(2, 139.0), t(4, 281.0)]), Some(Batch::ONE));
+        // GPU-like: gains up to 8, then flat.
+        let gpu = [t(1, 5.0), t(2, 6.0), t(4, 8.0), t(8, 12.0), t(16, 23.5), t(32, 47.0)];
+        assert_eq!(pick_batch(&gpu), Some(Batch::new(8).unwrap()));
+        assert_eq!(pick_batch(&[]), None);
     }
 }

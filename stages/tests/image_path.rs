@@ -45,7 +45,7 @@ use lipsync_stages::io::avatar::{Avatar, CropParams};
 use lipsync_stages::io::npy::read_f32_2d;
 use lipsync_stages::io::video::VideoError;
 use lipsync_stages::onnx::{ModelIo, OrtRuntime, SessionOptions};
-use lipsync_stages::template::{TemplateFrames, DEFAULT_BUDGET};
+use lipsync_stages::template::{SharedTemplate, TemplateReader, VideoReader, DEFAULT_CACHE};
 use lipsync_stages::unet::{Provider, Unet};
 
 fn diff_stats(a: &[u8], b: &[u8]) -> (u8, f64) {
@@ -79,7 +79,7 @@ fn ping_pong_order() {
 fn image_path_matches_the_reference() {
     let avatar = Avatar::open(&fixture("golden/avatar")).unwrap();
     let crop: CropParams = avatar.config.crop;
-    let mut template = TemplateFrames::load(&avatar.video, DEFAULT_BUDGET).unwrap();
+    let mut template = open_template(&avatar.video, DEFAULT_CACHE).unwrap();
     assert_eq!(template.len(), 5);
     let f = read_f32_2d(&fixture("golden/ref/features.npy")).unwrap();
     let meta: serde_json::Value =
@@ -183,43 +183,109 @@ fn video_containers_decode_like_ffmpeg() {
     let want0 = load("video/h264_decoded_0.png");
     let want4 = load("video/h264_decoded_4.png");
     let mut frame = BgrFrame::default();
-    let mut t = TemplateFrames::load(&fixture("video/h264.mp4"), DEFAULT_BUDGET).unwrap();
+    let mut t = open_template(&fixture("video/h264.mp4"), DEFAULT_CACHE).unwrap();
     assert_eq!((t.len(), t.size(), t.fps()), (5, (640, 360), Some(25.0)));
     t.get(0, &mut frame).unwrap();
     assert!(frame.data == want0.data, "frame 0 equals the reference's decode");
     t.get(4, &mut frame).unwrap();
     assert!(frame.data == want4.data, "frame 4 equals the reference's decode");
-    // The same frames held compressed (budget 0) come back identical.
-    let mut z = TemplateFrames::load(&fixture("video/h264.mp4"), 0).unwrap();
-    assert_eq!(z.compressed_frames(), 5);
-    assert!(z.memory_bytes() < t.memory_bytes());
-    z.get(4, &mut frame).unwrap();
-    assert!(frame.data == want4.data);
+    // A video is held as its packets: a small fraction of its decoded frames.
+    assert!(t.template().memory_bytes() < 5 * 640 * 360 * 3 / 4, "{}", t.template().memory_bytes());
+    assert_eq!(t.compressed_frames(), 0);
     for name in ["h264.mov", "h264.mkv", "vp9.webm", "mjpeg.avi"] {
-        let mut v = TemplateFrames::load(&fixture(&format!("video/{name}")), DEFAULT_BUDGET).unwrap();
+        let mut v = open_template(&fixture(&format!("video/{name}")), DEFAULT_CACHE).unwrap();
         assert_eq!((v.len(), v.size()), (5, (640, 360)), "{name}");
         v.get(0, &mut frame).unwrap();
         let (_, mean) = diff_stats(&frame.data, &load("golden/avatar/frames/000000.png").data);
         assert!(mean < 4.0, "{name}: mean abs diff to the source frame {mean}");
     }
-    let v = TemplateFrames::load(&fixture("video/h264_30fps.mp4"), DEFAULT_BUDGET).unwrap();
+    let v = open_template(&fixture("video/h264_30fps.mp4"), DEFAULT_CACHE).unwrap();
     assert_eq!(v.fps(), Some(30.0));
+}
+
+/// Every frame of `name`, decoded from the start in order.
+fn sequential(name: &str) -> Vec<BgrFrame> {
+    let mut r = VideoReader::open(&fixture(name)).unwrap();
+    let mut frames = Vec::new();
+    let mut f = BgrFrame::default();
+    while r.next(&mut f).unwrap() {
+        frames.push(f.clone());
+    }
+    frames
+}
+
+/// A reader with a ring of a few frames walks the ping-pong (forwards, then backwards, then
+/// forwards again) and a random order, restarting at keyframes (closed and open GOPs, with
+/// B-frames), and serves exactly the frames of a decode from the start, at a bounded cost.
+#[test]
+fn template_reader_serves_any_order_exactly() {
+    for name in ["video/gop10.mp4", "video/opengop10.mp4"] {
+        let want = sequential(name);
+        assert_eq!(want.len(), 60, "{name}");
+        let shared = std::sync::Arc::new(SharedTemplate::open(&fixture(name), 0).unwrap());
+        assert_eq!(shared.len(), 60);
+        assert!(shared.restart_points() >= 5, "{name}: keyframes every 10 frames, got {}", shared.restart_points());
+        // Room for 4 decoded frames.
+        assert!(shared.decoded_frame_bytes() >= 160 * 96 * 3 / 2);
+        let mut reader = shared.clone().reader(4 * shared.decoded_frame_bytes());
+        assert_eq!(shared.reader_bytes(4 * shared.decoded_frame_bytes()), 4 * shared.decoded_frame_bytes());
+        let mut frame = BgrFrame::default();
+        let n = shared.len();
+        let cycle: Vec<usize> = (0..3 * n).map(|i| lipsync_stages::face::template_index(i, n, 0)).collect();
+        for &i in &cycle {
+            reader.get(i, &mut frame).unwrap();
+            assert!(frame.data == want[i].data, "{name}: frame {i}");
+        }
+        // Forward passes decode each frame once; a backward pass at most a GOP plus a ring per
+        // ring's worth of frames: far from the quadratic cost of decoding from the start.
+        assert!(reader.decoded() < 3 * n as u64 + n as u64 * 4, "{name}: {} decodes", reader.decoded());
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut seed = 7u64;
+        for k in (1..n).rev() {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            order.swap(k, (seed >> 33) as usize % (k + 1));
+        }
+        for &i in &order {
+            reader.get(i, &mut frame).unwrap();
+            assert!(frame.data == want[i].data, "{name}: random frame {i}");
+        }
+        assert!(reader.get(n, &mut frame).unwrap_err().to_string().contains("holds 60 frames"));
+    }
+}
+
+/// A frames directory is decoded at open: raw frames within the budget, the rest compressed,
+/// the same pixels either way.
+#[test]
+fn frames_directory_templates_hold_raw_or_compressed_frames() {
+    let dir = fixture("golden/avatar/frames");
+    let raw = open_template(&dir, 1 << 30).unwrap();
+    let z = open_template(&dir, 0).unwrap();
+    assert_eq!((raw.compressed_frames(), z.compressed_frames()), (0, z.len()));
+    assert!(z.memory_bytes() < raw.memory_bytes());
+    let (mut a, mut b) = (BgrFrame::default(), BgrFrame::default());
+    let (mut raw, mut z) = (raw, z);
+    for i in (0..raw.len()).rev() {
+        raw.get(i, &mut a).unwrap();
+        z.get(i, &mut b).unwrap();
+        assert!(a.data == b.data, "frame {i}");
+    }
+    assert!(a.data == load("golden/avatar/frames/000000.png").data);
 }
 
 #[test]
 fn bad_videos_have_clear_errors() {
-    let e = TemplateFrames::load(&fixture("audio/clip.wav"), DEFAULT_BUDGET).unwrap_err();
+    let e = open_template(&fixture("audio/clip.wav"), DEFAULT_CACHE).unwrap_err();
     assert!(matches!(e, VideoError::NoVideoStream(_)), "{e}");
-    let e = TemplateFrames::load(&fixture("video/absent.mp4"), DEFAULT_BUDGET).unwrap_err();
+    let e = open_template(&fixture("video/absent.mp4"), DEFAULT_CACHE).unwrap_err();
     assert!(matches!(e, VideoError::Missing(_)), "{e}");
-    let e = TemplateFrames::load(&fixture("audio/not_audio.wav"), DEFAULT_BUDGET).unwrap_err();
+    let e = open_template(&fixture("audio/not_audio.wav"), DEFAULT_CACHE).unwrap_err();
     assert!(e.to_string().contains("could not read video"), "{e}");
     // A truncated file yields the frames before the cut, or an error naming the problem.
-    match TemplateFrames::load(&fixture("video/truncated.mkv"), DEFAULT_BUDGET) {
+    match open_template(&fixture("video/truncated.mkv"), DEFAULT_CACHE) {
         Ok(t) => assert!(t.len() < 5, "truncated file cannot hold all frames"),
         Err(e) => assert!(e.to_string().contains("truncated.mkv"), "{e}"),
     }
-    match TemplateFrames::load(&fixture("video/corrupt.mp4"), DEFAULT_BUDGET) {
+    match open_template(&fixture("video/corrupt.mp4"), DEFAULT_CACHE) {
         Ok(t) => assert_eq!(t.len(), 5, "corrupt payload may decode with artefacts"),
         Err(e) => assert!(e.to_string().contains("corrupt.mp4"), "{e}"),
     }
@@ -241,4 +307,12 @@ fn jpeg_and_png_round_trip() {
     decode_image(&png, &mut back).unwrap();
     assert!(back.data == src.data, "PNG is lossless");
     assert!(decode_image(b"garbage", &mut back).is_err());
+}
+
+/// Opens a template and a reader of it with the default cache.
+fn open_template(
+    path: &std::path::Path,
+    budget: usize,
+) -> Result<TemplateReader, lipsync_stages::io::video::VideoError> {
+    Ok(std::sync::Arc::new(SharedTemplate::open(path, budget)?).reader(DEFAULT_CACHE))
 }

@@ -29,8 +29,8 @@ impl Stage for CompositeStage {
 
     fn process(&mut self, reply: UnetReply, out: &mut Out<'_, FrameJob>) -> Result<(), StageError> {
         let mut job = reply.map_err(|e| StageError::failed(Some(e.index), e))?;
-        let FrameJob { frame, c328, output, template, .. } = &mut job;
-        self.comp.paste(frame, self.avatar.boxes[*template], &self.avatar.config.crop, c328, output, self.blend);
+        let FrameJob { frame, c328, pred, template, .. } = &mut job;
+        self.comp.paste_u8(frame, self.avatar.boxes[*template], &self.avatar.config.crop, c328, pred, self.blend);
         out.send(job)
     }
 }

@@ -6,32 +6,36 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use lipsync_stages::face::template_index;
-use lipsync_stages::frame::BgrFrame;
 use lipsync_stages::io::video::VideoError;
-use lipsync_stages::template::{SharedTemplate, TemplateFrames};
+use lipsync_stages::template::{SharedTemplate, TemplateReader};
 
 use crate::job::{AudioTensor, FrameJob, FrameStats};
 use crate::runtime::{Out, Pool, Stage, StageError};
 
-/// Where template frames come from.
+/// Where template frames come from, and how many decoded frames this graph's reader keeps.
 pub enum Template {
-    /// A template decoded on first use by this graph, within a raw-frame budget (render).
-    Lazy {
+    /// A template this graph opens on first use (render).
+    Open {
         /// The video file or frames directory.
         path: PathBuf,
-        /// Raw bytes to keep decoded.
-        budget: usize,
+        /// Bytes of decoded frames the reader keeps (a frames directory: raw frames held).
+        cache: usize,
     },
-    /// A template decoded once and shared read-only by many graphs (a daemon's sessions).
-    Shared(Arc<SharedTemplate>),
+    /// A template opened once and shared read-only by many graphs (a daemon's sessions).
+    Shared {
+        /// The template.
+        template: Arc<SharedTemplate>,
+        /// Bytes of decoded frames this graph's reader keeps.
+        cache: usize,
+    },
 }
 
-/// Audio tensor in, job with the template frame and the audio out. A lazy template's decoder
-/// is opened by the stage's own thread (FFmpeg's contexts stay on it): build the stage there
-/// with [`crate::runtime::Pipeline::stage_built`].
+/// Audio tensor in, job with the template frame and the audio out. The template's reader (its
+/// FFmpeg decoder) is made by the stage's own thread on first use, as FFmpeg's contexts stay on
+/// one thread: build the stage there with [`crate::runtime::Pipeline::stage_built`].
 pub struct FramesStage {
     template: Template,
-    opened: Option<Box<TemplateFrames>>,
+    reader: Option<TemplateReader>,
     boxes: usize,
     start: usize,
     jobs: Pool<FrameJob>,
@@ -49,21 +53,25 @@ impl FramesStage {
         tensors: Pool<AudioTensor>,
         stats: Arc<FrameStats>,
     ) -> Self {
-        Self { template, opened: None, boxes, start, jobs, tensors, stats }
+        Self { template, reader: None, boxes, start, jobs, tensors, stats }
     }
 }
 
 impl FramesStage {
-    fn get(&mut self, i: usize, out: &mut BgrFrame) -> Result<(), VideoError> {
-        match &self.template {
-            Template::Lazy { path, budget } => {
-                if self.opened.is_none() {
-                    self.opened = Some(Box::new(TemplateFrames::open(path, *budget)?));
-                }
-                self.opened.as_mut().expect("opened above").get(i, out)
-            }
-            Template::Shared(t) => t.get(i, out),
+    /// The reader, made (and for [`Template::Open`] the template opened) on first use.
+    fn reader(&mut self) -> Result<&mut TemplateReader, StageError> {
+        if self.reader.is_none() {
+            let reader = match &self.template {
+                Template::Open { path, cache } => Arc::new(
+                    SharedTemplate::open(path, *cache)
+                        .map_err(|e| StageError::msg(format!("could not open the template: {e}")))?,
+                )
+                .reader(*cache),
+                Template::Shared { template, cache } => template.clone().reader(*cache),
+            };
+            self.reader = Some(reader);
         }
+        Ok(self.reader.as_mut().expect("the reader was just made"))
     }
 }
 
@@ -81,7 +89,7 @@ impl Stage for FramesStage {
         job.audio.copy_from_slice(&tensor.data);
         self.tensors.give(tensor);
         let boxes = self.boxes;
-        self.get(job.template, &mut job.frame).map_err(|e| {
+        self.reader()?.get(job.template, &mut job.frame).map_err(|e: VideoError| {
             StageError::at(job.index, format!("{e} (the avatar has {boxes} boxes: truncated or corrupt video?)"))
         })?;
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);

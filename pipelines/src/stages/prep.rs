@@ -27,8 +27,8 @@ impl Stage for PrepStage {
     type Out = FrameJob;
 
     fn process(&mut self, mut job: FrameJob, out: &mut Out<'_, FrameJob>) -> Result<(), StageError> {
-        let FrameJob { frame, c328, input, template, .. } = &mut job;
-        self.prep.prep(frame, self.avatar.boxes[*template], &self.avatar.config.crop, c328, input);
+        let FrameJob { frame, c328, template, .. } = &mut job;
+        self.prep.crop(frame, self.avatar.boxes[*template], &self.avatar.config.crop, c328);
         out.send(job)
     }
 }

@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use hdrhistogram::Histogram;
-use lipsync_stages::face::{input_len, output_len};
+use lipsync_stages::face::{input_len, output_len, quantize_output, FacePrep};
 use lipsync_stages::features::FRAME_AUDIO_LEN;
 use lipsync_stages::io::avatar::CropParams;
 use lipsync_stages::onnx::{ModelIo, OrtRuntime, SessionOptions};
-use lipsync_stages::unet::{Batch, Provider, Unet, UnetError};
+use lipsync_stages::unet::{Batch, BatchSetting, Provider, Unet, UnetError};
 
 use crate::job::FrameJob;
 use crate::metrics::histogram;
@@ -52,8 +52,8 @@ struct Request {
 /// Settings of a [`UnetService`].
 #[derive(Debug, Clone)]
 pub struct UnetServiceConfig {
-    /// Most frames per UNet run.
-    pub max_batch: Batch,
+    /// Most frames per UNet run (`auto`: resolved for the provider when the service starts).
+    pub max_batch: BatchSetting,
     /// Longest the oldest waiting frame waits for a batch to fill.
     pub max_wait: Duration,
     /// ONNX Runtime intra-op threads.
@@ -115,9 +115,19 @@ impl UnetService {
         cfg: &UnetServiceConfig,
     ) -> Result<Self, UnetError> {
         let opts = SessionOptions { intra_threads: cfg.intra_threads.max(1), spinning: cfg.spinning };
-        let mut unet = Unet::open(rt, path, io, &crop, cfg.max_batch, &opts, cfg.provider)?;
+        let limit = cfg.max_batch.limit(cfg.provider);
+        let mut unet = Unet::open(rt, path, io, &crop, limit, &opts, cfg.provider)?;
         let provider = unet.provider();
-        let max_batch = cfg.max_batch.get();
+        let resolved = match cfg.max_batch {
+            BatchSetting::Fixed(b) => b,
+            BatchSetting::Auto => unet.auto_batch()?,
+        };
+        // Measuring (auto on a GPU) ran the model already; otherwise its slow first run happens
+        // now rather than on the first frame.
+        if !(cfg.max_batch == BatchSetting::Auto && provider == Provider::Cuda) {
+            unet.warm_up()?;
+        }
+        let max_batch = resolved.get();
         let max_wait = cfg.max_wait;
         let stats = Arc::new(UnetStats {
             sizes: (0..=max_batch).map(|_| AtomicU64::new(0)).collect(),
@@ -131,7 +141,7 @@ impl UnetService {
             .name("ls-unet".into())
             .spawn(move || batch_loop(&mut unet, &crop, &rx, max_batch, max_wait, &st))
             .map_err(|e| UnetError::Run { batch: 0, message: format!("could not start the UNet thread: {e}") })?;
-        Ok(Self { tx: Some(tx), handle: Some(handle), crop, max_batch: cfg.max_batch, provider, stats })
+        Ok(Self { tx: Some(tx), handle: Some(handle), crop, max_batch: resolved, provider, stats })
     }
 
     /// The crop geometry the model was checked against.
@@ -219,6 +229,7 @@ fn batch_loop(
     let mut images = vec![0f32; max_batch * slot];
     let mut audio = vec![0f32; max_batch * FRAME_AUDIO_LEN];
     let mut out = vec![0f32; max_batch * out_len];
+    let prep = FacePrep::new();
     let mut pending: VecDeque<Request> = VecDeque::with_capacity(max_batch * 8);
     let mut batch: Vec<Request> = Vec::with_capacity(max_batch);
     let mut counts: Vec<(u64, usize)> = Vec::with_capacity(max_batch);
@@ -270,7 +281,7 @@ fn batch_loop(
             continue;
         }
         for (j, r) in batch.iter().enumerate() {
-            images[j * slot..(j + 1) * slot].copy_from_slice(&r.job.input);
+            prep.tensor(&r.job.c328, crop, &mut images[j * slot..(j + 1) * slot]);
             audio[j * FRAME_AUDIO_LEN..(j + 1) * FRAME_AUDIO_LEN].copy_from_slice(&r.job.audio);
         }
         let t = Instant::now();
@@ -286,7 +297,7 @@ fn batch_loop(
         for (j, mut r) in batch.drain(..).enumerate() {
             let reply = match &result {
                 Ok(()) => {
-                    r.job.output.copy_from_slice(&out[j * out_len..(j + 1) * out_len]);
+                    quantize_output(&out[j * out_len..(j + 1) * out_len], &mut r.job.pred);
                     Ok(r.job)
                 }
                 Err(e) => Err(UnetFailure { index: r.job.index, message: e.to_string() }),
