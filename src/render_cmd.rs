@@ -74,9 +74,13 @@ pub struct RenderArgs {
     #[arg(long, default_value = "hard")]
     pub blend: Blend,
     /// MiB of decoded template frames kept for the ping-pong's backward pass (a frames
-    /// directory: raw frames held, the rest compressed).
-    #[arg(long, default_value_t = 24)]
-    pub template_cache_mb: usize,
+    /// directory: raw frames held, the rest compressed); default: what `--memory-mb` leaves
+    /// after the models, up to the whole template.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub template_cache_mb: Option<u32>,
+    /// Resident memory (MB, 10^6 bytes) the default template cache keeps the render within.
+    #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(64..=1_000_000))]
+    pub memory_mb: u32,
     /// Write the latency report (JSON).
     #[arg(long, value_name = "FILE.json")]
     pub report: Option<PathBuf>,
@@ -216,7 +220,8 @@ pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
         pin,
         max_frames: args.max_frames,
         blend: args.blend,
-        template_cache: args.template_cache_mb << 20,
+        template_cache: args.template_cache_mb.map(|mb| (mb as usize) << 20),
+        memory_budget: args.memory_mb as usize * 1_000_000,
         progress: cb,
         cancel: Some(signals.stop.clone()),
     };

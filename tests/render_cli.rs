@@ -197,9 +197,9 @@ fn failures_leave_no_output() {
     assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
     std::fs::remove_dir_all(&out).unwrap();
 
-    // A template frame that fails to decode: the error names the stage and the file (a frames
-    // directory is read whole when the template opens), and neither the output nor a temporary
-    // directory is left.
+    // A template frame that fails to decode: the error names the template and the file (a frames
+    // directory is read whole when the template opens, before any frame), and neither the
+    // output nor a temporary directory is left.
     let frames = tmp.path().join("frames");
     std::fs::create_dir_all(&frames).unwrap();
     for i in 0..5 {
@@ -223,7 +223,7 @@ fn failures_leave_no_output() {
         "-o",
         s(&out),
     ]);
-    assert!(t.contains("stage `frames` failed: could not open the template"), "{t}");
+    assert!(t.contains("`template` failed: could not read frame image"), "{t}");
     assert!(t.contains("000003.png"), "{t}");
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, vec![std::ffi::OsString::from("frames")], "no output, no temp dir");

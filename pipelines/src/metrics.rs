@@ -203,3 +203,11 @@ impl RunReport {
         s
     }
 }
+
+/// The process's resident memory (Linux `/proc/self/status`), bytes; `None` elsewhere.
+pub fn rss_bytes() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb << 10)
+}

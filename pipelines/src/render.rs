@@ -10,18 +10,19 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::bounded;
-use lipsync_stages::audio::{load_16k, SAMPLE_RATE};
+use crossbeam_channel::unbounded;
+use lipsync_stages::audio::{AudioError, AudioFileReader, StreamResampler, SAMPLE_RATE};
 use lipsync_stages::face::Blend;
 use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
+use lipsync_stages::template::SharedTemplate;
 use lipsync_stages::unet::{BatchSetting, Provider};
 
 pub use crate::file_sink::{ImageFormat, Output};
 use crate::graph::{build, GraphConfig, Layout};
-use crate::job::AudioIn;
-use crate::metrics::{Clock, LatencyRecorder, Percentiles, RunReport, StageMetrics, StageSummary};
+use crate::job::{AudioIn, FrameJob};
+use crate::metrics::{rss_bytes, Clock, LatencyRecorder, Percentiles, RunReport, StageMetrics, StageSummary};
 use crate::runtime::{lock, PinPolicy, Pipeline, PipelineError, StageError};
 use crate::stages::encode::Encoding;
 use crate::stages::frames::Template;
@@ -31,6 +32,38 @@ use crate::stages::unet::{UnetService, UnetServiceConfig};
 /// How long the batcher waits for a full batch from render's one producer (which fills a
 /// batch in a few ms per frame): a bound, not a pace.
 const MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// The memory budget `render` sizes its template cache to by default (400 MB).
+pub const DEFAULT_MEMORY_BUDGET: usize = 400_000_000;
+
+/// The smallest template cache [`auto_cache`] picks.
+pub const MIN_TEMPLATE_CACHE: usize = 16 << 20;
+
+/// What [`auto_cache`] leaves for what it cannot see yet: the audio encoder's working memory,
+/// the template decoder's own frames, image encoders, allocator slack. Measured on the sample
+/// (720p): without it renders peaked 12-20 MiB over the budget.
+const CACHE_MARGIN: usize = 40 << 20;
+
+/// What an H.264 output's encoder holds (libx264 at the settings of
+/// `lipsync_stages::encode`, 720p: measured 22 MB).
+const VIDEO_ENCODER_BYTES: usize = 24 << 20;
+
+/// The template cache that keeps the process within `budget`: every decoded frame when they
+/// fit in what is left after the memory in use now and `reserve` (what the run will add:
+/// frame jobs, an encoder), else what is left, at least [`MIN_TEMPLATE_CACHE`]. Without a
+/// resident-memory reading (not Linux), the default cache.
+pub fn auto_cache(template: &SharedTemplate, budget: usize, reserve: usize) -> usize {
+    match rss_bytes() {
+        Some(rss) => fit_cache(template.len() * template.decoded_frame_bytes(), budget, rss + reserve),
+        None => lipsync_stages::template::DEFAULT_CACHE,
+    }
+}
+
+/// [`auto_cache`]'s rule: `whole` (every decoded frame) if it fits in `budget` less `used` and
+/// the margin, else what is left, at least [`MIN_TEMPLATE_CACHE`].
+pub fn fit_cache(whole: usize, budget: usize, used: usize) -> usize {
+    budget.saturating_sub(used + CACHE_MARGIN).min(whole).max(MIN_TEMPLATE_CACHE)
+}
 
 /// Samples per chunk the source sends (200 ms).
 const CHUNK: usize = SAMPLE_RATE as usize / 5;
@@ -64,8 +97,11 @@ pub struct RenderConfig {
     /// Paste-back blending.
     pub blend: Blend,
     /// Bytes of decoded template frames kept for the ping-pong's backward pass (a frames
-    /// directory: raw frames held, the rest compressed).
-    pub template_cache: usize,
+    /// directory: raw frames held, the rest compressed); `None`: sized by [`auto_cache`] to
+    /// what `memory_budget` leaves.
+    pub template_cache: Option<usize>,
+    /// Resident memory the render aims to stay within when it sizes the template cache.
+    pub memory_budget: usize,
     /// Called by the sink after each frame with (frames done, total when known).
     pub progress: Option<ProgressFn>,
     /// Set from outside (a signal) to stop the render: it then fails as cancelled and leaves
@@ -92,7 +128,8 @@ impl RenderConfig {
             pin: PinPolicy::None,
             max_frames: None,
             blend: Blend::Hard,
-            template_cache: lipsync_stages::template::DEFAULT_CACHE,
+            template_cache: None,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
             progress: None,
             cancel: None,
         }
@@ -130,6 +167,11 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
     let encoder = AudioEncoder::open(rt, &cfg.avatar.encoder, &io, cfg.encoder_batch, &enc_opts)
         .map_err(|e| PipelineError::setup("encoder", e))?;
     let sink = cfg.output.sink().map_err(|e| PipelineError::setup("sink", e))?;
+    // The template opens after the models, so that the cache is sized to what they left.
+    let open_budget = cfg.template_cache.unwrap_or(lipsync_stages::template::DEFAULT_CACHE);
+    let template = Arc::new(
+        SharedTemplate::open(&cfg.avatar.video, open_budget).map_err(|e| PipelineError::setup("template", e))?,
+    );
 
     let clock = Clock::new();
     let started = Instant::now();
@@ -138,18 +180,23 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
     if let Some(flag) = cfg.cancel.clone() {
         p = p.with_cancel(flag);
     }
-    let (full_tx, full_rx) = bounded::<Arc<Vec<f32>>>(1);
+    // The sound track goes to the encoder in chunks: unbounded, as the graph already bounds how
+    // far the source runs ahead of the encoder.
+    let (track_tx, track_rx) = unbounded::<Vec<f32>>();
     let encoding = match &cfg.output {
         Output::Dir { format: ImageFormat::Png, .. } => Encoding::Png,
         Output::Dir { format: ImageFormat::Raw, .. } => Encoding::Raw,
         Output::Dir { format: ImageFormat::Jpeg, .. } | Output::Stdout => Encoding::Jpeg(cfg.jpeg_quality),
         Output::Video(path) => {
             let fps = cfg.avatar.config.fps.round().max(1.0) as i32;
-            Encoding::H264 { path: path.clone(), fps, audio: full_rx }
+            Encoding::H264 { path: path.clone(), fps, audio: track_rx }
         }
     };
-    let want_full = matches!(cfg.output, Output::Video(_));
-    let settings = serde_json::json!({
+    let track = matches!(cfg.output, Output::Video(_)).then_some(track_tx);
+    // With `max_frames` the sound track stops with the video (the graph still reads the rest).
+    let fps = cfg.avatar.config.fps.round().max(1.0) as usize;
+    let mut track_left = cfg.max_frames.map_or(usize::MAX, |m| m.saturating_mul(SAMPLE_RATE as usize) / fps);
+    let mut settings = serde_json::json!({
         "avatar": cfg.avatar.root.display().to_string(),
         "audio": cfg.audio.display().to_string(),
         "batch": unet.max_batch(),
@@ -162,10 +209,20 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
     });
     let n = unet.max_batch().get();
     let cap = cfg.capacity.max(1);
+    // Room for a batch being filled, one in the UNet, and a channel's worth beside them: more
+    // only holds frames (3 MiB each at 720p) without feeding the UNet faster.
+    let jobs = 2 * n + cap + 2;
+    let template_cache = cfg.template_cache.unwrap_or_else(|| {
+        let (w, h) = template.size();
+        let video = if matches!(cfg.output, Output::Video(_)) { VIDEO_ENCODER_BYTES } else { 0 };
+        auto_cache(&template, cfg.memory_budget, jobs * FrameJob::bytes(&crop, w, h) + video)
+    });
+    tracing::info!(template_cache_mib = template_cache >> 20, "template cache");
+    settings["template_cache_bytes"] = template_cache.into();
     let avatar = Arc::new(cfg.avatar);
     let graph = GraphConfig {
         id: 0,
-        template: Template::Open { path: avatar.video.clone(), cache: cfg.template_cache },
+        template: Template { template, cache: template_cache },
         start_frame: avatar.config.start_frame,
         avatar,
         encoder: Arc::new(Mutex::new(encoder)),
@@ -174,8 +231,7 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
         encoding,
         blend: cfg.blend,
         batch: unet.max_batch(),
-        // Room for a batch being filled, one in the UNet, and full channels around them.
-        jobs: 2 * n + 2 * cap + 2,
+        jobs,
         capacity: cap,
         audio_ahead: cap.max(n),
         max_frames: cfg.max_frames,
@@ -186,17 +242,42 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
     let (input, recycle) = (g.input, g.recycle);
     let audio = cfg.audio.clone();
     p.source("source", input, move |out| {
-        let samples = Arc::new(load_16k(&audio).map_err(|e| StageError::failed(None, e))?);
-        if want_full {
-            let _ = full_tx.send(samples.clone());
+        // Decoded and resampled packet by packet: memory is flat in the audio's length.
+        let fail = |e: AudioError| StageError::failed(None, e);
+        let mut reader = AudioFileReader::open(&audio).map_err(fail)?;
+        let mut resampler: Option<StreamResampler> = None;
+        let (mut raw, mut pending) = (Vec::new(), Vec::new());
+        let mut more = true;
+        while more {
+            raw.clear();
+            more = reader.read(&mut raw).map_err(fail)?;
+            let rs = match &mut resampler {
+                Some(rs) => rs,
+                None => resampler.insert(StreamResampler::new(reader.rate()).map_err(fail)?),
+            };
+            rs.push(&raw, &mut pending).map_err(fail)?;
+            if !more {
+                rs.finish(&mut pending).map_err(fail)?;
+            }
+            // Whole chunks go out as they fill (the rest with the end), so the graph sees the
+            // same chunks whatever the file's packet size.
+            let whole = if more { pending.len() - pending.len() % CHUNK } else { pending.len() };
+            for chunk in pending[..whole].chunks(CHUNK) {
+                // The track first: the encoder never waits for audio the graph has already seen.
+                if let Some(tx) = track.as_ref().filter(|_| track_left > 0) {
+                    let n = chunk.len().min(track_left);
+                    let _ = tx.send(chunk[..n].to_vec());
+                    track_left -= n;
+                }
+                let mut buf = recycle.try_recv().unwrap_or_default();
+                buf.clear();
+                buf.extend_from_slice(chunk);
+                let now = out.clock().now();
+                out.send(AudioIn::Samples(buf, now))?;
+            }
+            pending.drain(..whole);
         }
-        for chunk in samples.chunks(CHUNK) {
-            let mut buf = recycle.try_recv().unwrap_or_default();
-            buf.clear();
-            buf.extend_from_slice(chunk);
-            let now = out.clock().now();
-            out.send(AudioIn::Samples(buf, now))?;
-        }
+        drop(track);
         let now = out.clock().now();
         out.send(AudioIn::End(now))
     })?;

@@ -127,7 +127,7 @@ impl Session {
         let graph = GraphConfig {
             id: cfg.id,
             avatar: cfg.avatar,
-            template: Template::Shared { template: cfg.template, cache: cfg.template_cache },
+            template: Template { template: cfg.template, cache: cfg.template_cache },
             start_frame: cfg.start_frame,
             encoder: cfg.encoder,
             unet: cfg.unet,

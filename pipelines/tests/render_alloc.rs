@@ -25,7 +25,7 @@ fn allocations(rt: &OrtRuntime, frames: usize) -> HashMap<String, u64> {
         capacity: 2,
         jpeg_quality: 90,
         max_frames: Some(frames),
-        template_cache: 1 << 30,
+        template_cache: Some(1 << 30),
         ..RenderConfig::new(
             Avatar::open(&fixture("golden/avatar")).unwrap(),
             fixture("golden/speech_2s.wav"),

@@ -32,7 +32,7 @@ fn offline(rt: &OrtRuntime, audio: &Path) -> Vec<Vec<u8>> {
     let cfg = RenderConfig {
         batch: BatchSetting::Fixed(Batch::new(8).unwrap()),
         jpeg_quality: 90,
-        template_cache: 1 << 30,
+        template_cache: Some(1 << 30),
         ..RenderConfig::new(
             Avatar::open(&fixture("golden/avatar")).unwrap(),
             audio.to_path_buf(),

@@ -80,13 +80,7 @@ pub(crate) struct Registry {
     model_bytes: Mutex<HashMap<PathBuf, usize>>,
 }
 
-/// The process's resident memory (Linux `/proc/self/status`), bytes.
-pub fn rss_bytes() -> Option<usize> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb << 10)
-}
+pub use lipsync_pipelines::metrics::rss_bytes;
 
 /// Runs `load` and returns what it made with the growth of the process's memory meanwhile.
 fn measured<T, E>(load: impl FnOnce() -> Result<T, E>) -> Result<(T, usize), E> {

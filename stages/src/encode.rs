@@ -37,7 +37,8 @@ pub struct VideoWriter {
     bgr: ff::frame::Video,
     yuv: ff::frame::Video,
     afr: ff::frame::Audio,
-    audio: std::sync::Arc<Vec<f32>>,
+    /// Track samples received and not yet encoded; `audio[0]` is sample `audio_pos`.
+    audio: Vec<f32>,
     audio_pos: usize,
     frame_size: usize,
     frames: i64,
@@ -51,15 +52,9 @@ impl std::fmt::Debug for VideoWriter {
 }
 
 impl VideoWriter {
-    /// Opens `path` (`.mp4`, `.mkv`, `.mov`) for `width x height` frames at `fps`, with
-    /// `audio` (16 kHz mono f32) as the sound track.
-    pub fn create(
-        path: &Path,
-        width: usize,
-        height: usize,
-        fps: i32,
-        audio: std::sync::Arc<Vec<f32>>,
-    ) -> Result<Self, EncodeError> {
+    /// Opens `path` (`.mp4`, `.mkv`, `.mov`) for `width x height` frames at `fps`; the sound
+    /// track (16 kHz mono f32) comes through [`VideoWriter::push_audio`].
+    pub fn create(path: &Path, width: usize, height: usize, fps: i32) -> Result<Self, EncodeError> {
         init_ffmpeg();
         let err = |message: String| EncodeError { path: path.to_path_buf(), message };
         // An exclusive, unpredictable temporary beside the output; FFmpeg reopens it by name.
@@ -140,7 +135,7 @@ impl VideoWriter {
                 frame_size,
                 ff::ChannelLayout::MONO,
             ),
-            audio,
+            audio: Vec::new(),
             audio_pos: 0,
             frame_size,
             frames: 0,
@@ -152,7 +147,23 @@ impl VideoWriter {
         EncodeError { path: self.path.clone(), message }
     }
 
-    /// Encodes the next frame (and the audio up to its end).
+    /// Appends sound-track samples; each frame written encodes the audio up to its end, so the
+    /// writer holds only the audio received ahead of the video.
+    pub fn push_audio(&mut self, samples: &[f32]) {
+        self.audio.extend_from_slice(samples);
+    }
+
+    /// Sound-track samples received so far.
+    pub fn audio_received(&self) -> usize {
+        self.audio_pos + self.audio.len()
+    }
+
+    /// Sound-track samples the first `frames` frames span.
+    pub fn audio_until(&self, frames: usize) -> usize {
+        frames * crate::audio::SAMPLE_RATE as usize / self.fps as usize
+    }
+
+    /// Encodes the next frame (and the audio received, up to the frame's end).
     pub fn write(&mut self, frame: &BgrFrame) -> Result<(), EncodeError> {
         let stride = self.bgr.stride(0);
         let row = frame.width * 3;
@@ -167,7 +178,7 @@ impl VideoWriter {
         self.venc.send_frame(&self.yuv).map_err(|e| self.err(format!("H.264 encode: {e}")))?;
         self.frames += 1;
         self.drain_video()?;
-        let until = (self.frames as usize * crate::audio::SAMPLE_RATE as usize) / self.fps as usize;
+        let until = self.audio_until(self.frames as usize);
         self.write_audio(until, false)
     }
 
@@ -184,17 +195,19 @@ impl VideoWriter {
     }
 
     fn write_audio(&mut self, until: usize, last: bool) -> Result<(), EncodeError> {
-        let until = until.min(self.audio.len());
+        let until = until.min(self.audio_received());
         let size = self.frame_size;
+        let start = self.audio_pos;
         while self.audio_pos + size <= until || (last && self.audio_pos < until) {
             let n = size.min(until - self.audio_pos);
             // The last frame may be short (the AAC encoder takes a small final frame), so the
             // track lasts exactly as long as the input.
             self.afr.set_samples(n);
             let plane = self.afr.plane_mut::<f32>(0);
+            let from = self.audio_pos - start;
             // The sound track is clipped to [-1, 1] (what any player does); the lips were
             // driven by the samples as given.
-            for (d, s) in plane[..n].iter_mut().zip(&self.audio[self.audio_pos..self.audio_pos + n]) {
+            for (d, s) in plane[..n].iter_mut().zip(&self.audio[from..from + n]) {
                 *d = s.clamp(-1.0, 1.0);
             }
             self.afr.set_pts(Some(self.audio_pos as i64));
@@ -202,6 +215,7 @@ impl VideoWriter {
             self.audio_pos += n;
             self.drain_audio()?;
         }
+        self.audio.drain(..self.audio_pos - start);
         Ok(())
     }
 
@@ -217,7 +231,7 @@ impl VideoWriter {
 
     /// Flushes both encoders, writes the trailer and renames the file into place.
     pub fn finish(mut self) -> Result<usize, EncodeError> {
-        let total = self.audio.len();
+        let total = self.audio_received();
         self.write_audio(total, true)?;
         self.venc.send_eof().map_err(|e| self.err(format!("H.264 flush: {e}")))?;
         self.drain_video()?;

@@ -378,7 +378,8 @@ mod tests {
     fn batch_setting_is_auto_or_a_size() {
         assert_eq!("auto".parse::<BatchSetting>().unwrap(), BatchSetting::Auto);
         assert_eq!("4".parse::<BatchSetting>().unwrap(), BatchSetting::Fixed(Batch::new(4).unwrap()));
-        assert!("0".parse::<BatchSetting>().unwrap_err().contains("expected auto or 1..=32"));
+        assert!("0".parse::<BatchSetting>().unwrap_err().contains("batch size 0 is out of range: expected 1..=32"));
+        assert!("big".parse::<BatchSetting>().unwrap_err().contains("expected auto or 1..=32"));
         assert_eq!(serde_json::from_str::<BatchSetting>("\"auto\"").unwrap(), BatchSetting::Auto);
         assert_eq!(serde_json::from_str::<BatchSetting>("8").unwrap().to_string(), "8");
         assert!(serde_json::from_str::<BatchSetting>("40").is_err());

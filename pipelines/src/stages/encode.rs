@@ -19,15 +19,16 @@ pub enum Encoding {
     Png,
     /// Nothing: the sink takes the raw BGR frame.
     Raw,
-    /// H.264 frames into a video file; the 16 kHz audio track comes on `audio` before the
-    /// first frame is written.
+    /// H.264 frames into a video file with its 16 kHz sound track, which the source sends on
+    /// `audio` in chunks as it reads them and ends by dropping its sender (so the track is never
+    /// held whole).
     H264 {
         /// The output file (written under a temporary name, renamed by `finish`).
         path: PathBuf,
         /// Frames per second.
         fps: i32,
-        /// The whole 16 kHz signal, sent once by the source.
-        audio: Receiver<Arc<Vec<f32>>>,
+        /// The 16 kHz signal, in chunks, ahead of the frames it belongs to.
+        audio: Receiver<Vec<f32>>,
     },
 }
 
@@ -75,12 +76,12 @@ impl Stage for EncodeStage {
             }
             Encoding::H264 { path, fps, audio } => {
                 if self.writer.is_none() {
-                    let audio = recv_audio(audio, out)?;
-                    let w = VideoWriter::create(path, job.frame.width, job.frame.height, *fps, audio)
-                        .map_err(|e| at(&e))?;
+                    let w = VideoWriter::create(path, job.frame.width, job.frame.height, *fps).map_err(|e| at(&e))?;
                     self.writer = Some(w);
                 }
-                self.writer.as_mut().expect("made above").write(&job.frame).map_err(|e| at(&e))?;
+                let w = self.writer.as_mut().expect("made above");
+                recv_audio(audio, w, Some(self.written + 1), out)?;
+                w.write(&job.frame).map_err(|e| at(&e))?;
                 self.written += 1;
             }
         }
@@ -88,8 +89,8 @@ impl Stage for EncodeStage {
     }
 
     /// Completes the video, only when every frame of the audio is in it (else it is removed).
-    fn finish(&mut self, _out: &mut Out<'_, FrameJob>) -> Result<(), StageError> {
-        if let Some(w) = self.writer.take() {
+    fn finish(&mut self, out: &mut Out<'_, FrameJob>) -> Result<(), StageError> {
+        if let Some(mut w) = self.writer.take() {
             match self.stats.total() {
                 Some(t) if t == self.written => {}
                 t => {
@@ -100,22 +101,41 @@ impl Stage for EncodeStage {
                     )));
                 }
             }
+            if let Encoding::H264 { audio, .. } = &self.encoding {
+                recv_audio(audio, &mut w, None, out)?;
+            }
             w.finish().map_err(|e| StageError::failed(None, e))?;
         }
         Ok(())
     }
 }
 
-/// Waits for the audio track (the source sends it before its first samples).
-fn recv_audio(rx: &Receiver<Arc<Vec<f32>>>, out: &Out<'_, FrameJob>) -> Result<Arc<Vec<f32>>, StageError> {
+/// Takes the sound-track chunks the source has sent, waiting for more while the track ends
+/// before the end of frame `frames` (`None`: until the source is done).
+fn recv_audio(
+    rx: &Receiver<Vec<f32>>,
+    w: &mut VideoWriter,
+    frames: Option<usize>,
+    out: &Out<'_, FrameJob>,
+) -> Result<(), StageError> {
+    let want = frames.map_or(usize::MAX, |n| w.audio_until(n));
     loop {
-        if out.cancelled() {
-            return Err(StageError::Cancelled);
-        }
-        match rx.recv_timeout(std::time::Duration::from_millis(20)) {
-            Ok(a) => return Ok(a),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(StageError::Cancelled),
-        }
+        let chunk = if w.audio_received() >= want {
+            match rx.try_recv() {
+                Ok(c) => c,
+                Err(_) => return Ok(()),
+            }
+        } else {
+            if out.cancelled() {
+                return Err(StageError::Cancelled);
+            }
+            match rx.recv_timeout(std::time::Duration::from_millis(20)) {
+                Ok(c) => c,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                // The source is done: the track is as long as the audio.
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+        };
+        w.push_audio(&chunk);
     }
 }

@@ -1,7 +1,6 @@
 //! The frames stage: each frame's audio tensor meets its template frame (ping-pong order,
 //! docs/spec.md section 6) in a job taken from the graph's pool.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -12,22 +11,12 @@ use lipsync_stages::template::{SharedTemplate, TemplateReader};
 use crate::job::{AudioTensor, FrameJob, FrameStats};
 use crate::runtime::{Out, Pool, Stage, StageError};
 
-/// Where template frames come from, and how many decoded frames this graph's reader keeps.
-pub enum Template {
-    /// A template this graph opens on first use (render).
-    Open {
-        /// The video file or frames directory.
-        path: PathBuf,
-        /// Bytes of decoded frames the reader keeps (a frames directory: raw frames held).
-        cache: usize,
-    },
-    /// A template opened once and shared read-only by many graphs (a daemon's sessions).
-    Shared {
-        /// The template.
-        template: Arc<SharedTemplate>,
-        /// Bytes of decoded frames this graph's reader keeps.
-        cache: usize,
-    },
+/// The template a graph reads, and how many bytes of decoded frames its reader keeps.
+pub struct Template {
+    /// The template, opened once and shared read-only (by a daemon's sessions).
+    pub template: Arc<SharedTemplate>,
+    /// Bytes of decoded frames this graph's reader keeps.
+    pub cache: usize,
 }
 
 /// Audio tensor in, job with the template frame and the audio out. The template's reader (its
@@ -58,20 +47,10 @@ impl FramesStage {
 }
 
 impl FramesStage {
-    /// The reader, made (and for [`Template::Open`] the template opened) on first use.
-    fn reader(&mut self) -> Result<&mut TemplateReader, StageError> {
-        if self.reader.is_none() {
-            let reader = match &self.template {
-                Template::Open { path, cache } => Arc::new(
-                    SharedTemplate::open(path, *cache)
-                        .map_err(|e| StageError::msg(format!("could not open the template: {e}")))?,
-                )
-                .reader(*cache),
-                Template::Shared { template, cache } => template.clone().reader(*cache),
-            };
-            self.reader = Some(reader);
-        }
-        Ok(self.reader.as_mut().expect("the reader was just made"))
+    /// The reader, made on first use (on the stage's own thread).
+    fn reader(&mut self) -> &mut TemplateReader {
+        let t = &self.template;
+        self.reader.get_or_insert_with(|| t.template.clone().reader(t.cache))
     }
 }
 
@@ -89,7 +68,7 @@ impl Stage for FramesStage {
         job.audio.copy_from_slice(&tensor.data);
         self.tensors.give(tensor);
         let boxes = self.boxes;
-        self.reader()?.get(job.template, &mut job.frame).map_err(|e: VideoError| {
+        self.reader().get(job.template, &mut job.frame).map_err(|e: VideoError| {
             StageError::at(job.index, format!("{e} (the avatar has {boxes} boxes: truncated or corrupt video?)"))
         })?;
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);

@@ -2,15 +2,11 @@
 //! through symphonia, and raw PCM (s16le / f32le) for streaming; mixed down to mono and
 //! resampled to 16 kHz with libsoxr (as librosa does). Output is f32 in [-1, 1] (int16 / 32768).
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use symphonia::core::codecs::audio::AudioDecoderOptions;
-use symphonia::core::errors::Error as SymError;
-use symphonia::core::formats::probe::Hint;
-use symphonia::core::formats::{FormatOptions, TrackType};
-use symphonia::core::io::MediaSourceStream;
-use symphonia::core::meta::MetadataOptions;
+mod file;
+
+pub use file::{decode_bytes, decode_file, AudioFileReader};
 
 /// The sample rate every stage after decoding works at.
 pub const SAMPLE_RATE: u32 = 16_000;
@@ -144,108 +140,21 @@ pub fn mix_to_mono(interleaved: &[f32], channels: usize, out: &mut Vec<f32>) {
     out.extend(interleaved.chunks_exact(channels).map(|f| f.iter().fold(0.0f32, |a, &b| a + b) / n));
 }
 
-/// Decodes an audio file (or the first audio track of a video file) to mono f32 at its own rate.
-pub fn decode_file(path: &Path) -> Result<DecodedAudio, AudioError> {
-    if !path.exists() {
-        return Err(AudioError::Missing(path.to_path_buf()));
-    }
-    let file = File::open(path).map_err(|source| AudioError::Open { path: path.to_path_buf(), source })?;
-    decode_source(Box::new(file), path)
-}
-
-/// Decodes audio held in memory (`name`, with its extension as a format hint, names it in
-/// errors): the same decoder as [`decode_file`].
-pub fn decode_bytes(bytes: Vec<u8>, name: &Path) -> Result<DecodedAudio, AudioError> {
-    decode_source(Box::new(std::io::Cursor::new(bytes)), name)
-}
-
-/// Runs the decoder; a panic inside it (symphonia's parsers have overflowed on crafted MP4
-/// atoms under the fuzzer) becomes a `Corrupt` error, never a crash.
-fn decode_source(source: Box<dyn symphonia::core::io::MediaSource>, path: &Path) -> Result<DecodedAudio, AudioError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_unguarded(source, path))).unwrap_or_else(|panic| {
-        let what = crate::panic_message(&*panic);
-        Err(AudioError::Corrupt {
-            path: path.to_path_buf(),
-            decoded_seconds: 0.0,
-            message: format!("the decoder failed on malformed data ({what})"),
-        })
-    })
-}
-
-fn decode_unguarded(
-    source: Box<dyn symphonia::core::io::MediaSource>,
-    path: &Path,
-) -> Result<DecodedAudio, AudioError> {
-    let mss = MediaSourceStream::new(source, Default::default());
-    let mut hint = Hint::new();
-    if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
-        hint.with_extension(ext);
-    }
-    let mut format = symphonia::default::get_probe()
-        .probe(&hint, mss, FormatOptions::default(), MetadataOptions::default())
-        .map_err(|e| AudioError::UnknownFormat { path: path.to_path_buf(), message: e.to_string() })?;
-    let track = format.default_track(TrackType::Audio).ok_or_else(|| AudioError::NoAudioTrack(path.to_path_buf()))?;
-    let track_id = track.id;
-    let params = track
-        .codec_params
-        .as_ref()
-        .and_then(|p| p.audio())
-        .ok_or_else(|| AudioError::NoAudioTrack(path.to_path_buf()))?
-        .clone();
-    let mut decoder = symphonia::default::get_codecs()
-        .make_audio_decoder(&params, &AudioDecoderOptions::default())
-        .map_err(|e| AudioError::UnsupportedCodec { path: path.to_path_buf(), message: e.to_string() })?;
-
-    let mut samples = Vec::new();
-    let mut interleaved: Vec<f32> = Vec::new();
-    let mut rate = params.sample_rate.unwrap_or(0);
-    let mut channels = params.channels.as_ref().map(|c| c.count()).unwrap_or(0);
-    let corrupt = |samples: &Vec<f32>, rate: u32, message: String| AudioError::Corrupt {
-        path: path.to_path_buf(),
-        decoded_seconds: if rate > 0 { samples.len() as f64 / f64::from(rate) } else { 0.0 },
-        message,
-    };
-    loop {
-        let packet = match format.next_packet() {
-            Ok(Some(p)) => p,
-            Ok(None) => break,
-            Err(SymError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(corrupt(&samples, rate, e.to_string())),
-        };
-        if packet.track_id != track_id {
-            continue;
-        }
-        let buf = decoder.decode(&packet).map_err(|e| corrupt(&samples, rate, e.to_string()))?;
-        let spec = buf.spec();
-        rate = spec.rate();
-        channels = spec.channels().count();
-        if channels == 0 {
-            return Err(AudioError::BadChannels(0));
-        }
-        interleaved.resize(buf.samples_interleaved(), 0.0);
-        buf.copy_to_slice_interleaved(&mut interleaved[..]);
-        mix_to_mono(&interleaved, channels, &mut samples);
-    }
-    if samples.is_empty() {
-        return Err(AudioError::Empty(path.to_path_buf()));
-    }
-    if !RATE_RANGE.contains(&rate) {
-        return Err(AudioError::BadRate(rate));
-    }
-    check_finite(&samples, 0, rate)?;
-    Ok(DecodedAudio { samples, rate, channels })
-}
-
-/// Decodes a file and returns mono f32 samples at [`SAMPLE_RATE`].
+/// Decodes a file and returns mono f32 samples at [`SAMPLE_RATE`] (resampled packet by packet,
+/// so only the 16 kHz signal is ever held whole).
 pub fn load_16k(path: &Path) -> Result<Vec<f32>, AudioError> {
-    let decoded = decode_file(path)?;
-    if decoded.rate == SAMPLE_RATE {
-        return Ok(decoded.samples);
+    let mut reader = AudioFileReader::open(path)?;
+    let (mut raw, mut out) = (Vec::new(), Vec::new());
+    let mut resampler: Option<StreamResampler> = None;
+    while reader.read(&mut raw)? {
+        let rs = match &mut resampler {
+            Some(rs) => rs,
+            None => resampler.insert(StreamResampler::new(reader.rate())?),
+        };
+        rs.push(&raw, &mut out)?;
+        raw.clear();
     }
-    let mut rs = StreamResampler::new(decoded.rate)?;
-    let mut out = Vec::with_capacity(rs.output_len(decoded.samples.len()));
-    rs.push(&decoded.samples, &mut out)?;
-    rs.finish(&mut out)?;
+    resampler.expect("a stream with samples made the resampler").finish(&mut out)?;
     Ok(out)
 }
 
