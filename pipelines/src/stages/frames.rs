@@ -74,4 +74,11 @@ impl Stage for FramesStage {
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         out.send(job)
     }
+
+    fn finish(&mut self, _out: &mut Out<'_, FrameJob>) -> Result<(), StageError> {
+        if let Some(r) = &self.reader {
+            tracing::debug!(decoded = r.decoded(), cache_bytes = self.template.cache, "template frames decoded");
+        }
+        Ok(())
+    }
 }
