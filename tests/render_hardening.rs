@@ -152,3 +152,47 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// An avatar at another frame rate than the audio's 25 frames/s clock renders to MP4 to the end
+/// (the encoder once waited for sound-track samples the blocked source could not send, after
+/// about 7 s of audio at 20 frames/s).
+#[test]
+fn an_mp4_at_20_fps_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let audio = tmp.path().join("ten.wav");
+    let wav = std::fs::read(fixture("golden/speech_2s.wav")).unwrap();
+    let data = &wav[wav.windows(4).position(|w| w == b"data").unwrap() + 8..];
+    write_wav(&audio, 1, &data.repeat(5));
+    let golden = fixture("golden/avatar");
+    let avatar = tmp.path().join("avatar20");
+    std::fs::create_dir(&avatar).unwrap();
+    let toml = std::fs::read_to_string(golden.join("avatar.toml")).unwrap();
+    let toml = toml
+        .replace("fps = 25.0", "fps = 20.0")
+        .replace("\"frames\"", &format!("{:?}", golden.join("frames")))
+        .replace("\"boxes.json\"", &format!("{:?}", golden.join("boxes.json")))
+        .replace("\"../../models/", &format!("\"{}/", fixture("models").display()));
+    std::fs::write(avatar.join("avatar.toml"), toml).unwrap();
+    let out = tmp.path().join("talk.mp4");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lipsync"))
+        .args(render_args(s(&audio), s(&out), s(&avatar)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if t.elapsed() > Duration::from_secs(240) {
+            child.kill().unwrap();
+            panic!("the render hung");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{err}");
+    assert!(std::fs::metadata(&out).unwrap().len() > 0);
+}

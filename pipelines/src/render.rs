@@ -192,7 +192,7 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
             Encoding::H264 { path: path.clone(), fps, audio: track_rx }
         }
     };
-    let track = matches!(cfg.output, Output::Video(_)).then_some(track_tx);
+    let mut track = matches!(cfg.output, Output::Video(_)).then_some(track_tx);
     // With `max_frames` the sound track stops with the video (the graph still reads the rest).
     let fps = cfg.avatar.config.fps.round().max(1.0) as usize;
     let mut track_left = cfg.max_frames.map_or(usize::MAX, |m| m.saturating_mul(SAMPLE_RATE as usize) / fps);
@@ -217,7 +217,16 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
         let video = if matches!(cfg.output, Output::Video(_)) { VIDEO_ENCODER_BYTES } else { 0 };
         auto_cache(&template, cfg.memory_budget, jobs * FrameJob::bytes(&crop, w, h) + video)
     });
-    tracing::info!(template_cache_mib = template_cache >> 20, "template cache");
+    tracing::debug!(template_cache_mib = template_cache >> 20, "template cache");
+    template.warn_if_slow_backward(template_cache);
+    if let Some(rss) = rss_bytes().filter(|&r| r > cfg.memory_budget) {
+        tracing::warn!(
+            rss_mb = rss / 1_000_000,
+            template_mb = template.memory_bytes() / 1_000_000,
+            budget_mb = cfg.memory_budget / 1_000_000,
+            "over the memory budget before the first frame (the models and the template's packets)"
+        );
+    }
     settings["template_cache_bytes"] = template_cache.into();
     let avatar = Arc::new(cfg.avatar);
     let graph = GraphConfig {
@@ -264,10 +273,14 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
             let whole = if more { pending.len() - pending.len() % CHUNK } else { pending.len() };
             for chunk in pending[..whole].chunks(CHUNK) {
                 // The track first: the encoder never waits for audio the graph has already seen.
-                if let Some(tx) = track.as_ref().filter(|_| track_left > 0) {
+                if let Some(tx) = &track {
                     let n = chunk.len().min(track_left);
                     let _ = tx.send(chunk[..n].to_vec());
                     track_left -= n;
+                    if track_left == 0 {
+                        // The track is complete: the encoder need not wait for the rest.
+                        track = None;
+                    }
                 }
                 let mut buf = recycle.try_recv().unwrap_or_default();
                 buf.clear();

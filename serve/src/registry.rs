@@ -104,8 +104,9 @@ pub struct AvatarInfo {
     /// Most bytes its sessions hold (each: decoded template frames and frame buffers).
     #[serde(default)]
     pub session_bytes: usize,
-    /// Memory its models added when they were loaded and warmed up (shared with other avatars
-    /// naming the same model files, and counted for each).
+    /// Memory its models added when they were loaded and warmed up, approximate: the growth of
+    /// the process's resident memory meanwhile, which other threads' work also moves (shared
+    /// with other avatars naming the same model files, and counted for each).
     #[serde(default)]
     pub model_bytes: usize,
     /// Sessions using it.
@@ -157,6 +158,7 @@ impl Registry {
         let avatar = Avatar::open(&dir).map_err(|e| failed(e.to_string()))?;
         let budget = self.settings.cache_bytes.min(lipsync_stages::template::DEFAULT_CACHE);
         let template = SharedTemplate::open(&avatar.video, budget).map_err(|e| failed(e.to_string()))?;
+        template.warn_if_slow_backward(self.settings.template_cache);
         if template.len() < avatar.boxes.len() {
             return Err(failed(format!(
                 "the template has {} frames but the avatar has {} boxes",
@@ -330,8 +332,10 @@ impl Registry {
                 Some(l) => {
                     let sessions = l.sessions.load(Ordering::SeqCst);
                     let (w, h) = l.template.size();
+                    // A session's queue is at least its batch (connection.rs); at most the UNet's.
+                    let queue = self.settings.session_queue.max(l.unet.max_batch().get());
                     let per_session = l.template.reader_bytes(self.settings.template_cache)
-                        + self.settings.session_queue * FrameJob::bytes(&l.avatar.config.crop, w, h);
+                        + queue * FrameJob::bytes(&l.avatar.config.crop, w, h);
                     let model_bytes = [&l.unet_key, &l.encoder_key].iter().filter_map(|k| models.get(*k)).sum();
                     let session_bytes = sessions * per_session;
                     AvatarInfo {

@@ -214,6 +214,11 @@ fn sequential(name: &str) -> Vec<BgrFrame> {
     frames
 }
 
+/// Bytes of every decoded frame of `t`.
+fn n_bytes(t: &SharedTemplate) -> usize {
+    t.len() * t.decoded_frame_bytes()
+}
+
 /// A reader with a ring of a few frames walks the ping-pong (forwards, then backwards, then
 /// forwards again) and a random order, restarting at keyframes (closed and open GOPs, with
 /// B-frames), and serves exactly the frames of a decode from the start, at a bounded cost.
@@ -229,6 +234,11 @@ fn template_reader_serves_any_order_exactly() {
         assert!(shared.decoded_frame_bytes() >= 160 * 96 * 3 / 2);
         let mut reader = shared.clone().reader(4 * shared.decoded_frame_bytes());
         assert_eq!(shared.reader_bytes(4 * shared.decoded_frame_bytes()), 4 * shared.decoded_frame_bytes());
+        // The backward pass's estimated cost: (half a 10-frame GOP + a 4-frame ring) / 4; one
+        // decode a frame when the ring holds the whole template.
+        let per_frame = shared.backward_decodes_per_frame(4 * shared.decoded_frame_bytes());
+        assert!((per_frame - 9.0 / 4.0).abs() < 1e-9, "{name}: {per_frame}");
+        assert_eq!(shared.backward_decodes_per_frame(n_bytes(&shared)), 1.0);
         let mut frame = BgrFrame::default();
         let n = shared.len();
         let cycle: Vec<usize> = (0..3 * n).map(|i| lipsync_stages::face::template_index(i, n, 0)).collect();

@@ -80,7 +80,11 @@ impl Stage for EncodeStage {
                     self.writer = Some(w);
                 }
                 let w = self.writer.as_mut().expect("made above");
-                recv_audio(audio, w, Some(self.written + 1), out)?;
+                // What the source has sent; the writer encodes the track up to each frame's end
+                // as far as it has it, and catches up on later frames. Waiting here could block
+                // the graph: frames run on the audio's 25 frames/s clock, the track on the
+                // avatar's frame rate.
+                recv_audio(audio, w, false, out)?;
                 w.write(&job.frame).map_err(|e| at(&e))?;
                 self.written += 1;
             }
@@ -102,7 +106,7 @@ impl Stage for EncodeStage {
                 }
             }
             if let Encoding::H264 { audio, .. } = &self.encoding {
-                recv_audio(audio, &mut w, None, out)?;
+                recv_audio(audio, &mut w, true, out)?;
             }
             w.finish().map_err(|e| StageError::failed(None, e))?;
         }
@@ -110,30 +114,28 @@ impl Stage for EncodeStage {
     }
 }
 
-/// Takes the sound-track chunks the source has sent, waiting for more while the track ends
-/// before the end of frame `frames` (`None`: until the source is done).
+/// Takes the sound-track chunks the source has sent; with `to_end`, waits until the source is
+/// done (it drops its sender).
 fn recv_audio(
     rx: &Receiver<Vec<f32>>,
     w: &mut VideoWriter,
-    frames: Option<usize>,
+    to_end: bool,
     out: &Out<'_, FrameJob>,
 ) -> Result<(), StageError> {
-    let want = frames.map_or(usize::MAX, |n| w.audio_until(n));
     loop {
-        let chunk = if w.audio_received() >= want {
-            match rx.try_recv() {
-                Ok(c) => c,
-                Err(_) => return Ok(()),
-            }
-        } else {
+        let chunk = if to_end {
             if out.cancelled() {
                 return Err(StageError::Cancelled);
             }
             match rx.recv_timeout(std::time::Duration::from_millis(20)) {
                 Ok(c) => c,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-                // The source is done: the track is as long as the audio.
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+        } else {
+            match rx.try_recv() {
+                Ok(c) => c,
+                Err(_) => return Ok(()),
             }
         };
         w.push_audio(&chunk);

@@ -37,6 +37,10 @@ pub use reader::TemplateReader;
 /// directory keeps decoded).
 pub const DEFAULT_CACHE: usize = 24 << 20;
 
+/// Backward-pass decodes per frame above which [`SharedTemplate::warn_if_slow_backward`] warns
+/// (the sample, one keyframe in 200 frames, costs 6-7 at the default cache).
+const SLOW_BACKWARD: f64 = 8.0;
+
 /// A template, read-only and shareable between threads (`Arc<SharedTemplate>`): what a render
 /// opens and what `lipsync serve` keeps per loaded avatar. Read frames through
 /// [`SharedTemplate::reader`].
@@ -174,6 +178,43 @@ impl SharedTemplate {
         match &self.store {
             Store::Video(v) => reader::ring_frames(cache, v.frame_bytes) * v.frame_bytes,
             Store::Images(_) => 0,
+        }
+    }
+
+    /// Frames a reader keeping `cache` bytes decodes per frame it serves on the ping-pong's
+    /// backward pass, estimated: each ring-sized stretch costs the decode from the restart point
+    /// before it (half the longest keyframe interval on average) plus the stretch. 1 when the
+    /// ring holds the whole template (or for a directory, which is not decoded).
+    pub fn backward_decodes_per_frame(&self, cache: usize) -> f64 {
+        let Store::Video(v) = &self.store else { return 1.0 };
+        let cap = reader::ring_frames(cache, v.frame_bytes).min(self.len);
+        if cap >= self.len {
+            return 1.0;
+        }
+        // Without a display-order table a restart only happens at the start.
+        let gap = if v.pts.is_none() {
+            self.len
+        } else {
+            let ends = v.restarts.iter().skip(1).map(|r| r.display).chain(std::iter::once(self.len));
+            v.restarts.iter().zip(ends).map(|(r, end)| end - r.display).max().unwrap_or(self.len)
+        };
+        (gap as f64 / 2.0 + cap as f64) / cap as f64
+    }
+
+    /// Logs a warning when [`SharedTemplate::backward_decodes_per_frame`] is high for `cache`
+    /// (keyframes far apart for the ring), saying what to do.
+    pub fn warn_if_slow_backward(&self, cache: usize) {
+        let per_frame = self.backward_decodes_per_frame(cache);
+        if per_frame > SLOW_BACKWARD {
+            let ring = reader::ring_frames(cache, self.decoded_frame_bytes());
+            tracing::warn!(
+                path = %self.path.display(),
+                decodes_per_frame = format!("{per_frame:.0}"),
+                ring_frames = ring,
+                "the template's keyframes are far apart for its cache: the ping-pong's backward pass \
+                 decodes about {per_frame:.0} frames per frame; raise the template cache or re-encode \
+                 the template with a keyframe every {ring} frames or fewer (ffmpeg -g {ring})"
+            );
         }
     }
 

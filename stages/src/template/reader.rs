@@ -138,9 +138,20 @@ impl TemplateReader {
             }
             let cursor = self.cursor.as_mut().expect("set above");
             while cursor.next_display <= i {
-                match cursor.decode_one(t, v)? {
+                let step = match cursor.decode_one(t, v) {
+                    Ok(step) => step,
+                    // A run that restarted or skipped may fail where the plain decode did not
+                    // (a keyframe that does not stand alone): distrusted below, not fatal.
+                    Err(e) if cursor.verified() => {
+                        tracing::debug!(error = %e, "a restarted or skipping decode failed");
+                        Step::Gap
+                    }
+                    Err(e) => return Err(e),
+                };
+                match step {
                     Step::Kept => self.decoded += 1,
                     Step::Gap => break,
+                    Step::End if cursor.verified() => break,
                     Step::End => {
                         return Err(VideoError::Open {
                             path: t.path.clone(),
