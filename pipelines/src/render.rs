@@ -272,7 +272,7 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
             // same chunks whatever the file's packet size.
             let whole = if more { pending.len() - pending.len() % CHUNK } else { pending.len() };
             for chunk in pending[..whole].chunks(CHUNK) {
-                // The track first: the encoder never waits for audio the graph has already seen.
+                // The track first, so the encoder has each frame's audio by the time the frame comes.
                 if let Some(tx) = &track {
                     let n = chunk.len().min(track_left);
                     let _ = tx.send(chunk[..n].to_vec());
