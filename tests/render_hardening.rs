@@ -31,15 +31,30 @@ fn write_wav(path: &Path, format: u16, data: &[u8]) {
     std::fs::write(path, h).unwrap();
 }
 
-/// 30 s of the golden speech (PCM16), long enough to interrupt.
-fn long_speech(path: &Path) {
+/// The golden speech (PCM16) `times` over: 2 s each.
+fn repeated_speech(path: &Path, times: usize) {
     let wav = std::fs::read(fixture("golden/speech_2s.wav")).unwrap();
     let data = &wav[wav.windows(4).position(|w| w == b"data").unwrap() + 8..];
-    write_wav(path, 1, &data.repeat(15));
+    write_wav(path, 1, &data.repeat(times));
+}
+
+/// 30 s of the golden speech, long enough to interrupt.
+fn long_speech(path: &Path) {
+    repeated_speech(path, 15);
 }
 
 fn render_args<'a>(audio: &'a str, out: &'a str, avatar: &'a str) -> Vec<&'a str> {
     vec!["render", "--avatar", avatar, "--audio", audio, "-o", out, "--batch", "2"]
+}
+
+/// [`render_args`] run, with stderr piped.
+fn spawn_render(audio: &Path, out: &Path, avatar: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_lipsync"))
+        .args(render_args(s(audio), s(out), s(avatar)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 #[test]
@@ -50,12 +65,7 @@ fn signals_stop_a_render_and_leave_no_output() {
     let avatar = fixture("golden/avatar");
     for (sig, code, out) in [(libc::SIGINT, 130, "frames"), (libc::SIGTERM, 143, "talk.mp4")] {
         let out = tmp.path().join(out);
-        let child = Command::new(env!("CARGO_BIN_EXE_lipsync"))
-            .args(render_args(s(&audio), s(&out), s(&avatar)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = spawn_render(&audio, &out, &avatar);
         // Wait until frames are being written (a temporary output exists).
         let t = Instant::now();
         while std::fs::read_dir(tmp.path()).unwrap().count() < 2 && t.elapsed() < Duration::from_secs(60) {
@@ -160,9 +170,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 fn an_mp4_at_20_fps_completes() {
     let tmp = tempfile::tempdir().unwrap();
     let audio = tmp.path().join("ten.wav");
-    let wav = std::fs::read(fixture("golden/speech_2s.wav")).unwrap();
-    let data = &wav[wav.windows(4).position(|w| w == b"data").unwrap() + 8..];
-    write_wav(&audio, 1, &data.repeat(5));
+    repeated_speech(&audio, 5);
     let golden = fixture("golden/avatar");
     let avatar = tmp.path().join("avatar20");
     std::fs::create_dir(&avatar).unwrap();
@@ -174,12 +182,7 @@ fn an_mp4_at_20_fps_completes() {
         .replace("\"../../models/", &format!("\"{}/", fixture("models").display()));
     std::fs::write(avatar.join("avatar.toml"), toml).unwrap();
     let out = tmp.path().join("talk.mp4");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lipsync"))
-        .args(render_args(s(&audio), s(&out), s(&avatar)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_render(&audio, &out, &avatar);
     let t = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {

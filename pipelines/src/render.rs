@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::unbounded;
-use lipsync_stages::audio::{AudioError, AudioFileReader, StreamResampler, SAMPLE_RATE};
+use lipsync_stages::audio::{AudioError, AudioFile16k, SAMPLE_RATE};
+use lipsync_stages::encode::track_samples;
 use lipsync_stages::face::Blend;
 use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::io::avatar::Avatar;
@@ -183,19 +184,16 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
     // The sound track goes to the encoder in chunks: unbounded, as the graph already bounds how
     // far the source runs ahead of the encoder.
     let (track_tx, track_rx) = unbounded::<Vec<f32>>();
+    let fps = cfg.avatar.config.fps.round().max(1.0) as i32;
     let encoding = match &cfg.output {
         Output::Dir { format: ImageFormat::Png, .. } => Encoding::Png,
         Output::Dir { format: ImageFormat::Raw, .. } => Encoding::Raw,
         Output::Dir { format: ImageFormat::Jpeg, .. } | Output::Stdout => Encoding::Jpeg(cfg.jpeg_quality),
-        Output::Video(path) => {
-            let fps = cfg.avatar.config.fps.round().max(1.0) as i32;
-            Encoding::H264 { path: path.clone(), fps, audio: track_rx }
-        }
+        Output::Video(path) => Encoding::H264 { path: path.clone(), fps, audio: track_rx },
     };
     let mut track = matches!(cfg.output, Output::Video(_)).then_some(track_tx);
     // With `max_frames` the sound track stops with the video (the graph still reads the rest).
-    let fps = cfg.avatar.config.fps.round().max(1.0) as usize;
-    let mut track_left = cfg.max_frames.map_or(usize::MAX, |m| m.saturating_mul(SAMPLE_RATE as usize) / fps);
+    let mut track_left = cfg.max_frames.map_or(usize::MAX, |m| track_samples(m, fps));
     let mut settings = serde_json::json!({
         "avatar": cfg.avatar.root.display().to_string(),
         "audio": cfg.audio.display().to_string(),
@@ -253,21 +251,11 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
     p.source("source", input, move |out| {
         // Decoded and resampled packet by packet: memory is flat in the audio's length.
         let fail = |e: AudioError| StageError::failed(None, e);
-        let mut reader = AudioFileReader::open(&audio).map_err(fail)?;
-        let mut resampler: Option<StreamResampler> = None;
-        let (mut raw, mut pending) = (Vec::new(), Vec::new());
+        let mut file = AudioFile16k::open(&audio).map_err(fail)?;
+        let mut pending = Vec::new();
         let mut more = true;
         while more {
-            raw.clear();
-            more = reader.read(&mut raw).map_err(fail)?;
-            let rs = match &mut resampler {
-                Some(rs) => rs,
-                None => resampler.insert(StreamResampler::new(reader.rate()).map_err(fail)?),
-            };
-            rs.push(&raw, &mut pending).map_err(fail)?;
-            if !more {
-                rs.finish(&mut pending).map_err(fail)?;
-            }
+            more = file.read(&mut pending).map_err(fail)?;
             // Whole chunks go out as they fill (the rest with the end), so the graph sees the
             // same chunks whatever the file's packet size.
             let whole = if more { pending.len() - pending.len() % CHUNK } else { pending.len() };

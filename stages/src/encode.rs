@@ -45,6 +45,12 @@ pub struct VideoWriter {
     fps: i32,
 }
 
+/// Sound-track samples (16 kHz) the first `frames` frames at `fps` span: what the writer has
+/// encoded once it has written them.
+pub fn track_samples(frames: usize, fps: i32) -> usize {
+    frames.saturating_mul(crate::audio::SAMPLE_RATE as usize) / fps.max(1) as usize
+}
+
 impl std::fmt::Debug for VideoWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VideoWriter").field("path", &self.path).field("frames", &self.frames).finish()
@@ -154,13 +160,8 @@ impl VideoWriter {
     }
 
     /// Sound-track samples received so far.
-    pub fn audio_received(&self) -> usize {
+    fn audio_received(&self) -> usize {
         self.audio_pos + self.audio.len()
-    }
-
-    /// Sound-track samples the first `frames` frames span.
-    pub fn audio_until(&self, frames: usize) -> usize {
-        frames * crate::audio::SAMPLE_RATE as usize / self.fps as usize
     }
 
     /// Encodes the next frame (and the audio received, up to the frame's end).
@@ -178,7 +179,7 @@ impl VideoWriter {
         self.venc.send_frame(&self.yuv).map_err(|e| self.err(format!("H.264 encode: {e}")))?;
         self.frames += 1;
         self.drain_video()?;
-        let until = self.audio_until(self.frames as usize);
+        let until = track_samples(self.frames as usize, self.fps);
         self.write_audio(until, false)
     }
 

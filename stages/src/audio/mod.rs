@@ -143,19 +143,49 @@ pub fn mix_to_mono(interleaved: &[f32], channels: usize, out: &mut Vec<f32>) {
 /// Decodes a file and returns mono f32 samples at [`SAMPLE_RATE`] (resampled packet by packet,
 /// so only the 16 kHz signal is ever held whole).
 pub fn load_16k(path: &Path) -> Result<Vec<f32>, AudioError> {
-    let mut reader = AudioFileReader::open(path)?;
-    let (mut raw, mut out) = (Vec::new(), Vec::new());
-    let mut resampler: Option<StreamResampler> = None;
-    while reader.read(&mut raw)? {
-        let rs = match &mut resampler {
-            Some(rs) => rs,
-            None => resampler.insert(StreamResampler::new(reader.rate())?),
-        };
-        rs.push(&raw, &mut out)?;
-        raw.clear();
-    }
-    resampler.expect("a stream with samples made the resampler").finish(&mut out)?;
+    let mut file = AudioFile16k::open(path)?;
+    let mut out = Vec::new();
+    while file.read(&mut out)? {}
     Ok(out)
+}
+
+/// An audio file read packet by packet as mono f32 at [`SAMPLE_RATE`]: an [`AudioFileReader`]
+/// through a [`StreamResampler`], whose flush ends the stream. The samples are
+/// [`load_16k`]'s, however they are read.
+#[derive(Debug)]
+pub struct AudioFile16k {
+    reader: AudioFileReader,
+    resampler: Option<StreamResampler>,
+    raw: Vec<f32>,
+    ended: bool,
+}
+
+impl AudioFile16k {
+    /// Opens `path` (errors as [`AudioFileReader::open`]).
+    pub fn open(path: &Path) -> Result<Self, AudioError> {
+        Ok(Self { reader: AudioFileReader::open(path)?, resampler: None, raw: Vec::new(), ended: false })
+    }
+
+    /// Appends the next packet's samples, at 16 kHz, to `out`; at the end of the stream appends
+    /// the resampler's tail and returns `Ok(false)`.
+    pub fn read(&mut self, out: &mut Vec<f32>) -> Result<bool, AudioError> {
+        if self.ended {
+            return Ok(false);
+        }
+        self.raw.clear();
+        let more = self.reader.read(&mut self.raw)?;
+        // The rate is known once a packet has decoded (the reader ends only after samples).
+        let rs = match &mut self.resampler {
+            Some(rs) => rs,
+            None => self.resampler.insert(StreamResampler::new(self.reader.rate())?),
+        };
+        rs.push(&self.raw, out)?;
+        if !more {
+            rs.finish(out)?;
+            self.ended = true;
+        }
+        Ok(more)
+    }
 }
 
 /// Refuses NaN and infinite samples, naming the first (`offset`: samples before `samples` in
