@@ -15,7 +15,7 @@ use lipsync_stages::io::avatar::{CropBox, CropParams};
 use lipsync_stages::onnx::{ModelIo, OrtRuntime, SessionOptions};
 use lipsync_stages::resize::CubicResizer;
 use lipsync_stages::template::VideoReader;
-use lipsync_stages::unet::{Provider, Unet};
+use lipsync_stages::unet::{self, Precision, Provider, UnetModel};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -86,13 +86,14 @@ fn unet(c: &mut Criterion) {
         for batch in [1usize, 8] {
             let opts = SessionOptions { intra_threads: 2, spinning: false };
             let b = lipsync_stages::unet::Batch::new(batch).unwrap();
-            let mut u = Unet::open(&rt, &path, &ModelIo::default(), &crop, b, &opts, Provider::Cpu).unwrap();
+            let model = UnetModel { path: path.clone(), precision: Precision::Fp32, io: ModelIo::default(), crop };
+            let mut u = unet::open(&rt, &model, b, &opts, Provider::Cpu).unwrap();
             let images = vec![0.4f32; batch * input_len(&crop)];
             let audio = vec![0.3f32; batch * FRAME_AUDIO_LEN];
             let mut out = vec![0f32; batch * output_len(&crop)];
             g.throughput(Throughput::Elements(batch as u64));
             g.bench_function(BenchmarkId::new(name, format!("batch{batch}")), |bch| {
-                bch.iter(|| u.run(batch, &images, &audio, &mut out).unwrap())
+                bch.iter(|| unet::run_slices(u.as_mut(), batch, &images, &audio, &mut out).unwrap())
             });
         }
     }

@@ -153,6 +153,26 @@ pub fn print_summary(a: &Avatar) {
         a.config.start_frame,
         a.config.jpeg_quality
     );
-    println!("  unet: {}", a.unet.display());
+    use lipsync_stages::unet::{PrecisionSetting, Provider};
+    // What `render`/`serve` run with their defaults (--precision auto) on the CPU.
+    let active = a.unet_model(PrecisionSetting::Auto, Provider::Cpu).map(|m| m.path).ok();
+    let mark = |p: &std::path::Path| if active.as_deref() == Some(p) { " (active on the CPU)" } else { "" };
+    println!("  unet: {}{}", a.unet.display(), mark(&a.unet));
+    if let Some(int8) = &a.unet_int8 {
+        println!("  unet_int8: {}{}", int8.display(), mark(int8));
+        let report = lipsync_stages::quantize::report_path(int8);
+        match std::fs::read_to_string(&report).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) {
+            Some(r) => println!(
+                "    measured: {:.2} dB PSNR in the mouth box, SSIM {:.4}, {:.2}x fp32's frames/s ({})",
+                r["psnr_db"].as_f64().unwrap_or(f64::NAN),
+                r["ssim"].as_f64().unwrap_or(f64::NAN),
+                r["speedup"].as_f64().unwrap_or(f64::NAN),
+                report.display()
+            ),
+            None => {
+                println!("    no quantization report at {}: measure it with `lipsync model quantize`", report.display())
+            }
+        }
+    }
     println!("  encoder: {}", a.encoder.display());
 }

@@ -30,6 +30,8 @@ pub fn run(cli: &Cli, args: &DoctorArgs) -> Result<()> {
     println!("ONNX Runtime: {} from {} (found via {})", rt.version(), rt.library.path.display(), rt.library.source);
     println!("ONNX Runtime build: {}", rt.build_info());
     println!("Execution providers: {}", rt.available_providers().join(", "));
+    let cuda = if cfg!(feature = "cuda") { "built in" } else { "not built (cargo feature `cuda`)" };
+    println!("UNet backends: onnxruntime cpu (fp32, int8 models); onnxruntime cuda {cuda}");
 
     let io = ModelIo::default();
     for path in &args.model {

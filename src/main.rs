@@ -7,6 +7,7 @@ mod bench_render;
 mod bench_serve;
 mod client_cmd;
 mod doctor;
+mod model_cmd;
 mod render_cmd;
 mod report;
 mod serve_cmd;
@@ -65,6 +66,9 @@ pub enum Command {
     Client(Box<client_cmd::ClientArgs>),
     /// Show a running daemon's live statistics: stages, UNet batches, sessions, frames/s.
     Stats(client_cmd::StatsArgs),
+    /// Model tools: quantize an avatar's UNet to int8, measured against fp32.
+    #[command(subcommand)]
+    Model(model_cmd::ModelCommand),
     /// Time stages on real input (JSON), for comparisons with the Python reference.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCommand),
@@ -116,6 +120,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve_cmd::run(&cli, args),
         Command::Client(args) => client_cmd::run(args),
         Command::Stats(args) => client_cmd::stats(args),
+        Command::Model(cmd) => model_cmd::run(&cli, cmd),
         Command::Bench(cmd) => bench_cmd::run(&cli, cmd),
     };
     match result {

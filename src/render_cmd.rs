@@ -12,7 +12,7 @@ use lipsync_pipelines::runtime::PinPolicy;
 use lipsync_stages::face::Blend;
 use lipsync_stages::io::avatar::{read_boxes, Avatar};
 use lipsync_stages::io::staged::check_new_file;
-use lipsync_stages::unet::{BatchSetting, Provider};
+use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider};
 
 use crate::Cli;
 
@@ -64,6 +64,10 @@ pub struct RenderArgs {
     /// Execution provider for the UNet: cpu or cuda.
     #[arg(long, default_value = "cpu")]
     pub provider: Provider,
+    /// Which of the avatar's UNets to run: auto (its int8 model on the CPU when it names one,
+    /// made by `lipsync model quantize`), fp32 or int8.
+    #[arg(long, default_value_t = PrecisionSetting::Auto)]
+    pub precision: PrecisionSetting,
     /// JPEG quality (default: the avatar's, else 90).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub jpeg_quality: Option<u8>,
@@ -217,6 +221,7 @@ pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
         intra_threads: threads,
         spinning: args.spin,
         provider: args.provider,
+        precision: args.precision,
         pin,
         max_frames: args.max_frames,
         blend: args.blend,

@@ -18,7 +18,7 @@ use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
 use lipsync_stages::template::SharedTemplate;
-use lipsync_stages::unet::{BatchSetting, Provider};
+use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider};
 
 pub use crate::file_sink::{ImageFormat, Output};
 use crate::graph::{build, GraphConfig, Layout};
@@ -77,7 +77,7 @@ pub struct RenderConfig {
     pub audio: PathBuf,
     /// Where frames go.
     pub output: Output,
-    /// UNet batch (`auto`: for the provider, [`lipsync_stages::unet::Unet::auto_batch`]).
+    /// UNet batch (`auto`: for the provider, [`lipsync_stages::unet::auto_batch`]).
     pub batch: BatchSetting,
     /// Audio encoder batch.
     pub encoder_batch: usize,
@@ -89,6 +89,8 @@ pub struct RenderConfig {
     pub spinning: bool,
     /// UNet execution provider.
     pub provider: Provider,
+    /// Which of the avatar's UNets runs (fp32, or its int8 model).
+    pub precision: PrecisionSetting,
     /// Thread pinning.
     pub pin: PinPolicy,
     /// JPEG quality.
@@ -126,6 +128,7 @@ impl RenderConfig {
             intra_threads: 1,
             spinning: false,
             provider: Provider::Cpu,
+            precision: PrecisionSetting::Auto,
             pin: PinPolicy::None,
             max_frames: None,
             blend: Blend::Hard,
@@ -161,8 +164,8 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
         spinning: cfg.spinning,
         provider: cfg.provider,
     };
-    let unet =
-        UnetService::start(rt, &cfg.avatar.unet, &io, crop, &unet_cfg).map_err(|e| PipelineError::setup("unet", e))?;
+    let model = cfg.avatar.unet_model(cfg.precision, cfg.provider).map_err(|e| PipelineError::setup("unet", e))?;
+    let unet = UnetService::start(rt, &model, &unet_cfg).map_err(|e| PipelineError::setup("unet", e))?;
     let unet = Arc::new(unet);
     let enc_opts = SessionOptions { intra_threads: 1, spinning: false };
     let encoder = AudioEncoder::open(rt, &cfg.avatar.encoder, &io, cfg.encoder_batch, &enc_opts)

@@ -109,7 +109,7 @@ fn session_hot_path_allocates_nothing_per_frame() {
         spinning: false,
         provider: Provider::Cpu,
     };
-    let unet = UnetService::start(&rt, &avatar.unet, &io, avatar.config.crop, &cfg).unwrap();
+    let unet = UnetService::start(&rt, &avatar.unet_model(Default::default(), Provider::Cpu).unwrap(), &cfg).unwrap();
     let fx = Fixture {
         avatar: Arc::new(avatar),
         template: Arc::new(template),

@@ -169,7 +169,9 @@ impl Registry {
         let io = avatar.config.models.io.clone();
         // Models are shared by file, whatever path an avatar names them by.
         let encoder_key = std::fs::canonicalize(&avatar.encoder).unwrap_or_else(|_| avatar.encoder.clone());
-        let unet_key = std::fs::canonicalize(&avatar.unet).unwrap_or_else(|_| avatar.unet.clone());
+        let model =
+            avatar.unet_model(self.settings.precision, self.settings.provider).map_err(|e| failed(e.to_string()))?;
+        let unet_key = std::fs::canonicalize(&model.path).unwrap_or_else(|_| model.path.clone());
         let encoder = {
             let mut map = lock(&self.encoders);
             match map.get(&encoder_key) {
@@ -202,8 +204,7 @@ impl Registry {
                         provider: self.settings.provider,
                     };
                     let (u, bytes) =
-                        measured(|| UnetService::start(&self.rt, &avatar.unet, &io, avatar.config.crop, &cfg))
-                            .map_err(|e| failed(e.to_string()))?;
+                        measured(|| UnetService::start(&self.rt, &model, &cfg)).map_err(|e| failed(e.to_string()))?;
                     lock(&self.model_bytes).insert(unet_key.clone(), bytes);
                     let u = Arc::new(u);
                     map.insert(unet_key.clone(), u.clone());

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use lipsync_pipelines::graph::Layout;
 use lipsync_pipelines::runtime::PinPolicy;
-use lipsync_stages::unet::{BatchSetting, Provider};
+use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider};
 use serde::{Deserialize, Serialize};
 
 /// `lipsync serve` settings: each is a flag and a key of the `--config` TOML file (flags win).
@@ -61,6 +61,10 @@ pub struct ServeOptions {
     /// UNet execution provider: cpu or cuda [default: cpu].
     #[arg(long)]
     pub provider: Option<String>,
+    /// Which of each avatar's UNets to run: auto (its int8 model on the CPU when it names one,
+    /// made by `lipsync model quantize`), fp32 or int8 [default: auto].
+    #[arg(long)]
+    pub precision: Option<PrecisionSetting>,
     /// Pinning of each session's stage threads: none, auto or a core list [default: none].
     #[arg(long)]
     pub pin: Option<String>,
@@ -166,6 +170,8 @@ pub struct Settings {
     /// UNet execution provider.
     #[serde(serialize_with = "debug_lower")]
     pub provider: Provider,
+    /// Which of an avatar's UNets runs.
+    pub precision: PrecisionSetting,
     /// Session thread pinning.
     #[serde(serialize_with = "debug_lower")]
     pub pin: PinPolicy,
@@ -255,6 +261,7 @@ impl ServeOptions {
             session_queue,
             intra_threads,
             provider,
+            precision,
             pin,
             session_layout,
             drain_timeout,
@@ -348,6 +355,7 @@ impl ServeOptions {
             session_queue: at_least_one("session queue", self.session_queue.unwrap_or(8))?,
             intra_threads,
             provider,
+            precision: self.precision.unwrap_or_default(),
             pin,
             session_layout,
             drain_timeout: Duration::from_secs_f64(drain),

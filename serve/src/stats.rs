@@ -37,6 +37,9 @@ pub struct UnetInfo {
     pub model: String,
     /// Execution provider in use (`cpu`, or `cuda` when it could be started).
     pub provider: String,
+    /// The model's precision: `fp32`, or `int8` for an avatar's quantized UNet.
+    #[serde(default)]
+    pub precision: String,
     /// Runs.
     pub batches: u64,
     /// Frames.
@@ -104,7 +107,8 @@ pub(crate) fn stats(sh: &Shared) -> StatsReply {
             let frames = st.frames();
             UnetInfo {
                 model: path.display().to_string(),
-                provider: format!("{:?}", u.provider()).to_lowercase(),
+                provider: u.provider().to_string(),
+                precision: u.backend().precision.to_string(),
                 batches,
                 frames,
                 mean_batch: frames as f64 / (batches.max(1)) as f64,

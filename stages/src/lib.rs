@@ -22,6 +22,7 @@ pub mod image_io;
 pub mod io;
 pub mod mel;
 pub mod onnx;
+pub mod quantize;
 pub mod resize;
 pub mod template;
 pub mod unet;

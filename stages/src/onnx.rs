@@ -159,6 +159,12 @@ fn venv_search_roots() -> Vec<PathBuf> {
     roots
 }
 
+/// The project's Python (`.venv/bin/python`, made by `scripts/setup.sh`), searched like the
+/// ONNX Runtime library: from the executable, the working directory and this source tree up.
+pub fn find_venv_python() -> Option<PathBuf> {
+    venv_search_roots().into_iter().map(|root| root.join(".venv/bin/python")).find(|p| p.is_file())
+}
+
 /// The `libonnxruntime.so*` inside a Python venv's `onnxruntime` package, if any.
 pub fn find_in_venv(venv: &Path) -> Option<PathBuf> {
     let lib = venv.join("lib");

@@ -46,7 +46,7 @@ use lipsync_stages::io::npy::read_f32_2d;
 use lipsync_stages::io::video::VideoError;
 use lipsync_stages::onnx::{ModelIo, OrtRuntime, SessionOptions};
 use lipsync_stages::template::{SharedTemplate, TemplateReader, VideoReader, DEFAULT_CACHE};
-use lipsync_stages::unet::{Provider, Unet};
+use lipsync_stages::unet::{self, Provider};
 
 fn diff_stats(a: &[u8], b: &[u8]) -> (u8, f64) {
     assert_eq!(a.len(), b.len());
@@ -85,16 +85,9 @@ fn image_path_matches_the_reference() {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("golden/ref/meta.json")).unwrap()).unwrap();
     let rt = OrtRuntime::load(None).unwrap();
-    let mut unet = Unet::open(
-        &rt,
-        &avatar.unet,
-        &ModelIo::default(),
-        &crop,
-        lipsync_stages::unet::Batch::new(4).unwrap(),
-        &SessionOptions::default(),
-        Provider::Cpu,
-    )
-    .unwrap();
+    let model = avatar.unet_model(Default::default(), Provider::Cpu).unwrap();
+    let batch = lipsync_stages::unet::Batch::new(4).unwrap();
+    let mut unet = unet::open(&rt, &model, batch, &SessionOptions::default(), Provider::Cpu).unwrap();
     let mut prep = FacePrep::new();
     let mut comp = Compositor::new();
     let mut frame = BgrFrame::default();
@@ -131,7 +124,7 @@ fn image_path_matches_the_reference() {
         assert!(worst <= 1.0 / 255.0 + 1e-7 && total / (3 * s * s) as f64 <= 0.1 / 255.0, "frame {i}: tensor {worst}");
 
         frame_audio(f.as_slice().unwrap(), i, &mut audio);
-        unet.run(1, &tensor, &audio, &mut out).unwrap();
+        unet::run_slices(unet.as_mut(), 1, &tensor, &audio, &mut out).unwrap();
         comp.paste(&mut frame, b, &crop, &tmpl, &out, Blend::Hard);
         let want = load(&format!("golden/ref/frame_{i:06}.png"));
         let (bx1, by1, bx2, by2) = (b.x1 as usize, b.y1 as usize, b.x2 as usize, b.y2 as usize);

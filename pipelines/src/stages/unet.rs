@@ -8,7 +8,6 @@
 //! all of its jobs, so the batcher never blocks on a producer.
 
 use std::collections::VecDeque;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -19,8 +18,8 @@ use hdrhistogram::Histogram;
 use lipsync_stages::face::{input_len, output_len, quantize_output, FacePrep};
 use lipsync_stages::features::FRAME_AUDIO_LEN;
 use lipsync_stages::io::avatar::CropParams;
-use lipsync_stages::onnx::{ModelIo, OrtRuntime, SessionOptions};
-use lipsync_stages::unet::{Batch, BatchSetting, Provider, Unet, UnetError};
+use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
+use lipsync_stages::unet::{self, BackendInfo, Batch, BatchSetting, Provider, UnetBackend, UnetError, UnetModel};
 
 use crate::job::FrameJob;
 use crate::metrics::histogram;
@@ -94,38 +93,33 @@ pub struct UnetService {
     handle: Option<JoinHandle<()>>,
     crop: CropParams,
     max_batch: Batch,
-    provider: Provider,
+    info: BackendInfo,
     stats: Arc<UnetStats>,
 }
 
 impl std::fmt::Debug for UnetService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UnetService").field("max_batch", &self.max_batch).field("provider", &self.provider).finish()
+        f.debug_struct("UnetService").field("max_batch", &self.max_batch).field("backend", &self.info).finish()
     }
 }
 
 impl UnetService {
-    /// Opens the model (signature checked for `crop`) and starts the batching thread
-    /// (`ls-unet`).
-    pub fn start(
-        rt: &OrtRuntime,
-        path: &Path,
-        io: &ModelIo,
-        crop: CropParams,
-        cfg: &UnetServiceConfig,
-    ) -> Result<Self, UnetError> {
+    /// Opens the model on its backend (signature checked for the model's crop) and starts the
+    /// batching thread (`ls-unet`).
+    pub fn start(rt: &OrtRuntime, model: &UnetModel, cfg: &UnetServiceConfig) -> Result<Self, UnetError> {
         let opts = SessionOptions { intra_threads: cfg.intra_threads.max(1), spinning: cfg.spinning };
         let limit = cfg.max_batch.limit(cfg.provider);
-        let mut unet = Unet::open(rt, path, io, &crop, limit, &opts, cfg.provider)?;
-        let provider = unet.provider();
+        let mut backend = unet::open(rt, model, limit, &opts, cfg.provider)?;
+        let info = backend.info().clone();
+        let crop = model.crop;
         let resolved = match cfg.max_batch {
             BatchSetting::Fixed(b) => b,
-            BatchSetting::Auto => unet.auto_batch()?,
+            BatchSetting::Auto => unet::auto_batch(backend.as_mut())?,
         };
         // Measuring (auto on a GPU) ran the model already; otherwise its slow first run happens
         // now rather than on the first frame.
-        if !(cfg.max_batch == BatchSetting::Auto && provider == Provider::Cuda) {
-            unet.warm_up()?;
+        if !(cfg.max_batch == BatchSetting::Auto && info.provider == Provider::Cuda) {
+            unet::warm_up(backend.as_mut())?;
         }
         let max_batch = resolved.get();
         let max_wait = cfg.max_wait;
@@ -139,9 +133,9 @@ impl UnetService {
         let st = stats.clone();
         let handle = std::thread::Builder::new()
             .name("ls-unet".into())
-            .spawn(move || batch_loop(&mut unet, &crop, &rx, max_batch, max_wait, &st))
+            .spawn(move || batch_loop(backend.as_mut(), &crop, &rx, max_batch, max_wait, &st))
             .map_err(|e| UnetError::Run { batch: 0, message: format!("could not start the UNet thread: {e}") })?;
-        Ok(Self { tx: Some(tx), handle: Some(handle), crop, max_batch: resolved, provider, stats })
+        Ok(Self { tx: Some(tx), handle: Some(handle), crop, max_batch: resolved, info, stats })
     }
 
     /// The crop geometry the model was checked against.
@@ -156,7 +150,12 @@ impl UnetService {
 
     /// The provider in use.
     pub fn provider(&self) -> Provider {
-        self.provider
+        self.info.provider
+    }
+
+    /// The backend: engine, provider, model and its precision.
+    pub fn backend(&self) -> &BackendInfo {
+        &self.info
     }
 
     /// Batch counters.
@@ -217,7 +216,7 @@ impl Outlet<FrameJob> for UnetPort {
 }
 
 fn batch_loop(
-    unet: &mut Unet,
+    unet: &mut dyn UnetBackend,
     crop: &CropParams,
     rx: &Receiver<Request>,
     max_batch: usize,
@@ -226,9 +225,6 @@ fn batch_loop(
 ) {
     let slot = input_len(crop);
     let out_len = output_len(crop);
-    let mut images = vec![0f32; max_batch * slot];
-    let mut audio = vec![0f32; max_batch * FRAME_AUDIO_LEN];
-    let mut out = vec![0f32; max_batch * out_len];
     let prep = FacePrep::new();
     let mut pending: VecDeque<Request> = VecDeque::with_capacity(max_batch * 8);
     let mut batch: Vec<Request> = Vec::with_capacity(max_batch);
@@ -280,26 +276,30 @@ fn batch_loop(
         if n == 0 {
             continue;
         }
-        for (j, r) in batch.iter().enumerate() {
-            prep.tensor(&r.job.c328, crop, &mut images[j * slot..(j + 1) * slot]);
-            audio[j * FRAME_AUDIO_LEN..(j + 1) * FRAME_AUDIO_LEN].copy_from_slice(&r.job.audio);
-        }
         let t = Instant::now();
         record(&stats.wait, t.duration_since(batch[0].arrived));
-        // A panic inside ONNX Runtime fails this batch's frames, not the service.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unet.run(n, &images, &audio, &mut out)))
-            .unwrap_or_else(|panic| {
-                Err(UnetError::Run { batch: n, message: format!("panicked: {}", panic_message(&*panic)) })
-            });
+        // A panic inside the backend fails this batch's frames, not the service.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let inputs = unet.inputs(n)?;
+            for (j, r) in batch.iter().enumerate() {
+                prep.tensor(&r.job.c328, crop, &mut inputs.images[j * slot..(j + 1) * slot]);
+                inputs.audio[j * FRAME_AUDIO_LEN..(j + 1) * FRAME_AUDIO_LEN].copy_from_slice(&r.job.audio);
+            }
+            let out = unet.run(n)?;
+            for (j, r) in batch.iter_mut().enumerate() {
+                quantize_output(&out[j * out_len..(j + 1) * out_len], &mut r.job.pred);
+            }
+            Ok(())
+        }))
+        .unwrap_or_else(|panic| {
+            Err(UnetError::Run { batch: n, message: format!("panicked: {}", panic_message(&*panic)) })
+        });
         record(&stats.service, t.elapsed());
         stats.sizes[n].fetch_add(1, Ordering::Relaxed);
         stats.cpu_us.store((thread_cpu_seconds() * 1e6) as u64, Ordering::Relaxed);
-        for (j, mut r) in batch.drain(..).enumerate() {
+        for r in batch.drain(..) {
             let reply = match &result {
-                Ok(()) => {
-                    quantize_output(&out[j * out_len..(j + 1) * out_len], &mut r.job.pred);
-                    Ok(r.job)
-                }
+                Ok(()) => Ok(r.job),
                 Err(e) => Err(UnetFailure { index: r.job.index, message: e.to_string() }),
             };
             // Room for every job of the producer: never blocks. A gone producer drops it.

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::io::video::{probe, VideoError, VideoInfo};
 use crate::onnx::{check_signature, ModelIo, OnnxError, OrtRuntime, SessionOptions};
+use crate::unet::{Precision, PrecisionSetting, Provider, UnetModel};
 
 /// File name of an avatar's configuration.
 pub const AVATAR_TOML: &str = "avatar.toml";
@@ -195,6 +196,10 @@ pub struct ModelPaths {
     pub unet: PathBuf,
     /// The audio encoder (relative to the avatar directory, or absolute).
     pub encoder: PathBuf,
+    /// A static int8 UNet made from `unet` by `lipsync model quantize` and measured against it
+    /// on this avatar (docs/avatar.md, "Quantized UNet").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unet_int8: Option<PathBuf>,
     /// Input/output names, when they differ from the defaults.
     #[serde(default, skip_serializing_if = "is_default_io")]
     pub io: ModelIo,
@@ -254,6 +259,8 @@ pub struct Avatar {
     pub boxes: Vec<CropBox>,
     /// Resolved UNet path.
     pub unet: PathBuf,
+    /// Resolved path of the int8 UNet, when the avatar names one.
+    pub unet_int8: Option<PathBuf>,
     /// Resolved audio encoder path.
     pub encoder: PathBuf,
 }
@@ -351,12 +358,15 @@ impl Avatar {
         validate_boxes(&boxes, &video_info, &video)?;
         let unet = dir.join(&config.models.unet);
         let encoder = dir.join(&config.models.encoder);
-        for (what, path) in [("UNet", &unet), ("audio encoder", &encoder)] {
-            if !path.is_file() {
+        let unet_int8 = config.models.unet_int8.as_ref().map(|p| dir.join(p));
+        for (what, path) in
+            [("UNet", Some(&unet)), ("audio encoder", Some(&encoder)), ("int8 UNet", unet_int8.as_ref())]
+        {
+            if let Some(path) = path.filter(|p| !p.is_file()) {
                 return Err(OnnxError::ModelMissing { what: what.into(), path: path.clone() }.into());
             }
         }
-        Ok(Self { root: dir.to_path_buf(), config, video, video_info, boxes, unet, encoder })
+        Ok(Self { root: dir.to_path_buf(), config, video, video_info, boxes, unet, unet_int8, encoder })
     }
 
     /// An avatar from parts (no directory): validates the template, the boxes and the models'
@@ -376,7 +386,12 @@ impl Avatar {
             boxes: default_boxes(),
             start_frame,
             jpeg_quality,
-            models: ModelPaths { unet: unet.to_path_buf(), encoder: encoder.to_path_buf(), io: ModelIo::default() },
+            models: ModelPaths {
+                unet: unet.to_path_buf(),
+                encoder: encoder.to_path_buf(),
+                unet_int8: None,
+                io: ModelIo::default(),
+            },
             crop: CropParams::default(),
         };
         config.validate()?;
@@ -394,6 +409,7 @@ impl Avatar {
             video_info,
             boxes,
             unet: unet.to_path_buf(),
+            unet_int8: None,
             encoder: encoder.to_path_buf(),
         })
     }
@@ -401,7 +417,26 @@ impl Avatar {
     /// Opens both models and checks their inputs and outputs against the avatar's I/O names and
     /// crop geometry.
     pub fn check_models(&self, rt: &OrtRuntime) -> Result<(), AvatarError> {
-        check_model_pair(rt, &self.unet, &self.encoder, &self.config.models.io, &self.config.crop)
+        check_model_pair(rt, &self.unet, &self.encoder, &self.config.models.io, &self.config.crop)?;
+        if let Some(int8) = &self.unet_int8 {
+            let session = rt.open_model("int8 UNet", int8, &SessionOptions::default())?;
+            let expected = self.config.models.io.unet_signature(i64::from(self.config.crop.model_size));
+            check_signature(&session, &expected, "int8 UNet", int8)?;
+        }
+        Ok(())
+    }
+
+    /// The UNet to run for `setting` on `provider`: the int8 model when asked for (or, with
+    /// `auto`, on the CPU when the avatar names one), the fp32 model otherwise.
+    pub fn unet_model(&self, setting: PrecisionSetting, provider: Provider) -> Result<UnetModel, AvatarError> {
+        let precision = setting
+            .resolve(self.unet_int8.is_some(), provider)
+            .map_err(|message| AvatarError::Setting { field: "models.unet_int8", message })?;
+        let path = match precision {
+            Precision::Fp32 => self.unet.clone(),
+            Precision::Int8 => self.unet_int8.clone().expect("resolve gives int8 only when there is one"),
+        };
+        Ok(UnetModel { path, precision, io: self.config.models.io.clone(), crop: self.config.crop })
     }
 
     /// Number of template frames.
@@ -542,6 +577,7 @@ fn write_avatar_dir(dir: &Path, spec: &CreateSpec, crop: &CropParams) -> Result<
         models: ModelPaths {
             unet: model_path(&spec.unet, "unet.onnx")?,
             encoder: model_path(&spec.encoder, "audio_encoder.onnx")?,
+            unet_int8: None,
             io: spec.io.clone(),
         },
         crop: *crop,
@@ -552,4 +588,27 @@ fn write_avatar_dir(dir: &Path, spec: &CreateSpec, crop: &CropParams) -> Result<
     let text = toml::to_string(&config)
         .map_err(|e| AvatarError::Toml { path: dir.join(AVATAR_TOML), message: e.to_string() })?;
     write_atomic(&dir.join(AVATAR_TOML), format!("# lipsync avatar (docs/avatar.md)\n{text}").as_bytes())
+}
+
+/// Makes the avatar in `dir` name `model` as its int8 UNet (`models.unet_int8`), keeping the
+/// rest of `avatar.toml` as written (comments too). The path is stored relative to the avatar
+/// when the model lies inside it.
+pub fn set_int8_model(dir: &Path, model: &Path) -> Result<(), AvatarError> {
+    let path = dir.join(AVATAR_TOML);
+    let text = std::fs::read_to_string(&path).map_err(|source| AvatarError::Io {
+        action: "could not read",
+        path: path.clone(),
+        source,
+    })?;
+    let toml_err = |message: String| AvatarError::Toml { path: path.clone(), message };
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| toml_err(e.to_string()))?;
+    let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let (root, model_abs) = (abs(dir), abs(model));
+    let stored = model_abs.strip_prefix(&root).map(Path::to_path_buf).unwrap_or(model_abs);
+    let value = stored.to_str().ok_or_else(|| toml_err(format!("{} is not UTF-8", stored.display())))?;
+    let models = doc["models"].as_table_mut().ok_or_else(|| toml_err("no [models] table".into()))?;
+    models["unet_int8"] = toml_edit::value(value);
+    let updated = doc.to_string();
+    AvatarConfig::parse(&updated, &path)?;
+    write_atomic(&path, updated.as_bytes())
 }
