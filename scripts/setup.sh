@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent setup for lipsync: system packages (apt) and a project-local Python venv (.venv).
 # Safe to re-run: each step checks whether its work is already done.
+#
+#   scripts/setup.sh          everything the build, the tests and the sample need (CPU)
+#   scripts/setup.sh --cuda   also .venv-cuda: ONNX Runtime's CUDA build (onnxruntime-gpu, CUDA 13
+#                             and cuDNN 9 from PyPI, about 3 GB) for `--provider cuda` with a
+#                             binary built with `--features cuda` (scripts/gpu_check.sh uses it)
 set -euo pipefail
+CUDA=0
+[ "${1:-}" = "--cuda" ] && CUDA=1
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
@@ -58,3 +65,22 @@ if [ -z "$ORT_LIB" ]; then
   exit 1
 fi
 log "ONNX Runtime library: $ORT_LIB"
+
+if [ "$CUDA" = 1 ]; then
+  # A separate venv: onnxruntime and onnxruntime-gpu install the same Python package.
+  CUDA_PKGS=("onnxruntime-gpu[cuda,cudnn]==1.31.1" "nvidia-cublas~=13.0")
+  if [ ! -x .venv-cuda/bin/python ]; then
+    log "creating .venv-cuda"
+    "$PY" -m venv .venv-cuda
+  fi
+  CSTAMP=.venv-cuda/.lipsync-requirements
+  CWANT="$(printf '%s\n' "${CUDA_PKGS[@]}")"
+  if [ ! -f "$CSTAMP" ] || [ "$(cat "$CSTAMP")" != "$CWANT" ]; then
+    log "installing ONNX Runtime for CUDA into .venv-cuda"
+    .venv-cuda/bin/python -m pip install -q --disable-pip-version-check "${CUDA_PKGS[@]}"
+    printf '%s' "$CWANT" > "$CSTAMP"
+  else
+    log "ONNX Runtime for CUDA present"
+  fi
+  log "CUDA ONNX Runtime: $(ls "$ROOT"/.venv-cuda/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1)"
+fi

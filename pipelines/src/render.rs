@@ -166,6 +166,7 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
     };
     let model = cfg.avatar.unet_model(cfg.precision, cfg.provider).map_err(|e| PipelineError::setup("unet", e))?;
     let unet = UnetService::start(rt, &model, &unet_cfg).map_err(|e| PipelineError::setup("unet", e))?;
+    tracing::info!(backend = %unet.backend(), batch = unet.max_batch().get(), "UNet");
     let unet = Arc::new(unet);
     let enc_opts = SessionOptions { intra_threads: 1, spinning: false };
     let encoder = AudioEncoder::open(rt, &cfg.avatar.encoder, &io, cfg.encoder_batch, &enc_opts)
@@ -205,7 +206,10 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
         "encoder_batch": cfg.encoder_batch,
         "capacity": cfg.capacity,
         "intra_threads": cfg.intra_threads,
-        "provider": format!("{:?}", cfg.provider),
+        "provider": unet.provider().to_string(),
+        "provider_setting": cfg.provider.to_string(),
+        "precision": unet.backend().precision,
+        "unet_model": unet.backend().model.display().to_string(),
         "pin": format!("{:?}", cfg.pin),
     });
     let n = unet.max_batch().get();
