@@ -87,7 +87,7 @@ fn unet(c: &mut Criterion) {
             let opts = SessionOptions { intra_threads: 2, spinning: false };
             let b = lipsync_stages::unet::Batch::new(batch).unwrap();
             let model = UnetModel { path: path.clone(), precision: Precision::Fp32, io: ModelIo::default(), crop };
-            let mut u = unet::open(&rt, &model, b, &opts, Provider::Cpu).unwrap();
+            let mut u = unet::open(&rt, &model, b, &opts, Provider::Cpu, None).unwrap();
             let images = vec![0.4f32; batch * input_len(&crop)];
             let audio = vec![0.3f32; batch * FRAME_AUDIO_LEN];
             let mut out = vec![0f32; batch * output_len(&crop)];

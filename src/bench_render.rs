@@ -54,7 +54,7 @@ pub fn run(cli: &Cli, args: &BenchRenderArgs) -> Result<()> {
     // UNet alone: real prepared inputs are not needed for timing; same shapes, same session options.
     let inference_fps = {
         let model = avatar.unet_model(PrecisionSetting::Fp32, Provider::Cpu)?;
-        let mut unet = lipsync_stages::unet::open(&rt, &model, args.batch, &opts, Provider::Cpu)?;
+        let mut unet = lipsync_stages::unet::open(&rt, &model, args.batch, &opts, Provider::Cpu, None)?;
         let images = vec![0.5f32; n * input_len(&crop)];
         let audio = vec![0.1f32; n * lipsync_stages::features::FRAME_AUDIO_LEN];
         let mut out = vec![0f32; n * output_len(&crop)];
@@ -112,7 +112,7 @@ fn int8_figures(
     let opts = SessionOptions { intra_threads: threads, spinning: false };
     let open = |p| -> Result<_> {
         let model = avatar.unet_model(p, Provider::Cpu)?;
-        Ok(lipsync_stages::unet::open(rt, &model, Batch::ONE, &opts, Provider::Cpu)?)
+        Ok(lipsync_stages::unet::open(rt, &model, Batch::ONE, &opts, Provider::Cpu, None)?)
     };
     let (mut fp32, mut int8) = (open(PrecisionSetting::Fp32)?, open(PrecisionSetting::Int8)?);
     let m = measure(fp32.as_mut(), int8.as_mut(), &samples, avatar.config.crop.mask.map(|v| v as usize))?;

@@ -12,7 +12,7 @@ use lipsync_pipelines::runtime::PinPolicy;
 use lipsync_stages::face::Blend;
 use lipsync_stages::io::avatar::{read_boxes, Avatar};
 use lipsync_stages::io::staged::check_new_file;
-use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider};
+use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider, RemoteSettings};
 
 use crate::Cli;
 
@@ -61,9 +61,22 @@ pub struct RenderArgs {
     /// Pin stage threads: auto, none, or a core list (0,1,2).
     #[arg(long, default_value = "auto")]
     pub pin: String,
-    /// Execution provider for the UNet: cpu or cuda.
+    /// Execution provider for the UNet: cpu, cuda, or remote (an Open Inference Protocol server).
     #[arg(long, default_value = "cpu")]
     pub provider: Provider,
+    /// Inference server of `--provider remote`: grpc://HOST:PORT (Open Inference Protocol:
+    /// Triton, KServe, MLServer).
+    #[arg(long)]
+    pub remote_url: Option<String>,
+    /// The UNet's model name on the remote server.
+    #[arg(long)]
+    pub remote_model: Option<String>,
+    /// Deadline of each remote request, ms (1..=600000) [default: 10000].
+    #[arg(long)]
+    pub remote_timeout_ms: Option<u64>,
+    /// Retries of a request the remote server could not take (0..=10) [default: 3].
+    #[arg(long)]
+    pub remote_retries: Option<u32>,
     /// Which of the avatar's UNets to run: auto (its int8 model on the CPU when it names one,
     /// made by `lipsync model quantize`), fp32 or int8.
     #[arg(long, default_value_t = PrecisionSetting::Auto)]
@@ -222,6 +235,14 @@ pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
         spinning: args.spin,
         provider: args.provider,
         precision: args.precision,
+        remote: RemoteSettings::from_flags(
+            args.provider,
+            args.remote_url.as_deref(),
+            args.remote_model.as_deref(),
+            args.remote_timeout_ms,
+            args.remote_retries,
+        )
+        .map_err(anyhow::Error::msg)?,
         pin,
         max_frames: args.max_frames,
         blend: args.blend,

@@ -18,7 +18,7 @@ use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
 use lipsync_stages::template::SharedTemplate;
-use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider};
+use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider, RemoteSettings};
 
 pub use crate::file_sink::{ImageFormat, Output};
 use crate::graph::{build, GraphConfig, Layout};
@@ -91,6 +91,8 @@ pub struct RenderConfig {
     pub provider: Provider,
     /// Which of the avatar's UNets runs (fp32, or its int8 model).
     pub precision: PrecisionSetting,
+    /// The inference server of `Provider::Remote`.
+    pub remote: Option<RemoteSettings>,
     /// Thread pinning.
     pub pin: PinPolicy,
     /// JPEG quality.
@@ -129,6 +131,7 @@ impl RenderConfig {
             spinning: false,
             provider: Provider::Cpu,
             precision: PrecisionSetting::Auto,
+            remote: None,
             pin: PinPolicy::None,
             max_frames: None,
             blend: Blend::Hard,
@@ -163,6 +166,7 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
         intra_threads: cfg.intra_threads.max(1),
         spinning: cfg.spinning,
         provider: cfg.provider,
+        remote: cfg.remote.clone(),
     };
     let model = cfg.avatar.unet_model(cfg.precision, cfg.provider).map_err(|e| PipelineError::setup("unet", e))?;
     let unet = UnetService::start(rt, &model, &unet_cfg).map_err(|e| PipelineError::setup("unet", e))?;

@@ -69,7 +69,14 @@ fn shared(rt: &OrtRuntime, max_batch: usize, max_wait: Duration) -> Shared {
     let io = avatar.config.models.io.clone();
     let encoder = AudioEncoder::open(rt, &avatar.encoder, &io, 64, &SessionOptions::default()).unwrap();
     let max_batch = BatchSetting::Fixed(Batch::new(max_batch).unwrap());
-    let cfg = UnetServiceConfig { max_batch, max_wait, intra_threads: 1, spinning: false, provider: Provider::Cpu };
+    let cfg = UnetServiceConfig {
+        max_batch,
+        max_wait,
+        intra_threads: 1,
+        spinning: false,
+        provider: Provider::Cpu,
+        remote: None,
+    };
     let unet = UnetService::start(rt, &avatar.unet_model(Default::default(), Provider::Cpu).unwrap(), &cfg).unwrap();
     Shared {
         avatar: Arc::new(avatar),

@@ -108,6 +108,7 @@ fn session_hot_path_allocates_nothing_per_frame() {
         intra_threads: 1,
         spinning: false,
         provider: Provider::Cpu,
+        remote: None,
     };
     let unet = UnetService::start(&rt, &avatar.unet_model(Default::default(), Provider::Cpu).unwrap(), &cfg).unwrap();
     let fx = Fixture {

@@ -202,6 +202,7 @@ impl Registry {
                         intra_threads: self.settings.intra_threads,
                         spinning: false,
                         provider: self.settings.provider,
+                        remote: self.settings.remote.clone(),
                     };
                     let (u, bytes) =
                         measured(|| UnetService::start(&self.rt, &model, &cfg)).map_err(|e| failed(e.to_string()))?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use lipsync_pipelines::graph::Layout;
 use lipsync_pipelines::runtime::PinPolicy;
-use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider};
+use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider, RemoteSettings};
 use serde::{Deserialize, Serialize};
 
 /// `lipsync serve` settings: each is a flag and a key of the `--config` TOML file (flags win).
@@ -61,6 +61,18 @@ pub struct ServeOptions {
     /// UNet execution provider: cpu or cuda [default: cpu].
     #[arg(long)]
     pub provider: Option<String>,
+    /// Inference server of `--provider remote`, grpc://HOST:PORT (Open Inference Protocol).
+    #[arg(long)]
+    pub remote_url: Option<String>,
+    /// The UNet's model name on the remote server.
+    #[arg(long)]
+    pub remote_model: Option<String>,
+    /// Deadline of each remote request, ms (1..=600000) [default: 10000].
+    #[arg(long)]
+    pub remote_timeout_ms: Option<u64>,
+    /// Retries of a request the remote server could not take (0..=10) [default: 3].
+    #[arg(long)]
+    pub remote_retries: Option<u32>,
     /// Which of each avatar's UNets to run: auto (its int8 model on the CPU when it names one,
     /// made by `lipsync model quantize`), fp32 or int8 [default: auto].
     #[arg(long)]
@@ -94,6 +106,9 @@ pub struct ServeOptions {
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
+    /// The remote inference server's settings are missing or out of range.
+    #[error("{0}")]
+    Remote(String),
     /// A required setting is missing.
     #[error("no {0}: give --{1} or `{2}` in the config")]
     Missing(&'static str, &'static str, &'static str),
@@ -172,6 +187,9 @@ pub struct Settings {
     pub provider: Provider,
     /// Which of an avatar's UNets runs.
     pub precision: PrecisionSetting,
+    /// The inference server of `--provider remote`.
+    #[serde(skip)]
+    pub remote: Option<RemoteSettings>,
     /// Session thread pinning.
     #[serde(serialize_with = "debug_lower")]
     pub pin: PinPolicy,
@@ -261,6 +279,10 @@ impl ServeOptions {
             session_queue,
             intra_threads,
             provider,
+            remote_url,
+            remote_model,
+            remote_timeout_ms,
+            remote_retries,
             precision,
             pin,
             session_layout,
@@ -310,8 +332,16 @@ impl ServeOptions {
         let provider: Provider = provider.parse().map_err(|_| SettingsError::Invalid {
             name: "provider",
             value: provider,
-            expected: "cpu or cuda",
+            expected: "cpu, cuda or remote",
         })?;
+        let remote = RemoteSettings::from_flags(
+            provider,
+            self.remote_url.as_deref(),
+            self.remote_model.as_deref(),
+            self.remote_timeout_ms,
+            self.remote_retries,
+        )
+        .map_err(SettingsError::Remote)?;
         let intra_threads = at_least_one("intra threads", self.intra_threads.unwrap_or(2))?;
         let pin = self.pin.unwrap_or_else(|| "none".into());
         let pin = PinPolicy::parse(&pin, intra_threads).map_err(|_| SettingsError::Invalid {
@@ -356,6 +386,7 @@ impl ServeOptions {
             intra_threads,
             provider,
             precision: self.precision.unwrap_or_default(),
+            remote,
             pin,
             session_layout,
             drain_timeout: Duration::from_secs_f64(drain),

@@ -35,8 +35,11 @@ pub struct StatsReply {
 pub struct UnetInfo {
     /// Model path.
     pub model: String,
-    /// Execution provider in use (`cpu`, or `cuda` when it could be started).
+    /// Execution provider in use (`cpu`, `cuda` when it could be started, or `remote`).
     pub provider: String,
+    /// Runs that failed (for a remote server: requests that failed after their retries).
+    #[serde(default)]
+    pub errors: u64,
     /// The model's precision: `fp32`, or `int8` for an avatar's quantized UNet.
     #[serde(default)]
     pub precision: String,
@@ -108,6 +111,7 @@ pub(crate) fn stats(sh: &Shared) -> StatsReply {
             UnetInfo {
                 model: path.display().to_string(),
                 provider: u.provider().to_string(),
+                errors: st.errors.load(Ordering::Relaxed),
                 precision: u.backend().precision.to_string(),
                 batches,
                 frames,
@@ -156,7 +160,8 @@ impl StatsReply {
             t += &pct_row(name, p);
         }
         for u in &s.unet {
-            let name = format!("unet (batch {:.1})", u.mean_batch);
+            let errors = if u.errors > 0 { format!(", {} failed", u.errors) } else { String::new() };
+            let name = format!("unet {} (batch {:.1}{errors})", u.provider, u.mean_batch);
             t += &pct_row(&name, &u.service_ms);
         }
         if !s.sessions.is_empty() {

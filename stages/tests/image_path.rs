@@ -87,7 +87,7 @@ fn image_path_matches_the_reference() {
     let rt = OrtRuntime::load(None).unwrap();
     let model = avatar.unet_model(Default::default(), Provider::Cpu).unwrap();
     let batch = lipsync_stages::unet::Batch::new(4).unwrap();
-    let mut unet = unet::open(&rt, &model, batch, &SessionOptions::default(), Provider::Cpu).unwrap();
+    let mut unet = unet::open(&rt, &model, batch, &SessionOptions::default(), Provider::Cpu, None).unwrap();
     let mut prep = FacePrep::new();
     let mut comp = Compositor::new();
     let mut frame = BgrFrame::default();

@@ -19,7 +19,9 @@ use lipsync_stages::face::{input_len, output_len, quantize_output, FacePrep};
 use lipsync_stages::features::FRAME_AUDIO_LEN;
 use lipsync_stages::io::avatar::CropParams;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
-use lipsync_stages::unet::{self, BackendInfo, Batch, BatchSetting, Provider, UnetBackend, UnetError, UnetModel};
+use lipsync_stages::unet::{
+    self, BackendInfo, Batch, BatchSetting, Provider, RemoteSettings, UnetBackend, UnetError, UnetModel,
+};
 
 use crate::job::FrameJob;
 use crate::metrics::histogram;
@@ -61,6 +63,8 @@ pub struct UnetServiceConfig {
     pub spinning: bool,
     /// Execution provider.
     pub provider: Provider,
+    /// The server of [`Provider::Remote`].
+    pub remote: Option<RemoteSettings>,
 }
 
 /// Counters of a [`UnetService`].
@@ -73,6 +77,8 @@ pub struct UnetStats {
     pub wait: Mutex<Histogram<u64>>,
     /// CPU time of the batcher thread (µs), updated after each run.
     pub cpu_us: AtomicU64,
+    /// Runs that failed.
+    pub errors: AtomicU64,
 }
 
 impl UnetStats {
@@ -109,7 +115,7 @@ impl UnetService {
     pub fn start(rt: &OrtRuntime, model: &UnetModel, cfg: &UnetServiceConfig) -> Result<Self, UnetError> {
         let opts = SessionOptions { intra_threads: cfg.intra_threads.max(1), spinning: cfg.spinning };
         let limit = cfg.max_batch.limit(cfg.provider);
-        let mut backend = unet::open(rt, model, limit, &opts, cfg.provider)?;
+        let mut backend = unet::open(rt, model, limit, &opts, cfg.provider, cfg.remote.as_ref())?;
         let info = backend.info().clone();
         let crop = model.crop;
         let resolved = match cfg.max_batch {
@@ -118,7 +124,7 @@ impl UnetService {
         };
         // Measuring (auto on a GPU) ran the model already; otherwise its slow first run happens
         // now rather than on the first frame.
-        if !(cfg.max_batch == BatchSetting::Auto && info.provider == Provider::Cuda) {
+        if !(cfg.max_batch == BatchSetting::Auto && info.provider != Provider::Cpu) {
             unet::warm_up(backend.as_mut())?;
         }
         let max_batch = resolved.get();
@@ -128,6 +134,7 @@ impl UnetService {
             service: Mutex::new(histogram()),
             wait: Mutex::new(histogram()),
             cpu_us: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
         });
         let (tx, rx) = bounded::<Request>(max_batch * 8);
         let st = stats.clone();
@@ -296,6 +303,9 @@ fn batch_loop(
         });
         record(&stats.service, t.elapsed());
         stats.sizes[n].fetch_add(1, Ordering::Relaxed);
+        if result.is_err() {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
         stats.cpu_us.store((thread_cpu_seconds() * 1e6) as u64, Ordering::Relaxed);
         for r in batch.drain(..) {
             let reply = match &result {

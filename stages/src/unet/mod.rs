@@ -1,10 +1,11 @@
 //! The lip-sync UNet behind one interface, [`UnetBackend`]: the batcher fills a backend's input
 //! buffers and runs it, whichever backend it is (ONNX Runtime on the CPU with an fp32 or an int8
-//! model, ONNX Runtime on CUDA with pinned, bound buffers; a remote server later).
+//! model, ONNX Runtime on CUDA with pinned, bound buffers, or an Open Inference Protocol server).
 
 #[cfg(feature = "cuda")]
 mod cuda;
 mod ort_backend;
+pub mod remote;
 
 use std::path::PathBuf;
 
@@ -13,6 +14,7 @@ use crate::io::avatar::CropParams;
 use crate::onnx::{ModelIo, OnnxError, OrtRuntime, SessionOptions};
 
 pub use ort_backend::OrtUnet;
+pub use remote::RemoteSettings;
 
 /// Largest batch accepted.
 pub const MAX_BATCH: usize = 32;
@@ -142,6 +144,9 @@ impl BatchSetting {
             (BatchSetting::Fixed(b), _) => b,
             (BatchSetting::Auto, Provider::Cpu) => Batch::ONE,
             (BatchSetting::Auto, Provider::Cuda) => Batch::MAX,
+            // Measuring 32-frame requests (80 MB) through a server at start costs more than it
+            // tells: a server's own batcher merges requests anyway.
+            (BatchSetting::Auto, Provider::Remote) => Batch::new(8).expect("in range"),
         }
     }
 }
@@ -178,6 +183,9 @@ pub enum Provider {
     /// The CUDA provider (needs the `cuda` cargo feature and onnxruntime-gpu); falls back to
     /// CPU with a warning when unavailable.
     Cuda,
+    /// An inference server speaking the Open Inference Protocol over gRPC (Triton, KServe,
+    /// MLServer), named by [`RemoteSettings`].
+    Remote,
 }
 
 impl std::str::FromStr for Provider {
@@ -186,7 +194,8 @@ impl std::str::FromStr for Provider {
         match s {
             "cpu" => Ok(Provider::Cpu),
             "cuda" => Ok(Provider::Cuda),
-            _ => Err(format!("unknown execution provider `{s}` (expected cpu or cuda)")),
+            "remote" => Ok(Provider::Remote),
+            _ => Err(format!("unknown execution provider `{s}` (expected cpu, cuda or remote)")),
         }
     }
 }
@@ -208,6 +217,17 @@ pub enum UnetError {
         /// ONNX Runtime's message.
         message: String,
     },
+    /// The inference server failed, or does not serve the UNet this avatar needs.
+    #[error("remote UNet ({server}): {message}")]
+    Remote {
+        /// The model and server.
+        server: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// `--provider remote` without a server.
+    #[error("--provider remote needs --remote-url grpc://HOST:PORT and --remote-model NAME")]
+    NoRemote,
     /// The model returned the wrong amount of data.
     #[error("UNet returned {got} values for a batch of {batch}, expected {expected}")]
     OutputSize {
@@ -225,6 +245,7 @@ impl std::fmt::Display for Provider {
         f.write_str(match self {
             Provider::Cpu => "cpu",
             Provider::Cuda => "cuda",
+            Provider::Remote => "remote",
         })
     }
 }
@@ -363,17 +384,22 @@ pub trait UnetBackend: Send {
 }
 
 /// Opens `model` on `provider` (CUDA falls back to the CPU with a warning when it cannot start)
-/// and checks its signature against the crop geometry.
+/// and checks its signature against the crop geometry. `remote` names the server of
+/// [`Provider::Remote`] (which runs the server's model, not `model.path`).
 pub fn open(
     rt: &OrtRuntime,
     model: &UnetModel,
     max_batch: Batch,
     opts: &SessionOptions,
     provider: Provider,
+    remote: Option<&RemoteSettings>,
 ) -> Result<Box<dyn UnetBackend>, UnetError> {
     match provider {
         Provider::Cpu => Ok(Box::new(OrtUnet::open(rt, model, max_batch, opts)?)),
         Provider::Cuda => open_cuda(rt, model, max_batch, opts),
+        Provider::Remote => {
+            Ok(Box::new(remote::RemoteUnet::open(model, max_batch, remote.ok_or(UnetError::NoRemote)?)?))
+        }
     }
 }
 
@@ -463,7 +489,7 @@ pub fn measure_batches(unet: &mut dyn UnetBackend, sizes: &[Batch]) -> Result<Ve
 pub fn auto_batch(unet: &mut dyn UnetBackend) -> Result<Batch, UnetError> {
     match unet.info().provider {
         Provider::Cpu => Ok(Batch::ONE),
-        Provider::Cuda => {
+        Provider::Cuda | Provider::Remote => {
             let max = unet.max_batch();
             let sizes: Vec<Batch> =
                 [1, 2, 4, 8, 16, 32].into_iter().filter(|&n| n <= max).filter_map(|n| Batch::new(n).ok()).collect();

@@ -1,0 +1,345 @@
+//! [`RemoteUnet`]: the UNet on an inference server speaking the Open Inference Protocol (KServe
+//! v2) over gRPC: NVIDIA Triton, KServe, MLServer. One `ModelInfer` request per batch, tensors
+//! as raw little-endian bytes. At open the server must be live, the model ready and its
+//! metadata must match the UNet signature. Each request has a deadline; a server that is
+//! unavailable is retried a bounded number of times with backoff, then the run fails with an
+//! error naming the server and the model.
+
+use std::time::Duration;
+
+use prost::bytes::Bytes;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{BackendInfo, Batch, Precision, Provider, UnetBackend, UnetError, UnetInputs, UnetModel};
+use crate::features::FRAME_AUDIO_LEN;
+use crate::onnx::ModelIo;
+
+/// The generated Open Inference Protocol messages and client (`proto/open_inference.proto`).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("inference");
+}
+
+use proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use proto::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use proto::{ModelInferRequest, ModelMetadataRequest, ModelReadyRequest, ServerLiveRequest};
+
+/// Where the remote UNet runs and how long to wait for it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RemoteSettings {
+    /// `grpc://HOST:PORT` (or `http://HOST:PORT`).
+    pub url: String,
+    /// The model's name on the server.
+    pub model: String,
+    /// Deadline of each request, and of connecting.
+    pub timeout: Duration,
+    /// Retries of a request the server could not take (unavailable), with doubling backoff.
+    pub retries: u32,
+}
+
+impl RemoteSettings {
+    /// Default deadline per request.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default retries.
+    pub const DEFAULT_RETRIES: u32 = 3;
+
+    /// The settings of `provider` from its flags: `Some` for [`Provider::Remote`] (URL and model
+    /// required, the deadline within 1..=600000 ms, retries within 0..=10), `None` otherwise.
+    pub fn from_flags(
+        provider: Provider,
+        url: Option<&str>,
+        model: Option<&str>,
+        timeout_ms: Option<u64>,
+        retries: Option<u32>,
+    ) -> Result<Option<Self>, String> {
+        if provider != Provider::Remote {
+            return Ok(None);
+        }
+        let (Some(url), Some(model)) = (url, model) else {
+            return Err("--provider remote needs --remote-url grpc://HOST:PORT and --remote-model NAME".into());
+        };
+        let timeout_ms = timeout_ms.unwrap_or(Self::DEFAULT_TIMEOUT.as_millis() as u64);
+        if !(1..=600_000).contains(&timeout_ms) {
+            return Err(format!("remote timeout {timeout_ms} ms is out of range: expected 1..=600000"));
+        }
+        let retries = retries.unwrap_or(Self::DEFAULT_RETRIES);
+        if retries > 10 {
+            return Err(format!("remote retries {retries} is out of range: expected 0..=10"));
+        }
+        let settings =
+            Self { url: url.into(), model: model.into(), timeout: Duration::from_millis(timeout_ms), retries };
+        settings.endpoint()?;
+        Ok(Some(settings))
+    }
+
+    /// The address as tonic takes it: `grpc://` becomes `http://`.
+    fn endpoint(&self) -> Result<String, String> {
+        let rest = self
+            .url
+            .strip_prefix("grpc://")
+            .or_else(|| self.url.strip_prefix("http://"))
+            .ok_or_else(|| format!("remote URL `{}` must start with grpc:// (or http://)", self.url))?;
+        if rest.is_empty() || rest.contains('/') {
+            return Err(format!("remote URL `{}`: expected grpc://HOST:PORT", self.url));
+        }
+        Ok(format!("http://{rest}"))
+    }
+}
+
+/// The UNet on a remote server (see the module docs).
+pub(crate) struct RemoteUnet {
+    runtime: tokio::runtime::Runtime,
+    client: GrpcInferenceServiceClient<Channel>,
+    settings: RemoteSettings,
+    io: ModelIo,
+    info: BackendInfo,
+    size: usize,
+    max_batch: usize,
+    images: Vec<f32>,
+    audio: Vec<f32>,
+    output: Vec<f32>,
+}
+
+impl RemoteUnet {
+    /// Connects, checks the server, the model and its signature.
+    pub(crate) fn open(model: &UnetModel, max_batch: Batch, settings: &RemoteSettings) -> Result<Self, UnetError> {
+        let where_ = format!("model `{}` on {}", settings.model, settings.url);
+        let fail = |message: String| UnetError::Remote { server: where_.clone(), message };
+        let endpoint = settings.endpoint().map_err(&fail)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| fail(format!("no async runtime: {e}")))?;
+        let size = model.crop.model_size as usize;
+        // A batch's inputs and outputs with room for the protocol's framing.
+        let limit = max_batch.get() * (6 + 3) * size * size * 4 + (FRAME_AUDIO_LEN * 4 + 4096) * max_batch.get();
+        let client = runtime.block_on(async {
+            let channel = Endpoint::from_shared(endpoint)
+                .map_err(|e| fail(e.to_string()))?
+                .connect_timeout(settings.timeout)
+                .timeout(settings.timeout)
+                .connect()
+                .await
+                .map_err(|e| fail(format!("cannot connect: {e} (is the server running?)")))?;
+            Ok::<_, UnetError>(
+                GrpcInferenceServiceClient::new(channel)
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
+            )
+        })?;
+        let mut this = Self {
+            runtime,
+            client,
+            settings: settings.clone(),
+            io: model.io.clone(),
+            info: BackendInfo {
+                engine: "open-inference-grpc",
+                provider: Provider::Remote,
+                precision: Precision::Fp32,
+                model: format!("{}/{}", settings.url, settings.model).into(),
+            },
+            size,
+            max_batch: max_batch.get(),
+            images: Vec::new(),
+            audio: Vec::new(),
+            output: Vec::new(),
+        };
+        this.check().map_err(fail)?;
+        Ok(this)
+    }
+
+    /// Server live, model ready, metadata matching the UNet signature.
+    fn check(&mut self) -> Result<(), String> {
+        let (client, name) = (&mut self.client, self.settings.model.clone());
+        let status = |what: &str, e: tonic::Status| format!("{what}: {} ({:?})", e.message(), e.code());
+        let (live, ready, meta) = self.runtime.block_on(async {
+            let live = client.server_live(ServerLiveRequest {}).await.map_err(|e| status("server live", e))?;
+            let ready = client
+                .model_ready(ModelReadyRequest { name: name.clone(), version: String::new() })
+                .await
+                .map_err(|e| status("model ready", e))?;
+            let meta = client
+                .model_metadata(ModelMetadataRequest { name, version: String::new() })
+                .await
+                .map_err(|e| status("model metadata", e))?;
+            Ok::<_, String>((live.into_inner().live, ready.into_inner().ready, meta.into_inner()))
+        })?;
+        if !live {
+            return Err("the server says it is not live".into());
+        }
+        if !ready {
+            return Err("the server says the model is not ready".into());
+        }
+        let s = self.size as i64;
+        let io = &self.io;
+        let want = [
+            (true, io.unet_image_input.as_str(), vec![6, s, s]),
+            (true, io.unet_audio_input.as_str(), vec![32, 16, 16]),
+            (false, io.unet_output.as_str(), vec![3, s, s]),
+        ];
+        let show =
+            |t: &proto::model_metadata_response::TensorMetadata| format!("`{}` {} {:?}", t.name, t.datatype, t.shape);
+        let has = format!(
+            "inputs {} -> outputs {}",
+            meta.inputs.iter().map(show).collect::<Vec<_>>().join(", "),
+            meta.outputs.iter().map(show).collect::<Vec<_>>().join(", ")
+        );
+        for (input, name, dims) in want {
+            let list = if input { &meta.inputs } else { &meta.outputs };
+            let kind = if input { "input" } else { "output" };
+            let t = list
+                .iter()
+                .find(|t| t.name == name)
+                .ok_or_else(|| format!("no {kind} `{name}`; the model has {has}"))?;
+            // Batch first (any size, or -1), then the fixed dims (-1 allowed).
+            let fits = t.datatype == "FP32"
+                && t.shape.len() == dims.len() + 1
+                && t.shape[1..].iter().zip(&dims).all(|(have, want)| *have == -1 || have == want);
+            if !fits {
+                return Err(format!(
+                    "{kind} `{name}` is {} {:?}, expected FP32 [-1, {dims:?}]; the model has {has}",
+                    t.datatype, t.shape
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_batch(&self, n: usize) -> Result<(), UnetError> {
+        if (1..=self.max_batch).contains(&n) {
+            Ok(())
+        } else {
+            Err(UnetError::BadBatch(n, self.max_batch))
+        }
+    }
+}
+
+fn tensor(name: &str, shape: &[usize]) -> InferInputTensor {
+    InferInputTensor {
+        name: name.to_string(),
+        datatype: "FP32".into(),
+        shape: shape.iter().map(|&d| d as i64).collect(),
+        ..Default::default()
+    }
+}
+
+impl UnetBackend for RemoteUnet {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    fn inputs(&mut self, n: usize) -> Result<UnetInputs<'_>, UnetError> {
+        self.check_batch(n)?;
+        let s = self.size;
+        if self.images.len() < n * 6 * s * s {
+            self.images.resize(n * 6 * s * s, 0.0);
+            self.audio.resize(n * FRAME_AUDIO_LEN, 0.0);
+        }
+        Ok(UnetInputs { images: &mut self.images[..n * 6 * s * s], audio: &mut self.audio[..n * FRAME_AUDIO_LEN] })
+    }
+
+    fn run(&mut self, n: usize) -> Result<&[f32], UnetError> {
+        self.check_batch(n)?;
+        let s = self.size;
+        let server = format!("model `{}` on {}", self.settings.model, self.settings.url);
+        let fail = |message: String| UnetError::Remote { server: server.clone(), message };
+        let request = ModelInferRequest {
+            model_name: self.settings.model.clone(),
+            inputs: vec![
+                tensor(&self.io.unet_image_input, &[n, 6, s, s]),
+                tensor(&self.io.unet_audio_input, &[n, 32, 16, 16]),
+            ],
+            outputs: vec![InferRequestedOutputTensor { name: self.io.unet_output.clone(), ..Default::default() }],
+            raw_input_contents: vec![
+                Bytes::copy_from_slice(bytemuck::cast_slice::<f32, u8>(&self.images[..n * 6 * s * s])),
+                Bytes::copy_from_slice(bytemuck::cast_slice::<f32, u8>(&self.audio[..n * FRAME_AUDIO_LEN])),
+            ],
+            ..Default::default()
+        };
+        let (client, settings) = (&mut self.client, &self.settings);
+        let response = self.runtime.block_on(async {
+            let mut backoff = Duration::from_millis(50);
+            let mut attempt = 0;
+            loop {
+                let mut req = tonic::Request::new(request.clone());
+                req.set_timeout(settings.timeout);
+                match client.model_infer(req).await {
+                    Ok(r) => break Ok(r.into_inner()),
+                    Err(e) if e.code() == tonic::Code::Unavailable && attempt < settings.retries => {
+                        attempt += 1;
+                        tracing::warn!(%server, attempt, error = %e.message(), "remote UNet unavailable; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff *= 2;
+                    }
+                    Err(e) if e.code() == tonic::Code::DeadlineExceeded || e.code() == tonic::Code::Cancelled => {
+                        break Err(fail(format!(
+                            "no answer within the {} ms deadline ({})",
+                            settings.timeout.as_millis(),
+                            e.message()
+                        )))
+                    }
+                    Err(e) => {
+                        let tries = if attempt > 0 { format!(" after {} retries", attempt) } else { String::new() };
+                        break Err(fail(format!("{} ({:?}){tries}", e.message(), e.code())));
+                    }
+                }
+            }
+        })?;
+        let expected = n * 3 * s * s;
+        let at = response
+            .outputs
+            .iter()
+            .position(|o| o.name == self.io.unet_output)
+            .ok_or_else(|| fail(format!("the answer has no output `{}`", self.io.unet_output)))?;
+        let out = &response.outputs[at];
+        if out.datatype != "FP32" {
+            return Err(fail(format!("output `{}` is {}, expected FP32", out.name, out.datatype)));
+        }
+        if self.output.len() < expected {
+            self.output.resize(expected, 0.0);
+        }
+        match response.raw_output_contents.get(at) {
+            Some(raw) if raw.len() == expected * 4 => {
+                for (v, b) in self.output[..expected].iter_mut().zip(raw.chunks_exact(4)) {
+                    *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            Some(raw) => return Err(UnetError::OutputSize { batch: n, got: raw.len() / 4, expected }),
+            None => {
+                let data = out.contents.as_ref().map(|c| c.fp32_contents.as_slice()).unwrap_or_default();
+                if data.len() != expected {
+                    return Err(UnetError::OutputSize { batch: n, got: data.len(), expected });
+                }
+                self.output[..expected].copy_from_slice(data);
+            }
+        }
+        Ok(&self.output[..expected])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_grpc_host_port() {
+        let s = |url: &str| RemoteSettings {
+            url: url.into(),
+            model: "m".into(),
+            timeout: Duration::from_secs(1),
+            retries: 0,
+        };
+        assert_eq!(s("grpc://127.0.0.1:8001").endpoint().unwrap(), "http://127.0.0.1:8001");
+        assert_eq!(s("http://h:1").endpoint().unwrap(), "http://h:1");
+        assert!(s("https://h:1").endpoint().unwrap_err().contains("must start with grpc://"));
+        assert!(s("grpc://h:1/models").endpoint().unwrap_err().contains("expected grpc://HOST:PORT"));
+    }
+}
