@@ -44,7 +44,7 @@ use lipsync_stages::image_io::{decode_image, encode_png, JpegEncoder};
 use lipsync_stages::io::avatar::{Avatar, CropParams};
 use lipsync_stages::io::npy::read_f32_2d;
 use lipsync_stages::io::video::VideoError;
-use lipsync_stages::onnx::{ModelIo, OrtRuntime, SessionOptions};
+use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
 use lipsync_stages::template::{SharedTemplate, TemplateReader, VideoReader, DEFAULT_CACHE};
 use lipsync_stages::unet::{self, Provider};
 
