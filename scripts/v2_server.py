@@ -6,7 +6,8 @@ and benchmark, and the quickest way to try `--provider remote` without Triton.
     .venv/bin/python scripts/v2_server.py --model unet=models/full/unet.onnx \
         [--grpc-port 8001] [--http-port 8080] [--threads 2] [--delay-ms 0] [--dir DIR]
 
-Each model's metadata (names, FP32, shapes with -1 for dynamic axes) is read from its ONNX file.
+Each model's metadata (names, FP32 or UINT8, shapes with -1 for dynamic axes) is read from its
+ONNX file.
 Runs in the foreground until stopped (SIGTERM/SIGINT stop MLServer).
 """
 
@@ -23,11 +24,17 @@ import onnx
 HERE = Path(__file__).resolve().parent
 
 
+DATATYPES = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.UINT8: "UINT8"}
+
+
 def tensors(values):
     out = []
     for v in values:
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
-        out.append({"name": v.name, "datatype": "FP32", "shape": dims})
+        datatype = DATATYPES.get(v.type.tensor_type.elem_type)
+        if datatype is None:
+            sys.exit(f"v2_server: tensor `{v.name}` has a type this server does not map (FP32 and UINT8 only)")
+        out.append({"name": v.name, "datatype": datatype, "shape": dims})
     return out
 
 

@@ -39,10 +39,19 @@ fn server(delay_ms: u32) -> Server {
 fn server_on(delay_ms: u32, port: u16) -> Server {
     let http = free_port();
     let dir = tempfile::tempdir().unwrap().keep();
+    // The same UNet taking its image as uint8 (scripts/make_u8_unet.py).
+    let u8_model = dir.join("unet_u8.onnx");
+    let made = Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("scripts/make_u8_unet.py"))
+        .args([s(&fixture("models/unet.onnx")), s(&u8_model)])
+        .status()
+        .unwrap();
+    assert!(made.success(), "make_u8_unet.py failed");
     let child = Command::new(root().join(".venv/bin/python"))
         .arg(root().join("scripts/v2_server.py"))
         .args(["--model", &format!("unet={}", s(&fixture("models/unet.onnx")))])
         .args(["--model", &format!("encoder={}", s(&fixture("models/audio_encoder.onnx")))])
+        .args(["--model", &format!("unet_u8={}", s(&u8_model))])
         .args(["--grpc-port", &port.to_string(), "--http-port", &http.to_string()])
         .args(["--delay-ms", &delay_ms.to_string(), "--dir", s(&dir)])
         .stdout(Stdio::null())
@@ -90,6 +99,14 @@ fn frames_through_a_v2_server_equal_local_inference_and_bad_models_are_refused()
     for n in &names {
         // Same ONNX Runtime, same model, same inputs: the same bytes.
         assert_eq!(std::fs::read(local.join(n)).unwrap(), std::fs::read(remote.join(n)).unwrap(), "{n:?}");
+    }
+
+    // Images sent as uint8 to a model that takes them so: the same frames again.
+    let u8 = tmp.path().join("u8");
+    let out = run(&u8, &url, &["--remote-model", "unet_u8", "--batch", "3"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for n in &names {
+        assert_eq!(std::fs::read(local.join(n)).unwrap(), std::fs::read(u8.join(n)).unwrap(), "uint8 {n:?}");
     }
 
     let t = failed(&run(&tmp.path().join("a"), &url, &["--remote-model", "nope"]));
@@ -196,4 +213,55 @@ fn a_daemon_on_a_remote_server_survives_the_server() {
     drop(back);
     let _ = daemon.kill();
     let _ = daemon.wait();
+}
+
+/// Daemons whose remote UNet is wrong, slow or missing: the session gets an error naming the
+/// server, and the daemon stays up.
+#[test]
+fn daemons_with_a_bad_remote_refuse_sessions_and_stay_up() {
+    let slow = server(1500);
+    let url = format!("grpc://127.0.0.1:{}", slow.port);
+    let down = format!("grpc://127.0.0.1:{}", free_port());
+    let audio = fixture("golden/speech_2s.wav");
+    for (name, url, extra, want) in [
+        ("wrong model", url.as_str(), vec!["--remote-model", "nope"], "model ready"),
+        ("wrong tensors", url.as_str(), vec!["--remote-model", "encoder"], "no input `input`"),
+        ("slow", url.as_str(), vec!["--remote-model", "unet", "--remote-timeout-ms", "300"], "deadline"),
+        ("down", down.as_str(), vec!["--remote-model", "unet", "--remote-timeout-ms", "2000"], "cannot connect"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let socket = tmp.path().join("s.sock");
+        let mut daemon = Command::new(env!("CARGO_BIN_EXE_lipsync"))
+            .args(["serve", "--socket", s(&socket), "--avatars", s(&fixture("golden"))])
+            .args(["--provider", "remote", "--remote-url", url, "--remote-retries", "0", "--max-batch", "1"])
+            .args(&extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stats = || lipsync(&["stats", "--socket", s(&socket), "--json"]);
+        let start = Instant::now();
+        while !stats().status.success() {
+            assert!(start.elapsed() < Duration::from_secs(60), "{name}: the daemon did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = tmp.path().join("frames");
+        let t = failed(&lipsync(&[
+            "client",
+            "--socket",
+            s(&socket),
+            "--avatar",
+            "avatar",
+            "--audio",
+            s(&audio),
+            "-o",
+            s(&out),
+        ]));
+        assert!(t.contains(want) && t.contains(url), "{name}: {t}");
+        assert!(!out.exists(), "{name}: no partial output");
+        assert!(stats().status.success(), "{name}: the daemon is still up");
+        assert!(daemon.try_wait().unwrap().is_none(), "{name}: the daemon is still running");
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+    }
 }

@@ -26,7 +26,7 @@ class OnnxModel(MLModel):
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        feeds = {i.name: np.ascontiguousarray(NumpyCodec.decode_input(i), dtype=np.float32) for i in payload.inputs}
+        feeds = {i.name: np.ascontiguousarray(NumpyCodec.decode_input(i)) for i in payload.inputs}
         names = [o.name for o in self.session.get_outputs()]
         outs = self.session.run(names, feeds)
         if self.delay:

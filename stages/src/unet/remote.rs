@@ -1,6 +1,8 @@
 //! [`RemoteUnet`]: the UNet on an inference server speaking the Open Inference Protocol (KServe
 //! v2) over gRPC: NVIDIA Triton, KServe, MLServer. One `ModelInfer` request per batch, tensors
-//! as raw little-endian bytes. At open the server must be live, the model ready and its
+//! as raw little-endian bytes. When the server's model takes its image input as UINT8 (a Cast
+//! and a Div by 255 in front, `scripts/make_u8_unet.py`), images go as bytes: the prepared
+//! tensor is exactly the 8-bit crop over 255, so this is lossless and a quarter of the size. At open the server must be live, the model ready and its
 //! metadata must match the UNet signature. Each request has a deadline; a server that is
 //! unavailable is retried a bounded number of times with backoff, then the run fails with an
 //! error naming the server and the model.
@@ -95,7 +97,10 @@ pub(crate) struct RemoteUnet {
     info: BackendInfo,
     size: usize,
     max_batch: usize,
+    /// Whether the server's model takes the image input as UINT8.
+    image_u8: bool,
     images: Vec<f32>,
+    images_u8: Vec<u8>,
     audio: Vec<f32>,
     output: Vec<f32>,
 }
@@ -140,7 +145,9 @@ impl RemoteUnet {
             },
             size,
             max_batch: max_batch.get(),
+            image_u8: false,
             images: Vec::new(),
+            images_u8: Vec::new(),
             audio: Vec::new(),
             output: Vec::new(),
         };
@@ -192,14 +199,21 @@ impl RemoteUnet {
                 .find(|t| t.name == name)
                 .ok_or_else(|| format!("no {kind} `{name}`; the model has {has}"))?;
             // Batch first (any size, or -1), then the fixed dims (-1 allowed).
-            let fits = t.datatype == "FP32"
+            // The image input may be UINT8 (sent as the 8-bit crop, module docs).
+            let image = input && name == io.unet_image_input;
+            let u8_image = image && t.datatype == "UINT8";
+            let fits = (t.datatype == "FP32" || u8_image)
                 && t.shape.len() == dims.len() + 1
                 && t.shape[1..].iter().zip(&dims).all(|(have, want)| *have == -1 || have == want);
             if !fits {
+                let types = if image { "FP32 or UINT8" } else { "FP32" };
                 return Err(format!(
-                    "{kind} `{name}` is {} {:?}, expected FP32 [-1, {dims:?}]; the model has {has}",
+                    "{kind} `{name}` is {} {:?}, expected {types} [-1, {dims:?}]; the model has {has}",
                     t.datatype, t.shape
                 ));
+            }
+            if image {
+                self.image_u8 = u8_image;
             }
         }
         Ok(())
@@ -214,10 +228,10 @@ impl RemoteUnet {
     }
 }
 
-fn tensor(name: &str, shape: &[usize]) -> InferInputTensor {
+fn tensor(name: &str, datatype: &str, shape: &[usize]) -> InferInputTensor {
     InferInputTensor {
         name: name.to_string(),
-        datatype: "FP32".into(),
+        datatype: datatype.into(),
         shape: shape.iter().map(|&d| d as i64).collect(),
         ..Default::default()
     }
@@ -251,15 +265,24 @@ impl UnetBackend for RemoteUnet {
         let s = self.size;
         let server = format!("model `{}` on {}", self.settings.model, self.settings.url);
         let fail = |message: String| UnetError::Remote { server: server.clone(), message };
+        let images = &self.images[..n * 6 * s * s];
+        let (image_type, image_bytes) = if self.image_u8 {
+            // Each value is k / 255 for a byte k (prep's table), so this gives k back exactly.
+            self.images_u8.clear();
+            self.images_u8.extend(images.iter().map(|v| (v * 255.0).round() as u8));
+            ("UINT8", Bytes::copy_from_slice(&self.images_u8))
+        } else {
+            ("FP32", Bytes::copy_from_slice(bytemuck::cast_slice::<f32, u8>(images)))
+        };
         let request = ModelInferRequest {
             model_name: self.settings.model.clone(),
             inputs: vec![
-                tensor(&self.io.unet_image_input, &[n, 6, s, s]),
-                tensor(&self.io.unet_audio_input, &[n, 32, 16, 16]),
+                tensor(&self.io.unet_image_input, image_type, &[n, 6, s, s]),
+                tensor(&self.io.unet_audio_input, "FP32", &[n, 32, 16, 16]),
             ],
             outputs: vec![InferRequestedOutputTensor { name: self.io.unet_output.clone(), ..Default::default() }],
             raw_input_contents: vec![
-                Bytes::copy_from_slice(bytemuck::cast_slice::<f32, u8>(&self.images[..n * 6 * s * s])),
+                image_bytes,
                 Bytes::copy_from_slice(bytemuck::cast_slice::<f32, u8>(&self.audio[..n * FRAME_AUDIO_LEN])),
             ],
             ..Default::default()
