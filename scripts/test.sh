@@ -11,6 +11,8 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== cargo clippy --features cuda (the CUDA backend builds without a GPU)" >&2
+cargo clippy --workspace --all-targets --features cuda --quiet -- -D warnings
 echo "== cargo test" >&2
 cargo test --workspace --all-targets
 echo "== python tests" >&2
