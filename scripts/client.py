@@ -4,11 +4,14 @@ integrators. Protocol: docs/protocol.md.
 
     python3 scripts/client.py --socket /tmp/lipsync.sock --avatar NAME --audio speech.wav \
         [-o frames/] [--realtime] [--json]
+    python3 scripts/client.py ... --live [--idle-s 1] [--utterances 1] [--interrupt-after-ms MS]
 
 Streams a 16-bit PCM WAV file (any rate, any channel count: the daemon mixes to mono and
 resamples) as s16le, writes the JPEG frames it gets back into a new directory, and prints the
 first-frame latency and per-frame latency percentiles. Importable: `stream(...)` returns the
-same figures as a dict.
+same figures as a dict. With --live, a real-time session (`live(...)`): idle frames before,
+between and after utterances, speech sent at real time, optional interrupts; it prints the
+idle and speech frame counts, interrupt latency and the drift against the session's clock.
 """
 
 import argparse
@@ -22,13 +25,14 @@ import threading
 import time
 import wave
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_MESSAGE = 16 << 20
 
 # Message types (docs/protocol.md).
 HELLO, WELCOME = 0x01, 0x02
-OPEN, OPENED, AUDIO, END_AUDIO, CLOSE = 0x10, 0x11, 0x12, 0x13, 0x14
-FRAME, DONE = 0x20, 0x21
+OPEN, OPENED, AUDIO, END_AUDIO, CLOSE, INTERRUPT, FINISH = 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16
+FRAME, DONE, SPEECH, INTERRUPTED = 0x20, 0x21, 0x22, 0x23
+FRAME_HEAD = 9  # u32 index, u32 pts_ms, u8 flags (bit 0: idle)
 STATS_REQUEST, STATS = 0x30, 0x31
 LIST_AVATARS, LOAD_AVATAR, UNLOAD_AVATAR, AVATARS, OK = 0x40, 0x41, 0x42, 0x43, 0x44
 ERROR = 0x7F
@@ -161,12 +165,14 @@ def stream(path, avatar, pcm, rate, channels, realtime=False, chunk_ms=20.0, on_
                     kind, payload = recv(sock)
                     if kind == FRAME:
                         now = time.monotonic()
-                        index, _ts = struct.unpack(">II", payload[:8])
+                        index, _ts, _flags = struct.unpack(">IIB", payload[:FRAME_HEAD])
                         if index != len(frames):
                             raise ConnectionError(f"frame {index} arrived where {len(frames)} was expected")
                         if on_frame:
-                            on_frame(index, payload[8:])
+                            on_frame(index, payload[FRAME_HEAD:])
                         frames.append((index, now))
+                    elif kind == SPEECH:
+                        pass  # the one utterance starts at frame 0
                     elif kind == DONE:
                         result["done"] = json.loads(payload)
                         return
@@ -232,6 +238,113 @@ def stream(path, avatar, pcm, rate, channels, realtime=False, chunk_ms=20.0, on_
         sock.close()
 
 
+def live(path, avatar, pcm, rate, channels, idle_s=1.0, utterances=1, interrupt_after_ms=None,
+         chunk_ms=20.0, on_frame=None, options=None):
+    """A real-time session: `idle_s` of idle before each utterance (and after the last), each
+    utterance sent at real time (interrupted `interrupt_after_ms` after its start, if given),
+    then Finish. Calls on_frame(index, idle, jpeg). Returns a dict of figures."""
+    frame_bytes = 2 * channels
+    n = len(pcm) // frame_bytes
+    sock = connect(path)
+    try:
+        open_req = {"avatar": avatar, "sample_rate": rate, "format": "s16le", "channels": channels,
+                    "realtime": True}
+        open_req.update(options or {})
+        send_json(sock, OPEN, open_req)
+        kind, payload = recv(sock)
+        if kind != OPENED:
+            raise ConnectionError(f"expected Opened, got type 0x{kind:02x}")
+        opened = json.loads(payload)
+        t0 = time.monotonic()
+        frames = []  # (index, pts_ms, idle, time)
+        starts, interrupted, sent_interrupts = [], [], []
+        result = {}
+
+        def reader():
+            try:
+                while True:
+                    kind, payload = recv(sock)
+                    now = time.monotonic()
+                    if kind == FRAME:
+                        index, pts, flags = struct.unpack(">IIB", payload[:FRAME_HEAD])
+                        if index != len(frames):
+                            raise ConnectionError(f"frame {index} arrived where {len(frames)} was expected")
+                        if on_frame:
+                            on_frame(index, bool(flags & 1), payload[FRAME_HEAD:])
+                        frames.append((index, pts, bool(flags & 1), now))
+                    elif kind == SPEECH:
+                        starts.append(json.loads(payload)["frame"])
+                    elif kind == INTERRUPTED:
+                        interrupted.append(json.loads(payload)["next_frame"])
+                    elif kind == DONE:
+                        result["done"] = json.loads(payload)
+                        return
+                    else:
+                        raise ConnectionError(f"unexpected message type 0x{kind:02x}")
+            except Exception as e:  # reported by the caller
+                result["error"] = e
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        chunk = max(1, int(round(rate * chunk_ms / 1000.0)))
+        try:
+            for _ in range(utterances):
+                time.sleep(idle_s)
+                start = time.monotonic()
+                cut = False
+                for begin in range(0, n, chunk):
+                    due = start + begin / rate
+                    if interrupt_after_ms is not None and due >= start + interrupt_after_ms / 1000.0:
+                        time.sleep(max(0.0, start + interrupt_after_ms / 1000.0 - time.monotonic()))
+                        send(sock, INTERRUPT)
+                        sent_interrupts.append(time.monotonic())
+                        cut = True
+                        break
+                    time.sleep(max(0.0, due - time.monotonic()))
+                    send(sock, AUDIO, pcm[begin * frame_bytes:min(n, begin + chunk) * frame_bytes])
+                if not cut:
+                    send(sock, END_AUDIO)
+            time.sleep(idle_s)
+            send(sock, FINISH)
+        except OSError as e:
+            result.setdefault("error", e)
+        t.join()
+        if "error" in result:
+            raise result["error"]
+        if result["done"]["frames"] != len(frames):
+            raise ConnectionError(f"Done says {result['done']['frames']} frames but {len(frames)} arrived")
+        waits = []
+        for sent_at, next_frame in zip(sent_interrupts, interrupted):
+            got = next((f[3] for f in frames if f[0] >= next_frame), None)
+            if got is not None:
+                waits.append((got - sent_at) * 1000.0)
+        offsets = [(f[3] - t0) * 1000.0 - f[1] for f in frames]
+        window = max(1, min(len(offsets) // 4, 10 * int(round(opened["fps"]))))
+        first = min(offsets[:window]) if offsets else 0.0
+        last = min(offsets[-window:]) if offsets else 0.0
+        waits.sort()
+        return {
+            "session": opened["session"],
+            "fps": opened["fps"],
+            "frames": len(frames),
+            "idle_frames": sum(1 for f in frames if f[2]),
+            "utterance_frames": starts,
+            "first_frame_ms": (frames[0][3] - t0) * 1000.0 if frames else None,
+            "interrupts": len(sent_interrupts),
+            "interrupt_ms": {"p50": percentile(waits, 0.5), "p99": percentile(waits, 0.99),
+                             "max": waits[-1] if waits else 0.0},
+            "offset_start_ms": first,
+            "offset_end_ms": last,
+            "drift_frames": round((last - first) * opened["fps"] / 1000.0),
+        }
+    finally:
+        sock.close()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--socket", required=True, help="the daemon's Unix socket")
@@ -242,6 +355,10 @@ def main():
     ap.add_argument("--chunk-ms", type=float, default=20.0, help="audio per message (ms)")
     ap.add_argument("--jpeg-quality", type=int, help="JPEG quality (default: the avatar's)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ap.add_argument("--live", action="store_true", help="a real-time session (idle frames, pacing)")
+    ap.add_argument("--idle-s", type=float, default=1.0, help="live: idle seconds around utterances")
+    ap.add_argument("--utterances", type=int, default=1, help="live: times the audio is spoken")
+    ap.add_argument("--interrupt-after-ms", type=float, help="live: interrupt each utterance after this")
     args = ap.parse_args()
 
     try:
@@ -268,7 +385,14 @@ def main():
     if args.jpeg_quality is not None:
         options["jpeg_quality"] = args.jpeg_quality
     try:
-        r = stream(args.socket, args.avatar, pcm, rate, channels, args.realtime, args.chunk_ms, on_frame, options)
+        if args.live:
+            r = live(args.socket, args.avatar, pcm, rate, channels, args.idle_s, args.utterances,
+                     args.interrupt_after_ms, args.chunk_ms,
+                     (lambda i, _idle, jpeg: on_frame(i, jpeg)) if on_frame else None, options)
+            r["expected_frames"] = r["frames"]
+        else:
+            r = stream(args.socket, args.avatar, pcm, rate, channels, args.realtime, args.chunk_ms, on_frame,
+                       options)
         if r["frames"] != r["expected_frames"]:
             raise ConnectionError(f"received {r['frames']} frames, expected {r['expected_frames']}")
     except (OSError, DaemonError, ConnectionError, ValueError) as e:
@@ -282,6 +406,13 @@ def main():
         os.rename(tmp, out)
     if args.json:
         print(json.dumps(r))
+    elif args.live:
+        print(f"session {r['session']}: {r['frames']} frames ({r['idle_frames']} idle), utterances at frames "
+              f"{r['utterance_frames']}", file=sys.stderr)
+        if r["interrupts"]:
+            i = r["interrupt_ms"]
+            print(f"interrupt -> first idle frame, ms: p50 {i['p50']:.1f}  max {i['max']:.1f}", file=sys.stderr)
+        print(f"drift: {r['drift_frames']} frames", file=sys.stderr)
     else:
         lat = r["latency_ms"]
         print(

@@ -32,7 +32,7 @@ class Capture:
 
 def session(pcm, rate, channels, fmt, pieces):
     c = Capture()
-    client.send_json(c, client.HELLO, {"protocol": 1, "client": "corpus"})
+    client.send_json(c, client.HELLO, {"protocol": client.PROTOCOL_VERSION, "client": "corpus"})
     client.send_json(c, client.OPEN, {"avatar": "golden", "sample_rate": rate, "format": fmt, "channels": channels})
     for p in pieces:
         client.send(c, client.AUDIO, pcm[p[0]:p[1]])
@@ -57,11 +57,21 @@ def main():
     stereo = b"".join(struct.pack("<ff", s / 32768.0, s / 32768.0) for s in samples[:200])
     files["session_f32le_44k_stereo.bin"] = session(stereo, 44100, 2, "f32le", [(0, 800), (800, 1600)])
     c = Capture()
-    client.send_json(c, client.HELLO, {"protocol": 1})
+    client.send_json(c, client.HELLO, {"protocol": client.PROTOCOL_VERSION})
     client.send_json(c, client.LIST_AVATARS, {})
     client.send_json(c, client.LOAD_AVATAR, {"name": "golden"})
     client.send_json(c, client.UNLOAD_AVATAR, {"name": "golden"})
     files["manage.bin"] = bytes(c.data)
+    # A real-time session: an utterance, its end, another cut by an interrupt, then Finish.
+    c = Capture()
+    client.send_json(c, client.HELLO, {"protocol": client.PROTOCOL_VERSION})
+    client.send_json(c, client.OPEN, {"avatar": "golden", "sample_rate": rate, "format": "s16le", "realtime": True})
+    client.send(c, client.AUDIO, speech[:960])
+    client.send(c, client.END_AUDIO)
+    client.send(c, client.AUDIO, speech[960:])
+    client.send(c, client.INTERRUPT)
+    client.send(c, client.FINISH)
+    files["session_realtime.bin"] = bytes(c.data)
     for name, data in files.items():
         for d in ("protocol", "session"):
             with open(os.path.join(out, d, name), "wb") as f:

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lipsync_serve::client::{stream, Connection, StreamSpec};
+use lipsync_serve::client_live::{stream_live, LiveSpec};
 use lipsync_serve::frame_out::FrameOut;
 use lipsync_serve::protocol::Kind;
 use lipsync_stages::audio::decode_file;
@@ -48,6 +49,22 @@ pub struct ClientArgs {
     /// Print the result as JSON (with per-frame records) instead of a summary.
     #[arg(long)]
     pub json: bool,
+    /// A real-time session: frames at the avatar's rate on the session's clock, idle frames
+    /// before, between and after utterances; the audio is one utterance, sent at real time.
+    #[arg(long)]
+    pub live: bool,
+    /// Live: idle seconds before each utterance.
+    #[arg(long, default_value_t = 1.0, requires = "live")]
+    pub idle_s: f64,
+    /// Live: idle seconds after the last utterance, before the session ends.
+    #[arg(long, default_value_t = 1.0, requires = "live")]
+    pub idle_after_s: f64,
+    /// Live: how many times the audio is spoken.
+    #[arg(long, default_value_t = 1, requires = "live")]
+    pub utterances: usize,
+    /// Live: interrupt each utterance this many ms after its first audio.
+    #[arg(long, requires = "live")]
+    pub interrupt_after_ms: Option<u64>,
 }
 
 /// Runs `lipsync client`.
@@ -56,6 +73,9 @@ pub fn run(args: &ClientArgs) -> Result<()> {
         bail!("--chunk-ms {} is not in 1..=1000", args.chunk_ms);
     }
     let audio = decode_file(&args.audio).with_context(|| format!("reading audio {}", args.audio.display()))?;
+    if args.live {
+        return live(args, audio.samples, audio.rate);
+    }
     let spec = StreamSpec {
         avatar: args.avatar.clone(),
         samples: audio.samples,
@@ -93,6 +113,63 @@ pub fn run(args: &ClientArgs) -> Result<()> {
             l.p50, l.p90, l.p99, l.max
         );
     }
+    Ok(())
+}
+
+/// `lipsync client --live`.
+fn live(args: &ClientArgs, samples: Vec<f32>, rate: u32) -> Result<()> {
+    let secs = |name: &str, v: f64| {
+        if (0.0..=86_400.0).contains(&v) {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            bail!("--{name} {v} is not in 0..=86400 seconds")
+        }
+    };
+    let spec = LiveSpec {
+        avatar: args.avatar.clone(),
+        samples,
+        rate,
+        chunk_ms: args.chunk_ms,
+        idle: secs("idle-s", args.idle_s)?,
+        idle_after: secs("idle-after-s", args.idle_after_s)?,
+        utterances: args.utterances,
+        interrupt_after: args.interrupt_after_ms.map(Duration::from_millis),
+        jpeg_quality: args.jpeg_quality,
+        start_frame: args.start_frame,
+    };
+    let mut out = FrameOut::open(args.output.as_deref())?;
+    let outcome = stream_live(&args.socket, &spec, |i, _idle, jpeg| out.write(i, jpeg))?;
+    out.finish()?;
+    if args.json {
+        let mut v = serde_json::to_value(&outcome)?;
+        v["records"] = serde_json::to_value(&outcome.records)?;
+        print_out(&format!("{v}\n"))?;
+        return Ok(());
+    }
+    eprintln!(
+        "session {}: {} frames ({} idle) in {:.2} s at {} fps; utterances at frames {:?}",
+        outcome.session,
+        outcome.frames,
+        outcome.idle_frames,
+        outcome.seconds,
+        outcome.fps,
+        outcome.utterances.iter().map(|u| u.1).collect::<Vec<_>>()
+    );
+    eprintln!("first frame: {:.1} ms after Opened", outcome.first_frame_ms);
+    let speech: Vec<String> = outcome.speech_first_frame_ms.iter().map(|v| format!("{v:.0}")).collect();
+    eprintln!("first speech frame after its first audio, ms: {}", speech.join(", "));
+    if outcome.interrupts > 0 {
+        let i = &outcome.interrupt_ms;
+        eprintln!(
+            "interrupt -> first idle frame, ms ({} interrupts): p50 {:.1}  p99 {:.1}  max {:.1}",
+            outcome.interrupts, i.p50, i.p99, i.max
+        );
+    }
+    eprintln!(
+        "arrival - presentation time: {:.1} ms at the start, {:.1} ms at the end: drift {} frames \
+         (latest frame {:.0} ms late)",
+        outcome.offset_start_ms, outcome.offset_end_ms, outcome.drift_frames, outcome.max_late_ms
+    );
     Ok(())
 }
 

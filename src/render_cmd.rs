@@ -87,6 +87,10 @@ pub struct RenderArgs {
     /// Stop after this many frames.
     #[arg(long)]
     pub max_frames: Option<usize>,
+    /// Take the template positions of frames N, N+1, ...: reproduces the frames of a
+    /// real-time session's utterance that began at session frame N.
+    #[arg(long, default_value_t = 0)]
+    pub first_index: usize,
     /// Paste-back: hard (the reference) or feather=PX.
     #[arg(long, default_value = "hard")]
     pub blend: Blend,
@@ -245,6 +249,7 @@ pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
         .map_err(anyhow::Error::msg)?,
         pin,
         max_frames: args.max_frames,
+        first_index: args.first_index,
         blend: args.blend,
         template_cache: args.template_cache_mb.map(|mb| (mb as usize) << 20),
         memory_budget: args.memory_mb as usize * 1_000_000,

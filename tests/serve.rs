@@ -25,6 +25,7 @@ const END_AUDIO: u8 = 0x13;
 const CLOSE: u8 = 0x14;
 const FRAME: u8 = 0x20;
 const DONE: u8 = 0x21;
+const SPEECH: u8 = 0x22;
 const STATS_REQUEST: u8 = 0x30;
 const STATS: u8 = 0x31;
 const ERROR: u8 = 0x7F;
@@ -184,7 +185,7 @@ fn recv(c: &mut UnixStream) -> std::io::Result<(u8, Vec<u8>)> {
 }
 
 fn hello(c: &mut UnixStream) -> std::io::Result<()> {
-    let body = br#"{"protocol": 1, "client": "tests/serve.rs"}"#;
+    let body = br#"{"protocol": 2, "client": "tests/serve.rs"}"#;
     let mut m = ((body.len() + 1) as u32).to_be_bytes().to_vec();
     m.push(HELLO);
     m.extend_from_slice(body);
@@ -198,7 +199,7 @@ fn hello(c: &mut UnixStream) -> std::io::Result<()> {
 fn expect_error(c: &mut UnixStream, code: &str) -> String {
     loop {
         let (k, p) = recv(c).unwrap_or_else(|e| panic!("expected error `{code}`, got {e}"));
-        if k == FRAME {
+        if k == FRAME || k == SPEECH {
             continue;
         }
         assert_eq!(k, ERROR, "expected error `{code}`, got 0x{k:02x} {}", String::from_utf8_lossy(&p));
@@ -244,7 +245,13 @@ fn read_frames(c: &mut UnixStream) -> Vec<Vec<u8>> {
             FRAME => {
                 let index = u32::from_be_bytes(p[..4].try_into().unwrap()) as usize;
                 assert_eq!(index, frames.len(), "frames in order");
-                frames.push(p[8..].to_vec());
+                assert_eq!(p[8], 0, "a session without real time sends no idle frame");
+                frames.push(p[9..].to_vec());
+            }
+            SPEECH => {
+                let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+                assert_eq!((v["utterance"].as_u64(), v["frame"].as_u64()), (Some(0), Some(0)));
+                assert!(frames.is_empty(), "the one utterance starts at frame 0");
             }
             DONE => {
                 let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
@@ -387,6 +394,53 @@ fn python_client_gets_the_same_frames() {
 }
 
 #[test]
+fn both_clients_run_realtime_sessions_with_idle_frames_and_interrupts() {
+    let speech = fixture("golden/speech_2s.wav");
+    let d = Daemon::start(&[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("py-live");
+    let o = Command::new("python3")
+        .arg(root().join("scripts/client.py"))
+        .args(["--socket", d.sock(), "--avatar", "golden", "--audio", s(&speech), "-o", s(&out), "--json"])
+        .args(["--live", "--idle-s", "0.5", "--utterances", "2", "--interrupt-after-ms", "1000"])
+        .output()
+        .expect("python3");
+    assert!(o.status.success(), "{}\n{}", text(&o), d.log());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let frames = v["frames"].as_u64().unwrap() as usize;
+    assert!(v["idle_frames"].as_u64().unwrap() >= 20, "{v}");
+    assert_eq!(v["interrupts"], 2, "{v}");
+    assert_eq!(v["utterance_frames"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(read_dir_frames(&out).len(), frames, "every frame written");
+    // `lipsync client --live`: the same kind of session, its figures as JSON.
+    let o = run(&[
+        "client",
+        "--socket",
+        d.sock(),
+        "--avatar",
+        "golden",
+        "--audio",
+        s(&speech),
+        "--live",
+        "--idle-s",
+        "0.4",
+        "--idle-after-s",
+        "0.4",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let utterances = v["utterances"].as_array().unwrap();
+    assert_eq!(utterances.len(), 1, "{v}");
+    let records = v["records"].as_array().unwrap();
+    let speech_frames = records.iter().filter(|r| r["idle"] == false).count();
+    assert_eq!(speech_frames, 49, "the whole utterance: {v}");
+    assert_eq!(v["frames"].as_u64().unwrap() as usize, records.len());
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
 fn bad_input_gets_an_error_and_closes_only_that_session() {
     let speech = fixture("golden/speech_2s.wav");
     let want = rendered(s(&speech));
@@ -403,8 +457,14 @@ fn bad_input_gets_an_error_and_closes_only_that_session() {
     };
     // Wrong protocol version.
     let mut c = raw();
-    send(&mut c, HELLO, br#"{"protocol": 2, "client": "future"}"#);
-    assert!(expect_error(&mut c, "version").contains("protocol version 2"));
+    send(&mut c, HELLO, br#"{"protocol": 3, "client": "future"}"#);
+    assert!(expect_error(&mut c, "version").contains("protocol version 3"));
+    expect_closed(&mut c);
+    // The old version is refused clearly too, naming the one this server speaks.
+    let mut c = raw();
+    send(&mut c, HELLO, br#"{"protocol": 1, "client": "old"}"#);
+    let m = expect_error(&mut c, "version");
+    assert!(m.contains("protocol version 1 is not supported") && m.contains("speaks 2"), "{m}");
     expect_closed(&mut c);
     // Anything but Hello first.
     let mut c = raw();
@@ -536,7 +596,7 @@ fn a_client_that_disconnects_frees_its_session_and_busy_is_clear() {
     let refused = loop {
         let mut x = UnixStream::connect(&d.socket).unwrap();
         x.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let body = br#"{"protocol": 1}"#;
+        let body = br#"{"protocol": 2}"#;
         let mut m = ((body.len() + 1) as u32).to_be_bytes().to_vec();
         m.push(HELLO);
         m.extend_from_slice(body);
@@ -652,6 +712,7 @@ fn half_close_after_end_audio_still_gets_every_frame_and_unread_frames_time_out(
     loop {
         match recv(&mut c) {
             Ok((FRAME, _)) => got += 1,
+            Ok((SPEECH, _)) => {}
             Ok((k, p)) => panic!("unexpected 0x{k:02x} {}", String::from_utf8_lossy(&p)),
             Err(_) => break,
         }
@@ -824,7 +885,7 @@ fn deadlines_bound_whole_messages_and_idle_connections() {
     };
     // A Hello sent one byte at a time cannot outlast the handshake deadline.
     let mut c = raw();
-    let body = br#"{"protocol": 1, "client": "trickle"}"#;
+    let body = br#"{"protocol": 2, "client": "trickle"}"#;
     let mut hello_msg = ((body.len() + 1) as u32).to_be_bytes().to_vec();
     hello_msg.push(HELLO);
     hello_msg.extend_from_slice(body);
@@ -903,7 +964,7 @@ fn at_the_drain_timeout_open_sessions_get_an_error() {
     let mut got_error = None;
     loop {
         match recv(&mut c) {
-            Ok((FRAME, _)) => {}
+            Ok((FRAME | SPEECH, _)) => {}
             Ok((ERROR, p)) => {
                 got_error = Some(String::from_utf8_lossy(&p).to_string());
             }

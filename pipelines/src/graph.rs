@@ -26,6 +26,7 @@ use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::unet::Batch;
 
 use crate::job::{AudioIn, AudioTensor, FrameJob, FrameStats};
+use crate::live::Live;
 use crate::runtime::{Chain, Discard, Pipeline, PipelineError, Placement, Pool};
 use crate::stages::audio::AudioStage;
 use crate::stages::composite::CompositeStage;
@@ -75,6 +76,12 @@ pub struct GraphConfig {
     pub template: Template,
     /// Where the ping-pong walk through the template starts.
     pub start_frame: usize,
+    /// Frame `i` takes the template position of frame `first_index + i` (a render that
+    /// reproduces a real-time session's utterance that began at that frame; 0 otherwise).
+    pub first_index: usize,
+    /// A real-time session's clock (idle frames, interrupts, pacing); `None` for a render or a
+    /// session that streams as fast as it can.
+    pub live: Option<Arc<Live>>,
     /// The audio encoder (shared by the graphs that use the model).
     pub encoder: Arc<Mutex<AudioEncoder>>,
     /// The UNet batcher of the avatar's model.
@@ -169,21 +176,29 @@ pub fn build(p: &mut Pipeline, cfg: GraphConfig, sink: Box<dyn FrameSink>) -> Re
     let (tensor_tx, tensor_rx) = bounded::<AudioTensor>(cfg.audio_ahead);
     let (reply_tx, reply_rx) = bounded::<UnetReply>(cfg.jobs);
     let tensors = Pool::new(cfg.audio_ahead + 1, || AudioTensor::new(clock.now()));
-    let jobs = Pool::new(cfg.jobs, || FrameJob::new(&crop, clock.now()));
+    let live = cfg.live.clone();
+    let jobs = Pool::new(cfg.jobs, || FrameJob::new(&crop, clock.now(), live.clone()));
     let max_frames = cfg.max_frames.unwrap_or(usize::MAX);
     let port = cfg.unet.port(cfg.id, cfg.batch, reply_tx, p.cancel_flag());
 
-    let audio = AudioStage::new(resampler, cfg.encoder, tensors.clone(), Some(recycle_tx), stats.clone(), max_frames);
+    let mut audio =
+        AudioStage::new(resampler, cfg.encoder, tensors.clone(), Some(recycle_tx), stats.clone(), max_frames);
+    if let Some(l) = &cfg.live {
+        audio = audio.live(l.clone(), (cfg.input_rate != SAMPLE_RATE).then_some(cfg.input_rate));
+    }
     p.stage(STAGES[0], Placement::Worker, audio, audio_rx, tensor_tx)?;
     let boxes = cfg.avatar.boxes.len();
-    let start = cfg.start_frame;
+    let start = (cfg.start_frame, cfg.first_index);
     let (template, job_pool, st) = (cfg.template, jobs.clone(), stats.clone());
     let frames = move || FramesStage::new(template, boxes, start, job_pool, tensors, st);
     let prep = PrepStage::new(cfg.avatar.clone());
     let composite = CompositeStage::new(cfg.avatar, cfg.blend);
     let encoding = cfg.encoding;
     let enc_stats = stats.clone();
-    let sink = SinkStage::new(sink, jobs, stats.clone(), cfg.progress);
+    let mut sink = SinkStage::new(sink, jobs, stats.clone(), cfg.progress);
+    if let Some(l) = cfg.live {
+        sink = sink.live(l);
+    }
     let [_, f, pr, c, e, s] = STAGES;
     match cfg.layout {
         Layout::Staged => {

@@ -2,7 +2,7 @@
 //! and the per-run counters every graph keeps.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
@@ -11,6 +11,7 @@ use lipsync_stages::features::FRAME_AUDIO_LEN;
 use lipsync_stages::frame::BgrFrame;
 use lipsync_stages::io::avatar::CropParams;
 
+use crate::live::Live;
 use crate::metrics::{histogram, LatencyRecorder, Percentiles};
 use crate::runtime::lock;
 
@@ -18,8 +19,45 @@ use crate::runtime::lock;
 pub enum AudioIn {
     /// Mono samples at the graph's input rate, and when they arrived.
     Samples(Vec<f32>, quanta::Instant),
-    /// The end of the audio, and when it was announced.
+    /// The end of the audio, and when it was announced (a real-time session: the end of the
+    /// session, after its current utterance).
     End(quanta::Instant),
+    /// Real-time sessions: the end of the current utterance (idle frames follow it).
+    EndUtterance(quanta::Instant),
+    /// Real-time sessions: the clock has reached this slot; idle frames are due up to it.
+    Tick(usize),
+    /// Real-time sessions: drop the audio before this and resume at frame `resume`, in
+    /// generation `generation` ([`crate::live::Live::interrupt`]).
+    Interrupt {
+        /// The new generation.
+        generation: u64,
+        /// The index of the next frame.
+        resume: usize,
+    },
+}
+
+/// What kind of frame a job makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FrameKind {
+    /// Frame `frame` of utterance `utterance` (a render, or a session without real time, is
+    /// utterance 0): the UNet's mouth on the template frame.
+    #[default]
+    Speech,
+    /// A real-time session's idle frame: the template frame as it is (no UNet run).
+    Idle,
+}
+
+/// Where a frame stands in its session (real-time sessions number utterances from 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FrameMark {
+    /// Speech or idle.
+    pub kind: FrameKind,
+    /// The interrupt generation that made it ([`crate::live::Live`]).
+    pub generation: u64,
+    /// The utterance (speech frames).
+    pub utterance: u32,
+    /// The frame's index within its utterance (speech frames).
+    pub frame: u32,
 }
 
 /// One frame's audio tensor (`[32, 16, 16]`, docs/spec.md section 2), from the audio stage to
@@ -27,6 +65,8 @@ pub enum AudioIn {
 pub struct AudioTensor {
     /// Output frame index.
     pub index: usize,
+    /// Speech or idle, its utterance and generation.
+    pub mark: FrameMark,
     /// Whether this is the last frame of the audio.
     pub last: bool,
     /// The tensor.
@@ -38,7 +78,7 @@ pub struct AudioTensor {
 impl AudioTensor {
     /// An empty tensor (for pools).
     pub fn new(t: quanta::Instant) -> Self {
-        Self { index: 0, last: false, data: vec![0.0; FRAME_AUDIO_LEN], t_audio: t }
+        Self { index: 0, mark: FrameMark::default(), last: false, data: vec![0.0; FRAME_AUDIO_LEN], t_audio: t }
     }
 }
 
@@ -47,6 +87,10 @@ impl AudioTensor {
 pub struct FrameJob {
     /// Output frame index.
     pub index: usize,
+    /// Speech or idle, its utterance and generation.
+    pub mark: FrameMark,
+    /// The real-time session it belongs to, if any (set once, when the pool is made).
+    pub live: Option<Arc<Live>>,
     /// Whether this is the last frame of the audio (the UNet batcher does not wait after it).
     pub last: bool,
     /// Template frame used.
@@ -75,10 +119,12 @@ impl FrameJob {
         width * height * 3 + template_len(crop) + output_len(crop) + FRAME_AUDIO_LEN * 4
     }
 
-    /// An empty job with buffers sized for `crop` (for pools).
-    pub fn new(crop: &CropParams, t: quanta::Instant) -> Self {
+    /// An empty job with buffers sized for `crop` (for pools), of real-time session `live`.
+    pub fn new(crop: &CropParams, t: quanta::Instant, live: Option<Arc<Live>>) -> Self {
         Self {
             index: 0,
+            mark: FrameMark::default(),
+            live,
             last: false,
             template: 0,
             frame: BgrFrame::default(),
@@ -89,6 +135,18 @@ impl FrameJob {
             t_audio: t,
             t_in: t,
         }
+    }
+}
+
+impl FrameJob {
+    /// Whether an interrupt has made this frame unwanted (it is then dropped, not sent).
+    pub fn is_stale(&self) -> bool {
+        self.live.as_ref().is_some_and(|l| !l.is_current(self.mark.generation))
+    }
+
+    /// Whether the frame needs no UNet run (idle, or stale).
+    pub fn skips_unet(&self) -> bool {
+        self.mark.kind == FrameKind::Idle || self.is_stale()
     }
 }
 

@@ -14,6 +14,7 @@
 pub mod file_sink;
 pub mod graph;
 pub mod job;
+pub mod live;
 pub mod metrics;
 pub mod render;
 pub mod runtime;

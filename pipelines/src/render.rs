@@ -99,6 +99,9 @@ pub struct RenderConfig {
     pub jpeg_quality: u8,
     /// Stop after this many frames.
     pub max_frames: Option<usize>,
+    /// Frame `i` takes the template position of frame `first_index + i`: the frames of a
+    /// real-time session's utterance that began at that frame (docs/protocol.md).
+    pub first_index: usize,
     /// Paste-back blending.
     pub blend: Blend,
     /// Bytes of decoded template frames kept for the ping-pong's backward pass (a frames
@@ -134,6 +137,7 @@ impl RenderConfig {
             remote: None,
             pin: PinPolicy::None,
             max_frames: None,
+            first_index: 0,
             blend: Blend::Hard,
             template_cache: None,
             memory_budget: DEFAULT_MEMORY_BUDGET,
@@ -242,6 +246,8 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
         id: 0,
         template: Template { template, cache: template_cache },
         start_frame: avatar.config.start_frame,
+        first_index: cfg.first_index,
+        live: None,
         avatar,
         encoder: Arc::new(Mutex::new(encoder)),
         unet: unet.clone(),

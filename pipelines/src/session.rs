@@ -7,9 +7,11 @@
 //! that does not read its frames stalls its own sink, then its stages, then `push_audio`, and
 //! never the batcher or another session.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use lipsync_stages::face::Blend;
@@ -20,8 +22,11 @@ use lipsync_stages::unet::Batch;
 
 use crate::graph::{build, GraphConfig, GraphError, Layout};
 use crate::job::{AudioIn, FrameStats};
+use crate::live::{Live, LiveConfig};
 use crate::metrics::{Clock, Percentiles};
-use crate::runtime::{send_unless_cancelled, PinPolicy, Pipeline, PipelineError, SharedStageStats};
+use crate::runtime::{
+    lock, send_unless_cancelled, Out, PinPolicy, Pipeline, PipelineError, SharedStageStats, StageError,
+};
 use crate::stages::encode::Encoding;
 use crate::stages::frames::Template;
 use crate::stages::sink::FrameSink;
@@ -33,6 +38,14 @@ const TENSORS_AHEAD: usize = 2;
 
 /// Capacity of the channels between a session's image stages.
 const CAPACITY: usize = 2;
+
+/// Seconds of audio a real-time session takes ahead of its frames before `push_audio` blocks:
+/// the connection keeps reading (an interrupt is seen at once) while a client sends a file
+/// faster than real time.
+const LIVE_AHEAD_SECONDS: usize = 30;
+
+/// Longest wait of a real-time session's source between checks of its cancel flag.
+const FEED_POLL: Duration = Duration::from_millis(20);
 
 /// Errors of a session.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +59,9 @@ pub enum SessionError {
     /// The audio stream was already ended.
     #[error("audio was already ended for this session")]
     Ended,
+    /// An interrupt or an end of utterance for a session that is not real-time.
+    #[error("the session is not real-time (open it with realtime)")]
+    NotLive,
     /// The supervisor thread could not start.
     #[error("could not start the session's thread: {0}")]
     Thread(std::io::Error),
@@ -93,6 +109,8 @@ pub struct SessionConfig {
     pub layout: Layout,
     /// Daemon-wide per-stage statistics.
     pub shared: Arc<SharedStageStats>,
+    /// Real-time mode: idle frames, interrupts and pacing on the audio clock.
+    pub live: Option<LiveConfig>,
 }
 
 /// How a session ended.
@@ -104,16 +122,117 @@ pub struct SessionOutcome {
     pub latency: Percentiles,
 }
 
+/// Where a session's audio goes: straight into the graph, or (real-time) into the queue its
+/// source thread feeds the graph from, between clock ticks.
+enum Input {
+    Direct(Sender<AudioIn>),
+    Feed(Arc<Feed>),
+}
+
+/// A real-time session's queue of audio, bounded in samples.
+struct Feed {
+    state: Mutex<FeedState>,
+    changed: Condvar,
+    max_samples: usize,
+}
+
+#[derive(Default)]
+struct FeedState {
+    items: VecDeque<AudioIn>,
+    samples: usize,
+}
+
+impl Feed {
+    fn new(max_samples: usize) -> Self {
+        Self { state: Mutex::new(FeedState::default()), changed: Condvar::new(), max_samples }
+    }
+
+    /// Queues an item, waiting while the queue holds too much audio; `false` once `cancel` is
+    /// set.
+    fn push(&self, item: AudioIn, cancel: &AtomicBool) -> bool {
+        let n = match &item {
+            AudioIn::Samples(s, _) => s.len(),
+            _ => 0,
+        };
+        let mut st = lock(&self.state);
+        while n > 0 && st.samples > 0 && st.samples + n > self.max_samples {
+            if cancel.load(Ordering::Relaxed) {
+                return false;
+            }
+            st = self.changed.wait_timeout(st, FEED_POLL).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        st.samples += n;
+        st.items.push_back(item);
+        self.changed.notify_all();
+        true
+    }
+
+    /// Drops the queued audio and queues `item` in its place.
+    fn replace_all(&self, item: AudioIn) {
+        let mut st = lock(&self.state);
+        st.items.clear();
+        st.samples = 0;
+        st.items.push_back(item);
+        self.changed.notify_all();
+    }
+
+    /// The next item, waiting until `until` at most (`None`: time is up).
+    fn pop_until(&self, until: quanta::Instant, clock: &Clock) -> Option<AudioIn> {
+        let mut st = lock(&self.state);
+        loop {
+            if let Some(item) = st.items.pop_front() {
+                if let AudioIn::Samples(s, _) = &item {
+                    st.samples -= s.len();
+                }
+                self.changed.notify_all();
+                return Some(item);
+            }
+            let now = clock.now();
+            if now >= until {
+                return None;
+            }
+            let wait = until.duration_since(now).min(FEED_POLL);
+            st = self.changed.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+/// A real-time session's source: queued audio into the graph, and a tick per frame period so
+/// that idle frames come when no utterance owns the clock. Ends after the end of the audio.
+fn live_source(feed: &Feed, live: &Live, out: &mut Out<'_, AudioIn>) -> Result<(), StageError> {
+    let mut slot = 0;
+    loop {
+        if out.cancelled() {
+            return Err(StageError::Cancelled);
+        }
+        match feed.pop_until(live.slot_time(slot), live.clock()) {
+            Some(item) => {
+                let end = matches!(item, AudioIn::End(_));
+                out.send(item)?;
+                if end {
+                    return Ok(());
+                }
+            }
+            None => {
+                let now = live.current_slot();
+                out.send(AudioIn::Tick(now))?;
+                slot = now + 1;
+            }
+        }
+    }
+}
+
 /// Called once with the session's result, after every frame was written (or it failed).
 pub type OnFinish = Box<dyn FnOnce(Result<SessionOutcome, PipelineError>) + Send>;
 
 /// A running streaming session.
 pub struct Session {
-    input: Option<Sender<AudioIn>>,
+    input: Option<Input>,
+    live: Option<Arc<Live>>,
     recycle: Receiver<Vec<f32>>,
     cancel: Arc<AtomicBool>,
     clock: Clock,
-    live: Arc<SessionLive>,
+    info: Arc<SessionLive>,
     supervisor: Option<JoinHandle<()>>,
 }
 
@@ -124,11 +243,14 @@ impl Session {
         let clock = Clock::new();
         let mut p = Pipeline::new(cfg.pin.clone(), clock.clone()).with_shared(cfg.shared.clone());
         let cancel = p.cancel_flag();
+        let live = cfg.live.map(|l| Arc::new(Live::new(l, clock.clone())));
         let graph = GraphConfig {
             id: cfg.id,
             avatar: cfg.avatar,
             template: Template { template: cfg.template, cache: cfg.template_cache },
             start_frame: cfg.start_frame,
+            first_index: 0,
+            live: live.clone(),
             encoder: cfg.encoder,
             unet: cfg.unet,
             input_rate: cfg.sample_rate,
@@ -151,7 +273,20 @@ impl Session {
                 return Err(e.into());
             }
         };
-        let live = Arc::new(SessionLive { id: cfg.id, avatar: cfg.name, stats: g.stats.clone() });
+        let input = match &live {
+            None => Input::Direct(g.input),
+            Some(l) => {
+                let feed = Arc::new(Feed::new(cfg.sample_rate as usize * LIVE_AHEAD_SECONDS));
+                let (f, l) = (feed.clone(), l.clone());
+                if let Err(e) = p.source("source", g.input, move |out| live_source(&f, &l, out)) {
+                    cancel.store(true, Ordering::SeqCst);
+                    let _ = p.join();
+                    return Err(GraphError::from(e).into());
+                }
+                Input::Feed(feed)
+            }
+        };
+        let info = Arc::new(SessionLive { id: cfg.id, avatar: cfg.name, stats: g.stats.clone() });
         let stats = g.stats;
         let supervisor = std::thread::Builder::new()
             .name(format!("ls-session-{}", cfg.id))
@@ -160,12 +295,40 @@ impl Session {
                 on_finish(result);
             })
             .map_err(SessionError::Thread)?;
-        Ok(Self { input: Some(g.input), recycle: g.recycle, cancel, clock, live, supervisor: Some(supervisor) })
+        Ok(Self { input: Some(input), live, recycle: g.recycle, cancel, clock, info, supervisor: Some(supervisor) })
     }
 
     /// Live counters of this session.
     pub fn live(&self) -> &Arc<SessionLive> {
-        &self.live
+        &self.info
+    }
+
+    /// Whether the session is real-time.
+    pub fn is_realtime(&self) -> bool {
+        self.live.is_some()
+    }
+
+    /// Real-time sessions: ends the current utterance (its last frames come, then idle frames).
+    pub fn end_utterance(&self) -> Result<(), SessionError> {
+        if self.live.is_none() {
+            return Err(SessionError::NotLive);
+        }
+        self.send(AudioIn::EndUtterance(self.clock.now()))
+    }
+
+    /// Real-time sessions: drops the queued audio and the frames not yet sent, and returns to
+    /// idle frames at once; returns the index the next frame takes.
+    pub fn interrupt(&self) -> Result<usize, SessionError> {
+        let live = self.live.as_ref().ok_or(SessionError::NotLive)?;
+        let Some(Input::Feed(feed)) = &self.input else {
+            return Err(SessionError::Ended);
+        };
+        if self.is_stopped() {
+            return Err(SessionError::Stopped);
+        }
+        let (generation, resume) = live.interrupt();
+        feed.replace_all(AudioIn::Interrupt { generation, resume });
+        Ok(resume)
     }
 
     /// Pushes mono samples at the session's sample rate (copied into a recycled buffer).
@@ -208,8 +371,11 @@ impl Session {
     }
 
     fn send(&self, item: AudioIn) -> Result<(), SessionError> {
-        let tx = self.input.as_ref().ok_or(SessionError::Ended)?;
-        if send_unless_cancelled(tx, item, &self.cancel) {
+        let sent = match self.input.as_ref().ok_or(SessionError::Ended)? {
+            Input::Direct(tx) => send_unless_cancelled(tx, item, &self.cancel),
+            Input::Feed(feed) => feed.push(item, &self.cancel),
+        };
+        if sent {
             Ok(())
         } else {
             Err(SessionError::Stopped)

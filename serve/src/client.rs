@@ -64,8 +64,8 @@ impl ClientError {
 
 /// A connected, greeted client connection.
 pub struct Connection {
-    stream: UnixStream,
-    payload: Vec<u8>,
+    pub(crate) stream: UnixStream,
+    pub(crate) payload: Vec<u8>,
 }
 
 /// The daemon answered with an `Error` message.
@@ -93,7 +93,7 @@ impl Connection {
     }
 
     /// Reads one message; an `Error` message becomes a [`RemoteError`].
-    fn read(&mut self) -> Result<Kind, ClientError> {
+    pub(crate) fn read(&mut self) -> Result<Kind, ClientError> {
         let kind = read_message(&mut self.stream, &mut self.payload)?;
         if kind == Kind::Error {
             let e: ErrorReply = serde_json::from_slice(&self.payload)
@@ -223,7 +223,7 @@ pub fn expected_frames(n: usize, rate: u32) -> Result<usize, ClientError> {
 
 /// Caps the socket's send buffer at about `bytes` so that backpressure reaches the sender
 /// instead of piling audio up in the kernel.
-fn set_send_buffer(stream: &UnixStream, bytes: usize) {
+pub(crate) fn set_send_buffer(stream: &UnixStream, bytes: usize) {
     let v = bytes.clamp(4096, 1 << 20) as libc::c_int;
     // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its size.
     unsafe {
@@ -253,6 +253,7 @@ pub fn stream(
         jpeg_quality: spec.jpeg_quality,
         batch: spec.batch,
         start_frame: spec.start_frame,
+        realtime: false,
     };
     let opened: Opened = conn.request(Kind::Open, &open, Kind::Opened)?;
     let chunk = ((f64::from(spec.rate) * spec.chunk_ms / 1000.0).round() as usize).max(1);
@@ -271,8 +272,9 @@ pub fn stream(
                 match conn.read()? {
                     Kind::Frame => {
                         let now = Instant::now();
-                        let (index, ts, jpeg) = parse_frame(&conn.payload)
+                        let (head, jpeg) = parse_frame(&conn.payload)
                             .ok_or_else(|| ClientError::Protocol("malformed Frame".into()))?;
+                        let (index, ts) = (head.index, head.pts_ms);
                         if index as usize != recs.len() {
                             let e = format!("frame {index} arrived where frame {} was expected", recs.len());
                             return Err(ClientError::Frames(e));
@@ -285,6 +287,8 @@ pub fn stream(
                             .map_err(|e| ClientError::Protocol(format!("invalid Done: {e}")))?;
                         return Ok((recs, done));
                     }
+                    // The one utterance begins at frame 0.
+                    Kind::Speech => {}
                     k => return Err(ClientError::Protocol(format!("unexpected {k:?} during a session"))),
                 }
             })();

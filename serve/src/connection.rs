@@ -3,11 +3,12 @@
 //! sink stage. The write half is shared and breaks for good on the first failed write.
 
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lipsync_pipelines::job::FrameJob;
+use lipsync_pipelines::job::{FrameJob, FrameKind};
+use lipsync_pipelines::live::LiveConfig;
 use lipsync_pipelines::runtime::{lock, PipelineError};
 use lipsync_pipelines::session::{Session, SessionConfig, SessionError, SessionOutcome};
 use lipsync_pipelines::stages::sink::{FrameSink, SinkError};
@@ -18,8 +19,8 @@ use serde::Serialize;
 use crate::deadline::{ReadDeadline, WriteDeadline};
 use crate::listener::Shared;
 use crate::protocol::{
-    read_message, write_json, write_parts, AudioFormat, AvatarName, Done, ErrorCode, ErrorReply, Hello, Kind,
-    OpenRequest, Opened, WireError, MAX_MESSAGE, PROTOCOL_VERSION,
+    read_message, write_json, write_parts, AudioFormat, AvatarName, Done, ErrorCode, ErrorReply, FrameHead, Hello,
+    Interrupted, Kind, OpenRequest, Opened, SpeechStart, WireError, MAX_MESSAGE, PROTOCOL_VERSION,
 };
 use crate::registry::Loaded;
 use crate::stats::stats;
@@ -111,16 +112,27 @@ struct SocketSink {
     fps: f64,
     loaded: Arc<Loaded>,
     shared: Arc<Shared>,
+    /// Idle frames sent (for `Done`).
+    idle: Arc<AtomicU64>,
 }
 
 impl FrameSink for SocketSink {
     fn frame(&mut self, job: &FrameJob) -> Result<(), SinkError> {
-        let ts = ((job.index as f64) * 1000.0 / self.fps).round() as u32;
-        let head_index = (job.index as u32).to_be_bytes();
-        let head_ts = ts.to_be_bytes();
-        self.writer
-            .write(|s| write_parts(s, Kind::Frame, &[&head_index, &head_ts, &job.encoded]))
-            .map_err(|e| SinkError::Output(format!("cannot send frame to the client: {e}")))?;
+        let idle = job.mark.kind == FrameKind::Idle;
+        let head = FrameHead {
+            index: job.index as u32,
+            pts_ms: ((job.index as f64) * 1000.0 / self.fps).round() as u32,
+            idle,
+        };
+        let fail = |e: std::io::Error| SinkError::Output(format!("cannot send frame to the client: {e}"));
+        if !idle && job.mark.frame == 0 {
+            let start = SpeechStart { utterance: job.mark.utterance, frame: job.index as u32 };
+            self.writer.json(Kind::Speech, &start).map_err(fail)?;
+        }
+        self.writer.write(|s| write_parts(s, Kind::Frame, &[&head.encode(), &job.encoded])).map_err(fail)?;
+        if idle {
+            self.idle.fetch_add(1, Ordering::Relaxed);
+        }
         self.loaded.frames.fetch_add(1, Ordering::Relaxed);
         self.shared.frames_total.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -297,17 +309,18 @@ impl Conn<'_> {
             match kind {
                 Kind::Open => self.open(payload)?,
                 Kind::Audio => self.audio(payload)?,
-                Kind::EndAudio => {
+                Kind::EndAudio | Kind::Finish => {
                     let s = self
                         .session
                         .as_mut()
-                        .ok_or_else(|| Fatal(ErrorCode::NoSession, "EndAudio before Open".into()))?;
-                    match s.end_audio() {
+                        .ok_or_else(|| Fatal(ErrorCode::NoSession, format!("{kind:?} before Open")))?;
+                    let r = if kind == Kind::EndAudio && s.is_realtime() { s.end_utterance() } else { s.end_audio() };
+                    match r {
                         Ok(()) => {}
                         Err(SessionError::Ended) => {
                             return Err(Fatal(
                                 ErrorCode::NoSession,
-                                "EndAudio after the audio was already ended".into(),
+                                format!("{kind:?} after the audio was already ended"),
                             ))
                         }
                         // The session failed: its error reply is on its way.
@@ -315,6 +328,7 @@ impl Conn<'_> {
                     }
                 }
                 Kind::Close => return Ok(End::Close),
+                Kind::Interrupt => self.interrupt()?,
                 Kind::StatsRequest => {
                     let stats = stats(self.shared);
                     self.reply(Kind::Stats, &stats);
@@ -345,6 +359,27 @@ impl Conn<'_> {
                 other => return Err(Fatal(ErrorCode::Unexpected, format!("{other:?} is a server-to-client message"))),
             }
         }
+    }
+
+    /// Interrupts the real-time session: `Interrupted` with the index the next frame takes.
+    fn interrupt(&mut self) -> Result<(), Fatal> {
+        let s = match &self.session {
+            Some(s) if !s.audio_ended() => s,
+            Some(_) => return Err(Fatal(ErrorCode::NoSession, "Interrupt after Finish".into())),
+            None => return Err(Fatal(ErrorCode::NoSession, "Interrupt before Open".into())),
+        };
+        let id = s.live().id;
+        match s.interrupt() {
+            Ok(next) => self.reply(Kind::Interrupted, &Interrupted { session: id, next_frame: next as u64 }),
+            Err(SessionError::NotLive) => send_error(
+                &self.writer,
+                ErrorCode::NotRealtime,
+                "Interrupt needs a real-time session (Open with \"realtime\": true)",
+            ),
+            // The session failed: its error reply is on its way.
+            Err(_) => {}
+        }
+        Ok(())
     }
 
     fn reply(&self, kind: Kind, value: &impl Serialize) {
@@ -439,8 +474,16 @@ impl Conn<'_> {
             pin: sh.registry.settings.pin.clone(),
             layout: sh.registry.settings.session_layout,
             shared: sh.stages.clone(),
+            live: req.realtime.then_some(LiveConfig { fps, delay: sh.registry.settings.realtime_delay }),
         };
-        let sink = SocketSink { writer: self.writer.clone(), fps, loaded: loaded.clone(), shared: sh.clone() };
+        let idle = Arc::new(AtomicU64::new(0));
+        let sink = SocketSink {
+            writer: self.writer.clone(),
+            fps,
+            loaded: loaded.clone(),
+            shared: sh.clone(),
+            idle: idle.clone(),
+        };
         let on_finish = {
             let writer = self.writer.clone();
             let shared = sh.clone();
@@ -458,7 +501,8 @@ impl Conn<'_> {
                             p99_ms = out.latency.p99,
                             "session done"
                         );
-                        let _ = writer.json(Kind::Done, &Done { session: id, frames: out.frames });
+                        let idle_frames = idle.load(Ordering::Relaxed);
+                        let _ = writer.json(Kind::Done, &Done { session: id, frames: out.frames, idle_frames });
                     }
                     Err(e) if e.is_cancelled() => tracing::info!(session = id, "session cancelled"),
                     Err(e) => {
@@ -493,7 +537,8 @@ impl Conn<'_> {
         self.received = 0;
         let (width, height) = loaded.template.size();
         tracing::info!(session = id, avatar = %req.avatar, rate = req.sample_rate, "session open");
-        self.reply(Kind::Opened, &Opened { session: id, fps, width, height });
+        let delay_ms = if req.realtime { sh.registry.settings.realtime_delay.as_secs_f64() * 1e3 } else { 0.0 };
+        self.reply(Kind::Opened, &Opened { session: id, fps, width, height, realtime: req.realtime, delay_ms });
         self.session = Some(session);
         Ok(())
     }

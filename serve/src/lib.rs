@@ -8,17 +8,19 @@
 //! - [`listener`]: bind, accept, drain; [`Daemon`] runs one in-process.
 //! - `connection`: one connection's state machine.
 //! - [`stats`]: the `Stats` reply.
-//! - [`client`]: the client library; [`bench`]: rounds of concurrent sessions, measured.
+//! - [`client`]: the client library ([`client_live`]: real-time sessions); [`bench`]: rounds of concurrent sessions, measured.
 //! - [`fuzzing`]: entry points for the fuzzer (protocol, audio decoder, avatar formats).
 //!
 //! Threads: a daemon runs one thread per connection (at most `4 * max_sessions + 16`), six
-//! stage threads and a supervisor per open session (at most `max_sessions`), and one batcher
-//! thread per UNet model (plus ONNX Runtime's intra-op pool): at most
-//! `11 * max_sessions + 16 + models` threads, whatever the load. Stage threads are pinned as
+//! stage threads and a supervisor per open session (at most `max_sessions`), plus a source
+//! thread (the clock) per real-time session, and one batcher thread per UNet model (plus ONNX
+//! Runtime's intra-op pool): at most `12 * max_sessions + 16 + models` threads, whatever the
+//! load. Stage threads are pinned as
 //! `--pin` says (none by default).
 
 pub mod bench;
 pub mod client;
+pub mod client_live;
 mod connection;
 mod deadline;
 pub mod frame_out;

@@ -2,14 +2,14 @@
 //!
 //! Every message is `u32 length (big-endian) | u8 type | payload`, where `length` counts the
 //! type byte and the payload and may not exceed [`MAX_MESSAGE`]. Control payloads are JSON
-//! objects; audio is raw PCM; frames are `u32 index | u32 timestamp_ms | JPEG bytes`.
+//! objects; audio is raw PCM; frames are `u32 index | u32 pts_ms | u8 flags | JPEG bytes`.
 
 use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
 /// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest `length` accepted (type byte + payload): 16 MiB.
 pub const MAX_MESSAGE: usize = 16 << 20;
@@ -18,9 +18,9 @@ pub const MAX_MESSAGE: usize = 16 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
-    /// Client -> server, first message: `{"protocol": 1, "client": "..."}`.
+    /// Client -> server, first message: `{"protocol": 2, "client": "..."}`.
     Hello = 0x01,
-    /// Server -> client: `{"protocol": 1, "server": "...", "max_message": N}`.
+    /// Server -> client: `{"protocol": 2, "server": "...", "max_message": N}`.
     Welcome = 0x02,
     /// Client -> server: open a session ([`OpenRequest`]).
     Open = 0x10,
@@ -28,14 +28,24 @@ pub enum Kind {
     Opened = 0x11,
     /// Client -> server: PCM audio in the session's format (whole sample frames).
     Audio = 0x12,
-    /// Client -> server: end of the session's audio.
+    /// Client -> server: end of the session's audio (real-time: of the current utterance).
     EndAudio = 0x13,
     /// Client -> server: stop the session now and close the connection.
     Close = 0x14,
-    /// Server -> client: one frame (`u32 index | u32 ts_ms | JPEG`).
+    /// Client -> server, real-time sessions: drop the pending audio and unsent frames, back to
+    /// idle at once.
+    Interrupt = 0x15,
+    /// Client -> server: end the session after its current utterance (real-time), or of its
+    /// audio (like `EndAudio`).
+    Finish = 0x16,
+    /// Server -> client: one frame ([`FrameHead`] then the JPEG).
     Frame = 0x20,
     /// Server -> client: the session finished ([`Done`]).
     Done = 0x21,
+    /// Server -> client: the next frame is the first of an utterance ([`SpeechStart`]).
+    Speech = 0x22,
+    /// Server -> client: an interrupt took effect ([`Interrupted`]).
+    Interrupted = 0x23,
     /// Client -> server: ask for statistics (empty payload).
     StatsRequest = 0x30,
     /// Server -> client: statistics (JSON).
@@ -66,8 +76,12 @@ impl Kind {
             0x12 => Audio,
             0x13 => EndAudio,
             0x14 => Close,
+            0x15 => Interrupt,
+            0x16 => Finish,
             0x20 => Frame,
             0x21 => Done,
+            0x22 => Speech,
+            0x23 => Interrupted,
             0x30 => StatsRequest,
             0x31 => Stats,
             0x40 => ListAvatars,
@@ -165,6 +179,8 @@ pub enum ErrorCode {
     BadAudio,
     /// The connection idled too long, or a message did not arrive whole in time.
     Timeout,
+    /// Interrupt sent for a session that is not real-time.
+    NotRealtime,
     /// A code this build does not know (from a newer peer).
     #[serde(other)]
     Other,
@@ -195,6 +211,7 @@ impl ErrorCode {
             Session => "session",
             BadAudio => "bad_audio",
             Timeout => "timeout",
+            NotRealtime => "not_realtime",
             Other => "other",
         }
     }
@@ -341,6 +358,10 @@ pub struct OpenRequest {
     /// Start offset into the template sequence; default the avatar's.
     #[serde(default)]
     pub start_frame: Option<usize>,
+    /// Real-time mode: frames at the avatar's frame rate on the session's clock, idle frames
+    /// when no speech, `Interrupt`; the session lasts until `Finish`.
+    #[serde(default)]
+    pub realtime: bool,
 }
 
 fn one() -> u16 {
@@ -358,6 +379,13 @@ pub struct Opened {
     pub width: usize,
     /// Frame size.
     pub height: usize,
+    /// Whether the session is real-time.
+    #[serde(default)]
+    pub realtime: bool,
+    /// Real-time sessions: how long after its presentation time on the session's clock each
+    /// frame is sent, ms.
+    #[serde(default)]
+    pub delay_ms: f64,
 }
 
 /// `Done` payload.
@@ -367,6 +395,29 @@ pub struct Done {
     pub session: u64,
     /// Frames sent.
     pub frames: u64,
+    /// Of which idle frames.
+    #[serde(default)]
+    pub idle_frames: u64,
+}
+
+/// `Speech` payload: the next frame begins utterance `utterance`; its audio starts at that
+/// frame's presentation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpeechStart {
+    /// The utterance (from 0 in each session).
+    pub utterance: u32,
+    /// The index of its first frame.
+    pub frame: u32,
+}
+
+/// `Interrupted` payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interrupted {
+    /// Session id.
+    pub session: u64,
+    /// The index the next frame takes: frames below it that are still on their way were sent
+    /// before the interrupt took effect.
+    pub next_frame: u64,
 }
 
 /// `Error` payload.
@@ -385,14 +436,44 @@ pub struct AvatarName {
     pub name: String,
 }
 
-/// Splits a `Frame` payload into (index, timestamp ms, JPEG).
-pub fn parse_frame(payload: &[u8]) -> Option<(u32, u32, &[u8])> {
-    if payload.len() < 8 {
+/// The head of a `Frame` payload: `u32 index | u32 pts_ms | u8 flags` (big-endian), then the
+/// JPEG bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHead {
+    /// Frame index (from 0 in each session).
+    pub index: u32,
+    /// Presentation time on the session's clock, `round(index * 1000 / fps)` ms.
+    pub pts_ms: u32,
+    /// An idle frame (the template frame, no speech).
+    pub idle: bool,
+}
+
+/// Bytes of a [`FrameHead`].
+pub const FRAME_HEAD: usize = 9;
+
+/// Flag bit of an idle frame.
+const FLAG_IDLE: u8 = 1;
+
+impl FrameHead {
+    /// The head as it travels.
+    pub fn encode(&self) -> [u8; FRAME_HEAD] {
+        let mut b = [0u8; FRAME_HEAD];
+        b[0..4].copy_from_slice(&self.index.to_be_bytes());
+        b[4..8].copy_from_slice(&self.pts_ms.to_be_bytes());
+        b[8] = if self.idle { FLAG_IDLE } else { 0 };
+        b
+    }
+}
+
+/// Splits a `Frame` payload into its head and the JPEG.
+pub fn parse_frame(payload: &[u8]) -> Option<(FrameHead, &[u8])> {
+    if payload.len() < FRAME_HEAD {
         return None;
     }
     let index = u32::from_be_bytes(payload[0..4].try_into().ok()?);
-    let ts = u32::from_be_bytes(payload[4..8].try_into().ok()?);
-    Some((index, ts, &payload[8..]))
+    let pts_ms = u32::from_be_bytes(payload[4..8].try_into().ok()?);
+    let idle = payload[8] & FLAG_IDLE != 0;
+    Some((FrameHead { index, pts_ms, idle }, &payload[FRAME_HEAD..]))
 }
 
 #[cfg(test)]
@@ -403,13 +484,15 @@ mod tests {
     fn round_trip_and_errors() {
         let mut buf = Vec::new();
         write_message(&mut buf, Kind::Audio, &[1, 2, 3]).unwrap();
-        write_parts(&mut buf, Kind::Frame, &[&[0, 0, 0, 7], &[0, 0, 1, 24], b"jpeg"]).unwrap();
+        let head = FrameHead { index: 7, pts_ms: 280, idle: true };
+        write_parts(&mut buf, Kind::Frame, &[&head.encode(), b"jpeg"]).unwrap();
         let mut r = &buf[..];
         let mut p = Vec::new();
         assert_eq!(read_message(&mut r, &mut p).unwrap(), Kind::Audio);
         assert_eq!(p, [1, 2, 3]);
         assert_eq!(read_message(&mut r, &mut p).unwrap(), Kind::Frame);
-        assert_eq!(parse_frame(&p), Some((7, 280, &b"jpeg"[..])));
+        assert_eq!(parse_frame(&p), Some((head, &b"jpeg"[..])));
+        assert_eq!(parse_frame(&p[..8]), None, "a head is 9 bytes");
         assert!(matches!(read_message(&mut r, &mut p), Err(WireError::Closed)));
 
         let mut r = &buf[..6];

@@ -55,6 +55,10 @@ pub struct ServeOptions {
     /// Frames a session may have in flight before its audio intake blocks [default: 8].
     #[arg(long)]
     pub session_queue: Option<usize>,
+    /// Real-time sessions: how long after its slot on the session's clock a frame is sent,
+    /// ms (0..=5000): room for a speech frame's image work and UNet batch [default: 200].
+    #[arg(long)]
+    pub realtime_delay_ms: Option<f64>,
     /// ONNX Runtime intra-op threads of each UNet [default: 2].
     #[arg(long)]
     pub intra_threads: Option<usize>,
@@ -180,6 +184,9 @@ pub struct Settings {
     pub max_wait: Duration,
     /// Frame jobs per session.
     pub session_queue: usize,
+    /// Real-time sessions: delay of each frame after its slot on the clock.
+    #[serde(rename = "realtime_delay_ms", serialize_with = "millis")]
+    pub realtime_delay: Duration,
     /// ORT intra-op threads per UNet.
     pub intra_threads: usize,
     /// UNet execution provider.
@@ -277,6 +284,7 @@ impl ServeOptions {
             max_batch,
             max_wait_ms,
             session_queue,
+            realtime_delay_ms,
             intra_threads,
             provider,
             remote_url,
@@ -371,6 +379,7 @@ impl ServeOptions {
                 allowed: "1..=4096",
             });
         }
+        let delay = in_range("real-time delay (ms)", self.realtime_delay_ms.unwrap_or(200.0), 0.0, 5000.0, "0..=5000")?;
         let message = in_range("message timeout (s)", self.message_timeout.unwrap_or(30.0), 0.1, 3600.0, "0.1..=3600")?;
         Ok(Settings {
             socket,
@@ -383,6 +392,7 @@ impl ServeOptions {
             max_batch: self.max_batch.unwrap_or_default(),
             max_wait: Duration::from_secs_f64(wait / 1000.0),
             session_queue: at_least_one("session queue", self.session_queue.unwrap_or(8))?,
+            realtime_delay: Duration::from_secs_f64(delay / 1000.0),
             intra_threads,
             provider,
             precision: self.precision.unwrap_or_default(),

@@ -32,6 +32,9 @@ pub use pool::Pool;
 /// How often blocked sends/receives look at the cancel flag.
 const POLL: Duration = Duration::from_millis(20);
 
+/// Longest nap of a pacing wait ([`Out::pace_until`]).
+const PACE_NAP: Duration = Duration::from_millis(2);
+
 /// Where a stage runs, for pinning: inference stages are left to ONNX Runtime's own pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
@@ -204,6 +207,25 @@ impl<T> Out<'_, T> {
         let r = pool.take(self.ctx);
         self.blocked += self.ctx.clock.now().duration_since(t);
         r
+    }
+
+    /// Waits until `deadline` (real-time pacing), or until `stop()` says the item is no longer
+    /// wanted; like a blocked send, the wait is not service time.
+    pub fn pace_until(&mut self, deadline: quanta::Instant, stop: impl Fn() -> bool) -> Result<(), StageError> {
+        let t = self.ctx.clock.now();
+        loop {
+            if self.ctx.cancelled() {
+                return Err(StageError::Cancelled);
+            }
+            let now = self.ctx.clock.now();
+            if now >= deadline || stop() {
+                break;
+            }
+            // Short naps: an interrupt or a cancel is seen within a millisecond or two.
+            std::thread::sleep(deadline.duration_since(now).min(PACE_NAP));
+        }
+        self.blocked += self.ctx.clock.now().duration_since(t);
+        Ok(())
     }
 
     /// The clock (for timestamps carried by items).

@@ -11,8 +11,26 @@ use lipsync_stages::features::{
 };
 use lipsync_stages::mel::{MelSpectrogram, N_MELS};
 
-use crate::job::{AudioIn, AudioTensor, FrameStats};
+use crate::job::{AudioIn, AudioTensor, FrameKind, FrameMark, FrameStats};
+use crate::live::Live;
 use crate::runtime::{lock, Out, Pool, Stage, StageError};
+
+/// A real-time session's state in the audio stage: which frame comes next, and whether an
+/// utterance owns the frame sequence.
+struct LiveAudio {
+    live: Arc<Live>,
+    /// The input rate (to start a new resampler per utterance).
+    rate: Option<u32>,
+    generation: u64,
+    /// The index the next frame takes.
+    next: usize,
+    /// An utterance has begun (audio came since the last end of utterance or interrupt).
+    speaking: bool,
+    /// The index of the current utterance's frame 0, once it has been sent on.
+    base: Option<usize>,
+    /// The current (or next) utterance's number.
+    utterance: u32,
+}
 
 /// Audio in, per-frame tensors out. Every buffer is reused: no allocation per chunk in steady
 /// state (beyond what ONNX Runtime allocates per encoder run).
@@ -33,6 +51,7 @@ pub struct AudioStage {
     ready: Vec<usize>,
     flat: Vec<f32>,
     ended: bool,
+    live: Option<LiveAudio>,
 }
 
 impl AudioStage {
@@ -64,11 +83,32 @@ impl AudioStage {
             ready: Vec::with_capacity(16),
             flat: Vec::with_capacity(16 * FRAME_AUDIO_LEN),
             ended: false,
+            live: None,
         }
     }
 
-    /// Runs the chain on `self.pcm`; at the end of the stream, flushes every part.
-    fn compute(&mut self, end: bool) -> Result<(), StageError> {
+    /// Makes this the audio stage of real-time session `live` (input at `rate`, `None` for
+    /// 16 kHz): audio comes as utterances, idle frames fill the time between them, and an
+    /// interrupt drops what is queued.
+    pub fn live(mut self, live: Arc<Live>, rate: Option<u32>) -> Self {
+        self.live = Some(LiveAudio { live, rate, generation: 0, next: 0, speaking: false, base: None, utterance: 0 });
+        self
+    }
+
+    /// Forgets the audio of the current utterance (a new one starts from scratch).
+    fn reset(&mut self) -> Result<(), StageError> {
+        self.mel.reset();
+        self.tracker = WindowTracker::new();
+        self.asm = FeatureAssembler::new();
+        if let Some(rate) = self.live.as_ref().and_then(|l| l.rate) {
+            self.resampler = Some(StreamResampler::new(rate).map_err(|e| StageError::failed(None, e))?);
+        }
+        Ok(())
+    }
+
+    /// Runs the chain on `self.pcm`; at the end of the stream, flushes every part. `Ok(false)`:
+    /// a real-time utterance too short for a single window (it makes no frame).
+    fn compute(&mut self, end: bool) -> Result<bool, StageError> {
         let (ready, flat) = (&mut self.ready, &mut self.flat);
         self.rows.clear();
         self.mel.push(&self.pcm, &mut self.rows);
@@ -78,7 +118,14 @@ impl AudioStage {
         self.windows.clear();
         self.tracker.push(&self.rows, &mut self.windows);
         if end {
-            self.tracker.finish(&mut self.windows).map_err(|e| StageError::failed(None, e))?;
+            if let Err(e) = self.tracker.finish(&mut self.windows) {
+                if self.live.is_some() {
+                    tracing::warn!("an utterance made no frame: {e}");
+                    self.asm = FeatureAssembler::new();
+                    return Ok(false);
+                }
+                return Err(StageError::failed(None, e));
+            }
         }
         self.o.clear();
         if !self.windows.is_empty() {
@@ -93,9 +140,11 @@ impl AudioStage {
                 ready.push(i);
                 flat.extend_from_slice(tensor);
             });
-            self.stats.total.store(n.min(self.max_frames), Ordering::SeqCst);
+            if self.live.is_none() {
+                self.stats.total.store(n.min(self.max_frames), Ordering::SeqCst);
+            }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Sends the tensors that became final.
@@ -106,9 +155,20 @@ impl AudioStage {
                 break;
             }
             let mut tensor = out.take(&self.pool)?;
+            tensor.mark = FrameMark { kind: FrameKind::Speech, generation: 0, utterance: 0, frame: i as u32 };
             tensor.index = i;
+            let mut end = self.ended;
+            if let Some(l) = &mut self.live {
+                // The utterance's frames follow whatever came before its first one.
+                let base = *l.base.get_or_insert(l.next);
+                tensor.index = base + i;
+                tensor.mark.generation = l.generation;
+                tensor.mark.utterance = l.utterance;
+                l.next = tensor.index + 1;
+                end = !l.speaking;
+            }
             tensor.t_audio = t_audio;
-            tensor.last = i + 1 == cap || (self.ended && k + 1 == self.ready.len());
+            tensor.last = i + 1 == cap || (end && k + 1 == self.ready.len());
             tensor.data.copy_from_slice(&self.flat[k * FRAME_AUDIO_LEN..(k + 1) * FRAME_AUDIO_LEN]);
             out.send(tensor)?;
             if i + 1 == cap {
@@ -122,6 +182,100 @@ impl AudioStage {
     }
 }
 
+impl AudioStage {
+    /// A real-time session's input: utterances, ticks and interrupts.
+    fn process_live(&mut self, item: AudioIn, out: &mut Out<'_, AudioTensor>) -> Result<(), StageError> {
+        let l = self.live.as_mut().expect("a live stage");
+        let current = l.live.is_current(l.generation);
+        match item {
+            AudioIn::Samples(samples, t) => {
+                if current {
+                    if !l.speaking {
+                        l.speaking = true;
+                        l.base = None;
+                        self.reset()?;
+                    }
+                    self.pcm.clear();
+                    match &mut self.resampler {
+                        Some(rs) => rs.push(&samples, &mut self.pcm).map_err(|e| StageError::failed(None, e))?,
+                        None => self.pcm.extend_from_slice(&samples),
+                    }
+                    if self.compute(false)? {
+                        self.emit(t, out)?;
+                    }
+                }
+                if let Some(r) = &self.recycle {
+                    let _ = r.try_send(samples);
+                }
+                Ok(())
+            }
+            AudioIn::EndUtterance(t) => {
+                if current {
+                    self.end_utterance(t, out)?;
+                }
+                Ok(())
+            }
+            AudioIn::End(t) => {
+                if current {
+                    self.end_utterance(t, out)?;
+                }
+                self.ended = true;
+                let next = self.live.as_ref().map_or(0, |l| l.next);
+                self.stats.total.store(next, Ordering::SeqCst);
+                Ok(())
+            }
+            AudioIn::Tick(slot) => {
+                // Idle frames while no utterance owns the sequence (before its first frame).
+                if l.speaking && l.base.is_some() {
+                    return Ok(());
+                }
+                while self.live.as_ref().is_some_and(|l| l.next <= slot) {
+                    let mut tensor = out.take(&self.pool)?;
+                    let l = self.live.as_mut().expect("a live stage");
+                    tensor.index = l.next;
+                    tensor.mark = FrameMark { kind: FrameKind::Idle, generation: l.generation, utterance: 0, frame: 0 };
+                    tensor.last = false;
+                    tensor.t_audio = out.clock().now();
+                    l.next += 1;
+                    out.send(tensor)?;
+                }
+                Ok(())
+            }
+            AudioIn::Interrupt { generation, resume } => {
+                l.generation = generation;
+                l.next = resume;
+                if l.speaking {
+                    l.speaking = false;
+                    l.utterance += 1;
+                }
+                l.base = None;
+                self.reset()
+            }
+        }
+    }
+
+    /// Ends the current utterance: its last frames, then idle again. Audio too short for a
+    /// frame makes none (and is said in the log).
+    fn end_utterance(&mut self, t: quanta::Instant, out: &mut Out<'_, AudioTensor>) -> Result<(), StageError> {
+        let l = self.live.as_mut().expect("a live stage");
+        if !l.speaking {
+            return Ok(());
+        }
+        l.speaking = false;
+        self.pcm.clear();
+        if let Some(rs) = &mut self.resampler {
+            rs.finish(&mut self.pcm).map_err(|e| StageError::failed(None, e))?;
+        }
+        if self.compute(true)? {
+            self.emit(t, out)?;
+        }
+        let l = self.live.as_mut().expect("a live stage");
+        l.utterance += 1;
+        l.base = None;
+        self.reset()
+    }
+}
+
 impl Stage for AudioStage {
     type In = AudioIn;
     type Out = AudioTensor;
@@ -129,6 +283,9 @@ impl Stage for AudioStage {
     fn process(&mut self, item: AudioIn, out: &mut Out<'_, AudioTensor>) -> Result<(), StageError> {
         if self.ended {
             return Err(StageError::msg("audio arrived after the end of the audio"));
+        }
+        if self.live.is_some() {
+            return self.process_live(item, out);
         }
         self.pcm.clear();
         let t_audio = match item {
@@ -149,6 +306,9 @@ impl Stage for AudioStage {
                 }
                 self.ended = true;
                 t
+            }
+            AudioIn::EndUtterance(_) | AudioIn::Tick(_) | AudioIn::Interrupt { .. } => {
+                return Err(StageError::msg("a real-time message reached a graph that is not real-time"))
             }
         };
         if self.stats.total().is_some() {

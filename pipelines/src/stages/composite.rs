@@ -29,6 +29,10 @@ impl Stage for CompositeStage {
 
     fn process(&mut self, reply: UnetReply, out: &mut Out<'_, FrameJob>) -> Result<(), StageError> {
         let mut job = reply.map_err(|e| StageError::failed(Some(e.index), e))?;
+        if job.skips_unet() {
+            // An idle frame is the template frame as it is; a stale one is dropped by the sink.
+            return out.send(job);
+        }
         let FrameJob { frame, c328, pred, template, .. } = &mut job;
         self.comp.paste_u8(frame, self.avatar.boxes[*template], &self.avatar.config.crop, c328, pred, self.blend);
         out.send(job)

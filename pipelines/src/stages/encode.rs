@@ -56,6 +56,10 @@ impl Stage for EncodeStage {
     type Out = FrameJob;
 
     fn process(&mut self, mut job: FrameJob, out: &mut Out<'_, FrameJob>) -> Result<(), StageError> {
+        if job.is_stale() {
+            // Interrupted: the sink drops it.
+            return out.send(job);
+        }
         let at = |e: &dyn std::fmt::Display| StageError::at(job.index, e);
         match &self.encoding {
             Encoding::Png => encode_png(&job.frame, &mut job.encoded, &mut self.scratch).map_err(|e| at(&e))?,

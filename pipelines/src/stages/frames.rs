@@ -8,7 +8,7 @@ use lipsync_stages::face::template_index;
 use lipsync_stages::io::video::VideoError;
 use lipsync_stages::template::{SharedTemplate, TemplateReader};
 
-use crate::job::{AudioTensor, FrameJob, FrameStats};
+use crate::job::{AudioTensor, FrameJob, FrameKind, FrameStats};
 use crate::runtime::{Out, Pool, Stage, StageError};
 
 /// The template a graph reads, and how many bytes of decoded frames its reader keeps.
@@ -27,22 +27,24 @@ pub struct FramesStage {
     reader: Option<TemplateReader>,
     boxes: usize,
     start: usize,
+    first_index: usize,
     jobs: Pool<FrameJob>,
     tensors: Pool<AudioTensor>,
     stats: Arc<FrameStats>,
 }
 
 impl FramesStage {
-    /// A stage over `template` with `boxes` face boxes, starting the ping-pong at `start`.
+    /// A stage over `template` with `boxes` face boxes, starting the ping-pong at `start`;
+    /// frame `i` takes the template position of frame `first_index + i` (docs/spec.md section 6).
     pub fn new(
         template: Template,
         boxes: usize,
-        start: usize,
+        (start, first_index): (usize, usize),
         jobs: Pool<FrameJob>,
         tensors: Pool<AudioTensor>,
         stats: Arc<FrameStats>,
     ) -> Self {
-        Self { template, reader: None, boxes, start, jobs, tensors, stats }
+        Self { template, reader: None, boxes, start, first_index, jobs, tensors, stats }
     }
 }
 
@@ -61,11 +63,14 @@ impl Stage for FramesStage {
     fn process(&mut self, tensor: AudioTensor, out: &mut Out<'_, FrameJob>) -> Result<(), StageError> {
         let mut job = out.take(&self.jobs)?;
         job.index = tensor.index;
+        job.mark = tensor.mark;
         job.last = tensor.last;
         job.t_audio = tensor.t_audio;
         job.t_in = out.clock().now();
-        job.template = template_index(tensor.index, self.boxes, self.start);
-        job.audio.copy_from_slice(&tensor.data);
+        job.template = template_index(self.first_index + tensor.index, self.boxes, self.start);
+        if job.mark.kind == FrameKind::Speech {
+            job.audio.copy_from_slice(&tensor.data);
+        }
         self.tensors.give(tensor);
         let boxes = self.boxes;
         self.reader().get(job.template, &mut job.frame).map_err(|e: VideoError| {

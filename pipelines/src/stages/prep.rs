@@ -27,6 +27,9 @@ impl Stage for PrepStage {
     type Out = FrameJob;
 
     fn process(&mut self, mut job: FrameJob, out: &mut Out<'_, FrameJob>) -> Result<(), StageError> {
+        if job.skips_unet() {
+            return out.send(job);
+        }
         let FrameJob { frame, c328, template, .. } = &mut job;
         self.prep.crop(frame, self.avatar.boxes[*template], &self.avatar.config.crop, c328);
         out.send(job)

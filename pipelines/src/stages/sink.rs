@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::job::{FrameJob, FrameStats};
+use crate::live::Live;
 use crate::runtime::{lock, record, Out, Pool, Stage, StageError};
 
 /// A sink's failure.
@@ -44,6 +45,7 @@ pub struct SinkStage {
     stats: Arc<FrameStats>,
     progress: Option<ProgressFn>,
     next: usize,
+    live: Option<Arc<Live>>,
 }
 
 impl SinkStage {
@@ -54,7 +56,20 @@ impl SinkStage {
         stats: Arc<FrameStats>,
         progress: Option<ProgressFn>,
     ) -> Self {
-        Self { sink, pool, stats, progress, next: 0 }
+        Self { sink, pool, stats, progress, next: 0, live: None }
+    }
+
+    /// Makes this the sink of real-time session `live`: each frame leaves at its time on the
+    /// session's clock ([`Live::send_time`]); frames an interrupt made stale are dropped.
+    pub fn live(mut self, live: Arc<Live>) -> Self {
+        self.live = Some(live);
+        self
+    }
+
+    /// A frame that is not sent: back to the pool.
+    fn drop_job(&self, job: FrameJob) {
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.pool.give(job);
     }
 }
 
@@ -63,6 +78,19 @@ impl Stage for SinkStage {
     type Out = ();
 
     fn process(&mut self, job: FrameJob, out: &mut Out<'_, ()>) -> Result<(), StageError> {
+        if let Some(live) = self.live.clone() {
+            if job.is_stale() {
+                self.drop_job(job);
+                return Ok(());
+            }
+            out.pace_until(live.send_time(job.index), || job.is_stale())?;
+            if !live.claim(job.mark.generation, job.index) {
+                self.drop_job(job);
+                return Ok(());
+            }
+            // After an interrupt, numbering resumes right after the last frame sent, so the
+            // order check below holds for real-time sessions too.
+        }
         if job.index != self.next {
             return Err(StageError::at(job.index, format!("frame {} arrived out of order", job.index)));
         }
@@ -90,6 +118,13 @@ impl Stage for SinkStage {
 
     /// Every frame of the audio, or a failure: never a short, quiet end.
     fn finish(&mut self, _out: &mut Out<'_, ()>) -> Result<(), StageError> {
+        if self.live.is_some() {
+            // Frames dropped by interrupts are not owed.
+            if self.stats.total().is_none() {
+                return Err(StageError::msg("the audio stream stopped without its end"));
+            }
+            return self.sink.finish().map_err(|e| StageError::failed(None, e));
+        }
         match self.stats.total() {
             Some(t) if t == self.next => {}
             None => return Err(StageError::msg("the audio stream stopped without its end")),

@@ -222,6 +222,23 @@ impl Outlet<FrameJob> for UnetPort {
     }
 }
 
+/// Sends back the frames that need no UNet run (idle, or made stale by an interrupt) at once,
+/// each after its producer's earlier frames (which have been run, or are still waiting, in
+/// which case it waits too): a producer's replies stay in order.
+fn release_skipped(pending: &mut VecDeque<Request>) {
+    let mut k = 0;
+    while k < pending.len() {
+        let r = &pending[k];
+        if r.job.skips_unet() && !pending.iter().take(k).any(|q| q.producer == r.producer) {
+            let r = pending.remove(k).expect("index in range");
+            // Room for every job of the producer: never blocks. A gone producer drops it.
+            let _ = r.reply.try_send(Ok(r.job));
+        } else {
+            k += 1;
+        }
+    }
+}
+
 fn batch_loop(
     unet: &mut dyn UnetBackend,
     crop: &CropParams,
@@ -240,6 +257,7 @@ fn batch_loop(
     loop {
         // Drop the frames of producers that were cancelled.
         pending.retain(|r| !r.cancel.load(Ordering::Relaxed));
+        release_skipped(&mut pending);
         if pending.is_empty() {
             if !open {
                 return;
@@ -250,7 +268,7 @@ fn batch_loop(
             }
         }
         let deadline = pending.front().map(|r| r.arrived + max_wait).unwrap_or_else(Instant::now);
-        while open && pending.len() < max_batch && !pending.iter().any(|r| r.job.last) {
+        while open && pending.len() < max_batch && !pending.iter().any(|r| r.job.last || r.job.skips_unet()) {
             match rx.recv_deadline(deadline) {
                 Ok(r) => pending.push_back(r),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => break,
@@ -272,7 +290,11 @@ fn batch_loop(
                     &mut counts.last_mut().expect("just pushed").1
                 }
             };
-            if *n < r.limit {
+            if r.job.skips_unet() {
+                // It goes back without a run, before the producer's later frames.
+                *n = usize::MAX;
+                k += 1;
+            } else if *n < r.limit {
                 *n += 1;
                 batch.push(pending.remove(k).expect("index in range"));
             } else {

@@ -1,0 +1,262 @@
+//! The client side of a real-time session: idle before and between utterances, speech sent at
+//! the pace of real time, optional interrupts, then `Finish`. Measures first-frame latency,
+//! interrupt latency and the drift of frames against the session's clock.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use lipsync_pipelines::metrics::{histogram, Percentiles};
+use lipsync_pipelines::runtime::lock;
+use serde::Serialize;
+
+use crate::client::{set_send_buffer, ClientError, Connection};
+use crate::protocol::{
+    parse_frame, write_parts, AudioFormat, Done, Interrupted, Kind, OpenRequest, Opened, SpeechStart,
+};
+
+/// What a real-time session streams.
+#[derive(Debug, Clone)]
+pub struct LiveSpec {
+    /// Avatar name.
+    pub avatar: String,
+    /// Mono samples of one utterance.
+    pub samples: Vec<f32>,
+    /// Their rate.
+    pub rate: u32,
+    /// Audio per message, ms.
+    pub chunk_ms: f64,
+    /// Idle time before the first utterance and between utterances.
+    pub idle: Duration,
+    /// Idle time after the last utterance, before `Finish`.
+    pub idle_after: Duration,
+    /// How many times the utterance is spoken.
+    pub utterances: usize,
+    /// Interrupt each utterance this long after its first audio was sent.
+    pub interrupt_after: Option<Duration>,
+    /// JPEG quality (default: the avatar's).
+    pub jpeg_quality: Option<u8>,
+    /// Start offset into the template sequence.
+    pub start_frame: Option<usize>,
+}
+
+/// One frame of a real-time session.
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveFrame {
+    /// Frame index.
+    pub index: u32,
+    /// Presentation time, ms.
+    pub pts_ms: u32,
+    /// An idle frame.
+    pub idle: bool,
+    /// Received, seconds after `Opened`.
+    pub received_s: f64,
+}
+
+/// What a real-time session returned.
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveOutcome {
+    /// Session id.
+    pub session: u64,
+    /// Frames per second.
+    pub fps: f64,
+    /// Frames received.
+    pub frames: usize,
+    /// Of which idle.
+    pub idle_frames: usize,
+    /// `(utterance, first frame)` of each utterance that made frames.
+    pub utterances: Vec<(u32, u32)>,
+    /// From `Opened` to the first frame, ms.
+    pub first_frame_ms: f64,
+    /// From each utterance's first audio sent to its first frame received, ms.
+    pub speech_first_frame_ms: Vec<f64>,
+    /// From each `Interrupt` sent to the first frame after it (an idle frame), ms.
+    pub interrupt_ms: Percentiles,
+    /// Interrupts sent.
+    pub interrupts: usize,
+    /// Arrival minus presentation time, ms: its floor over the first quarter of the frames (at
+    /// most 10 s of them) and over the last.
+    pub offset_start_ms: f64,
+    /// See `offset_start_ms`.
+    pub offset_end_ms: f64,
+    /// `(offset_end - offset_start) * fps / 1000`, rounded: frames gained or lost against the
+    /// session's clock over the run.
+    pub drift_frames: i64,
+    /// The latest frame's lateness beyond the starting floor, ms (a stall; not drift).
+    pub max_late_ms: f64,
+    /// Seconds from `Opened` to `Done`.
+    pub seconds: f64,
+    /// Per-frame records.
+    #[serde(skip)]
+    pub records: Vec<LiveFrame>,
+}
+
+/// Runs a real-time session on `socket` as `spec` says; `on_frame(index, idle, jpeg)` gets
+/// every frame.
+pub fn stream_live(
+    socket: &Path,
+    spec: &LiveSpec,
+    mut on_frame: impl FnMut(u32, bool, &[u8]) -> Result<(), ClientError> + Send,
+) -> Result<LiveOutcome, ClientError> {
+    let mut conn = Connection::connect(socket)?;
+    let open = OpenRequest {
+        avatar: spec.avatar.clone(),
+        sample_rate: spec.rate,
+        format: AudioFormat::F32le,
+        channels: 1,
+        jpeg_quality: spec.jpeg_quality,
+        batch: None,
+        start_frame: spec.start_frame,
+        realtime: true,
+    };
+    let opened: Opened = conn.request(Kind::Open, &open, Kind::Opened)?;
+    let t0 = Instant::now();
+    let chunk = ((f64::from(spec.rate) * spec.chunk_ms / 1000.0).round() as usize).max(1);
+    set_send_buffer(&conn.stream, spec.rate as usize * 4 / 10);
+    let mut writer = conn.stream.try_clone().map_err(|source| ClientError::Io { what: "cloning".into(), source })?;
+    let killer = conn.stream.try_clone().map_err(|source| ClientError::Io { what: "cloning".into(), source })?;
+    // When each utterance's first audio and each interrupt went out.
+    let speech_sent: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
+    let interrupt_sent: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
+
+    type Read = (Vec<(LiveFrame, Instant)>, Vec<(u32, u32, Instant)>, Vec<(u64, Instant)>, Done);
+    let (frames, starts, interrupts, done) = std::thread::scope(|scope| -> Result<Read, ClientError> {
+        let reader = scope.spawn(|| -> Result<Read, ClientError> {
+            let (mut frames, mut starts, mut interrupts) = (Vec::new(), Vec::new(), Vec::new());
+            let result = (|| loop {
+                let kind = conn.read()?;
+                let now = Instant::now();
+                let json = |what: &str| ClientError::Protocol(format!("invalid {what}"));
+                match kind {
+                    Kind::Frame => {
+                        let (h, jpeg) = parse_frame(&conn.payload)
+                            .ok_or_else(|| ClientError::Protocol("malformed Frame".into()))?;
+                        let expect = frames.last().map_or(0, |f: &(LiveFrame, Instant)| f.0.index + 1);
+                        if h.index != expect {
+                            return Err(ClientError::Frames(format!("frame {} came where {expect} was due", h.index)));
+                        }
+                        on_frame(h.index, h.idle, jpeg)?;
+                        let rec = LiveFrame {
+                            index: h.index,
+                            pts_ms: h.pts_ms,
+                            idle: h.idle,
+                            received_s: now.duration_since(t0).as_secs_f64(),
+                        };
+                        frames.push((rec, now));
+                    }
+                    Kind::Speech => {
+                        let s: SpeechStart = serde_json::from_slice(&conn.payload).map_err(|_| json("Speech"))?;
+                        starts.push((s.utterance, s.frame, now));
+                    }
+                    Kind::Interrupted => {
+                        let i: Interrupted = serde_json::from_slice(&conn.payload).map_err(|_| json("Interrupted"))?;
+                        interrupts.push((i.next_frame, now));
+                    }
+                    Kind::Done => {
+                        let d: Done = serde_json::from_slice(&conn.payload).map_err(|_| json("Done"))?;
+                        return Ok((std::mem::take(&mut frames), starts.clone(), interrupts.clone(), d));
+                    }
+                    k => return Err(ClientError::Protocol(format!("unexpected {k:?} during a session"))),
+                }
+            })();
+            if result.is_err() {
+                let _ = killer.shutdown(std::net::Shutdown::Both);
+            }
+            result
+        });
+        let mut send = || -> Result<(), ClientError> {
+            let io = |what: &str| {
+                let what = what.to_string();
+                move |source| ClientError::Io { what, source }
+            };
+            let mut bytes = Vec::with_capacity(chunk * 4);
+            for _ in 0..spec.utterances {
+                std::thread::sleep(spec.idle);
+                let start = Instant::now();
+                lock(&speech_sent).push(start);
+                let mut interrupted = false;
+                for (k, part) in spec.samples.chunks(chunk).enumerate() {
+                    let due = start + Duration::from_secs_f64((k * chunk) as f64 / f64::from(spec.rate));
+                    if let Some(after) = spec.interrupt_after {
+                        if due >= start + after {
+                            if let Some(wait) = (start + after).checked_duration_since(Instant::now()) {
+                                std::thread::sleep(wait);
+                            }
+                            write_parts(&mut writer, Kind::Interrupt, &[]).map_err(io("sending Interrupt"))?;
+                            lock(&interrupt_sent).push(Instant::now());
+                            interrupted = true;
+                            break;
+                        }
+                    }
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    bytes.clear();
+                    bytes.extend(part.iter().flat_map(|v| v.to_le_bytes()));
+                    write_parts(&mut writer, Kind::Audio, &[&bytes]).map_err(io("sending audio"))?;
+                }
+                if !interrupted {
+                    write_parts(&mut writer, Kind::EndAudio, &[]).map_err(io("sending EndAudio"))?;
+                }
+            }
+            std::thread::sleep(spec.idle_after);
+            write_parts(&mut writer, Kind::Finish, &[]).map_err(io("sending Finish"))
+        };
+        let sent = send();
+        let read = reader.join().map_err(|_| ClientError::Frames("the frame reader panicked".into()))?;
+        let read = read?;
+        sent?;
+        Ok(read)
+    })?;
+
+    if done.frames as usize != frames.len() {
+        return Err(ClientError::Frames(format!("Done says {} frames but {} arrived", done.frames, frames.len())));
+    }
+    let speech_sent = lock(&speech_sent).clone();
+    let interrupt_sent = lock(&interrupt_sent).clone();
+    let speech_first_frame_ms = starts
+        .iter()
+        .filter_map(|&(u, first, _)| {
+            let sent = speech_sent.get(u as usize)?;
+            let got = frames.iter().find(|f| f.0.index == first)?.1;
+            Some(got.duration_since(*sent).as_secs_f64() * 1e3)
+        })
+        .collect();
+    let mut hist = histogram();
+    for (k, &(next, _)) in interrupts.iter().enumerate() {
+        let (Some(sent), Some(f)) = (interrupt_sent.get(k), frames.iter().find(|f| u64::from(f.0.index) >= next))
+        else {
+            continue;
+        };
+        hist.saturating_record((f.1.duration_since(*sent).as_nanos() as u64).max(1));
+    }
+    // Frames never leave early, only late (a stall): the floor of arrival - presentation over a
+    // window is the pace, and its change from the first window to the last is the drift.
+    let offsets: Vec<f64> = frames.iter().map(|f| f.0.received_s * 1e3 - f64::from(f.0.pts_ms)).collect();
+    let window = ((offsets.len() / 4).min(10 * opened.fps.round() as usize)).max(1);
+    let floor = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let (offset_start_ms, offset_end_ms) = if offsets.is_empty() {
+        (0.0, 0.0)
+    } else {
+        (floor(&offsets[..window.min(offsets.len())]), floor(&offsets[offsets.len().saturating_sub(window)..]))
+    };
+    let late = offsets.iter().map(|o| o - offset_start_ms).fold(0.0, f64::max);
+    let records: Vec<LiveFrame> = frames.into_iter().map(|f| f.0).collect();
+    Ok(LiveOutcome {
+        session: opened.session,
+        fps: opened.fps,
+        frames: records.len(),
+        idle_frames: records.iter().filter(|r| r.idle).count(),
+        utterances: starts.iter().map(|&(u, f, _)| (u, f)).collect(),
+        first_frame_ms: records.first().map_or(0.0, |r| r.received_s * 1e3),
+        speech_first_frame_ms,
+        interrupt_ms: Percentiles::of(&hist),
+        interrupts: interrupt_sent.len(),
+        offset_start_ms,
+        offset_end_ms,
+        drift_frames: ((offset_end_ms - offset_start_ms) * opened.fps / 1000.0).round() as i64,
+        max_late_ms: late,
+        seconds: t0.elapsed().as_secs_f64(),
+        records,
+    })
+}
