@@ -132,6 +132,7 @@ impl FrameSink for SocketSink {
         self.writer.write(|s| write_parts(s, Kind::Frame, &[&head.encode(), &job.encoded])).map_err(fail)?;
         if idle {
             self.idle.fetch_add(1, Ordering::Relaxed);
+            self.shared.idle_frames_total.fetch_add(1, Ordering::Relaxed);
         }
         self.loaded.frames.fetch_add(1, Ordering::Relaxed);
         self.shared.frames_total.fetch_add(1, Ordering::Relaxed);
@@ -506,6 +507,7 @@ impl Conn<'_> {
                     }
                     Err(e) if e.is_cancelled() => tracing::info!(session = id, "session cancelled"),
                     Err(e) => {
+                        shared.sessions_failed.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(session = id, "session failed: {e}");
                         send_error(&writer, ErrorCode::Session, &e);
                     }

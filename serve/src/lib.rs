@@ -7,7 +7,8 @@
 //! - [`registry`]: avatars (LRU cache bounded in memory) and the models they share.
 //! - [`listener`]: bind, accept, drain; [`Daemon`] runs one in-process.
 //! - `connection`: one connection's state machine.
-//! - [`stats`]: the `Stats` reply.
+//! - [`stats`]: the `Stats` reply; `metrics`: the same and more for Prometheus on the `http`
+//!   listener (`--http`).
 //! - [`client`]: the client library ([`client_live`]: real-time sessions); [`bench`]: rounds of concurrent sessions, measured.
 //! - [`fuzzing`]: entry points for the fuzzer (protocol, audio decoder, avatar formats).
 //!
@@ -25,7 +26,9 @@ mod connection;
 mod deadline;
 pub mod frame_out;
 pub mod fuzzing;
+mod http;
 pub mod listener;
+mod metrics;
 pub mod protocol;
 pub mod registry;
 pub mod settings;

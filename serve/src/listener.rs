@@ -39,6 +39,10 @@ pub(crate) struct Shared {
     pub(crate) draining: AtomicBool,
     /// Sessions started whose last message (Done or Error) is not out yet.
     pub(crate) finishing: AtomicUsize,
+    /// Sessions that failed.
+    pub(crate) sessions_failed: AtomicU64,
+    /// Idle frames sent by all sessions.
+    pub(crate) idle_frames_total: AtomicU64,
 }
 
 impl Shared {
@@ -61,6 +65,14 @@ pub enum ServeError {
         path: PathBuf,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// The HTTP listener could not start.
+    #[error("cannot serve HTTP on {addr}: {message}")]
+    Http {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        message: String,
     },
     /// An avatar named by `preload` could not be loaded.
     #[error("preloading avatar `{name}`: {source}")]
@@ -91,6 +103,8 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
         connections: Mutex::new(HashMap::new()),
         draining: AtomicBool::new(false),
         finishing: AtomicUsize::new(0),
+        sessions_failed: AtomicU64::new(0),
+        idle_frames_total: AtomicU64::new(0),
     });
     let preload: Vec<String> = if settings.preload.iter().any(|p| p == "all") {
         shared.registry.list().into_iter().map(|a| a.name).collect()
@@ -100,6 +114,10 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
     for name in &preload {
         shared.registry.acquire(name, false).map_err(|source| ServeError::Preload { name: name.clone(), source })?;
     }
+    let _http = match &settings.http {
+        Some(h) => Some(crate::http::start(h.addr, h.token.clone(), shared.clone())?),
+        None => None,
+    };
     let term = stop;
     listener.set_nonblocking(true).map_err(|source| ServeError::Listen { path: socket.clone(), source })?;
     tracing::info!(

@@ -105,6 +105,14 @@ pub struct ServeOptions {
     /// Seconds a message may take to arrive whole once it has begun (0.1..=3600) [default: 30].
     #[arg(long)]
     pub message_timeout: Option<f64>,
+    /// Also serve HTTP on this address (`GET /metrics`, Prometheus text), e.g. 127.0.0.1:9100.
+    /// A non-loopback address needs --http-token.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<String>,
+    /// The token every HTTP request must carry (`Authorization: Bearer TOKEN`); required to
+    /// bind a non-loopback address.
+    #[arg(long, value_name = "TOKEN")]
+    pub http_token: Option<String>,
 }
 
 /// A setting that cannot be used.
@@ -113,6 +121,9 @@ pub enum SettingsError {
     /// The remote inference server's settings are missing or out of range.
     #[error("{0}")]
     Remote(String),
+    /// The HTTP listener's address or token cannot be used.
+    #[error("{0}")]
+    Http(String),
     /// A required setting is missing.
     #[error("no {0}: give --{1} or `{2}` in the config")]
     Missing(&'static str, &'static str, &'static str),
@@ -217,6 +228,18 @@ pub struct Settings {
     /// Time for a begun message to arrive whole.
     #[serde(rename = "message_timeout_s", serialize_with = "secs")]
     pub message_timeout: Duration,
+    /// The HTTP listener, if any.
+    pub http: Option<HttpSettings>,
+}
+
+/// The HTTP listener's address and token.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HttpSettings {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    /// The token requests must carry (never shown in summaries).
+    #[serde(skip)]
+    pub token: Option<String>,
 }
 
 fn octal<S: serde::Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
@@ -298,7 +321,9 @@ impl ServeOptions {
             client_timeout,
             handshake_timeout,
             idle_timeout,
-            message_timeout
+            message_timeout,
+            http,
+            http_token
         )
     }
 
@@ -380,6 +405,22 @@ impl ServeOptions {
             });
         }
         let delay = in_range("real-time delay (ms)", self.realtime_delay_ms.unwrap_or(200.0), 0.0, 5000.0, "0..=5000")?;
+        let http = match self.http {
+            None if self.http_token.is_some() => return Err(SettingsError::Http("--http-token without --http".into())),
+            None => None,
+            Some(a) => {
+                let addr: std::net::SocketAddr = a.parse().map_err(|_| {
+                    SettingsError::Http(format!("--http {a} is not an address: expected IP:PORT, e.g. 127.0.0.1:9100"))
+                })?;
+                let token = self.http_token.filter(|t| !t.is_empty());
+                if !addr.ip().is_loopback() && token.is_none() {
+                    return Err(SettingsError::Http(format!(
+                        "--http {addr} is not a loopback address: give --http-token too, which every request must carry"
+                    )));
+                }
+                Some(HttpSettings { addr, token })
+            }
+        };
         let message = in_range("message timeout (s)", self.message_timeout.unwrap_or(30.0), 0.1, 3600.0, "0.1..=3600")?;
         Ok(Settings {
             socket,
@@ -404,6 +445,7 @@ impl ServeOptions {
             handshake_timeout: Duration::from_secs_f64(hello),
             idle_timeout: Duration::from_secs_f64(idle),
             message_timeout: Duration::from_secs_f64(message),
+            http,
         })
     }
 }

@@ -47,11 +47,38 @@ pub enum Placement {
 /// A histogram several threads record into.
 pub type SharedHistogram = Arc<Mutex<Histogram<u64>>>;
 
-/// Service-time histograms shared by many pipelines (a daemon's sessions), one per stage
-/// name: every pipeline built with [`Pipeline::with_shared`] also records into these.
-#[derive(Default)]
+/// Histograms shared by many pipelines (a daemon's sessions): service and queue-wait time per
+/// stage name, frame latency and time to the first frame. Every pipeline built with
+/// [`Pipeline::with_shared`] also records into these.
 pub struct SharedStageStats {
     stages: Mutex<Vec<(String, SharedHistogram)>>,
+    waits: Mutex<Vec<(String, SharedHistogram)>>,
+    /// Per frame: from the arrival of the audio that made it final to the frame written.
+    pub frame_latency: SharedHistogram,
+    /// Per graph: from its start to its first frame written.
+    pub first_frame: SharedHistogram,
+}
+
+impl Default for SharedStageStats {
+    fn default() -> Self {
+        Self {
+            stages: Mutex::default(),
+            waits: Mutex::default(),
+            frame_latency: Arc::new(Mutex::new(histogram())),
+            first_frame: Arc::new(Mutex::new(histogram())),
+        }
+    }
+}
+
+/// The histogram `name` of `list`, created on first use (kept in first-use order).
+fn named(list: &Mutex<Vec<(String, SharedHistogram)>>, name: &str) -> SharedHistogram {
+    let mut list = lock(list);
+    if let Some((_, h)) = list.iter().find(|(n, _)| n == name) {
+        return h.clone();
+    }
+    let h = Arc::new(Mutex::new(histogram()));
+    list.push((name.to_string(), h.clone()));
+    h
 }
 
 impl SharedStageStats {
@@ -65,15 +92,21 @@ impl SharedStageStats {
         s
     }
 
-    /// The histogram of stage `name` (created on first use, kept in first-use order).
+    /// The service-time histogram of stage `name` (created on first use, kept in first-use
+    /// order).
     pub fn histogram(&self, name: &str) -> SharedHistogram {
-        let mut stages = lock(&self.stages);
-        if let Some((_, h)) = stages.iter().find(|(n, _)| n == name) {
-            return h.clone();
-        }
-        let h = Arc::new(Mutex::new(histogram()));
-        stages.push((name.to_string(), h.clone()));
-        h
+        named(&self.stages, name)
+    }
+
+    /// The queue-wait histogram of stage `name` (created on first use).
+    pub fn wait_histogram(&self, name: &str) -> SharedHistogram {
+        named(&self.waits, name)
+    }
+
+    /// Every stage's (name, service, queue wait) histograms, in first-use order.
+    pub fn all(&self) -> Vec<(String, SharedHistogram, SharedHistogram)> {
+        let names: Vec<(String, SharedHistogram)> = lock(&self.stages).clone();
+        names.into_iter().map(|(n, h)| (n.clone(), h, self.wait_histogram(&n))).collect()
     }
 
     /// Records one service time of stage `name`.
@@ -103,6 +136,7 @@ pub struct StageCtx {
     name: String,
     cancel: Arc<AtomicBool>,
     shared: Option<SharedHistogram>,
+    shared_wait: Option<SharedHistogram>,
     registry: Option<Arc<SharedStageStats>>,
     /// This stage's service and queue-wait histograms.
     pub metrics: StageMetrics,
@@ -139,7 +173,11 @@ impl StageCtx {
             }
             match rx.recv_timeout(POLL) {
                 Ok(item) => {
-                    self.metrics.record_wait(self.clock.now().duration_since(start));
+                    let waited = self.clock.now().duration_since(start);
+                    self.metrics.record_wait(waited);
+                    if let Some(h) = &self.shared_wait {
+                        record(h, waited);
+                    }
                     return Ok(Some(item));
                 }
                 Err(RecvTimeoutError::Timeout) => continue,
@@ -226,6 +264,11 @@ impl<T> Out<'_, T> {
         }
         self.blocked += self.ctx.clock.now().duration_since(t);
         Ok(())
+    }
+
+    /// The statistics shared with other pipelines (a daemon's), if any.
+    pub fn shared(&self) -> Option<&Arc<SharedStageStats>> {
+        self.ctx.registry.as_ref()
     }
 
     /// The clock (for timestamps carried by items).
@@ -389,6 +432,8 @@ impl Pipeline {
             cancel: self.cancel.clone(),
             // A fused thread (`a+b`) records its parts under their own names instead.
             shared: self.shared.as_ref().filter(|_| !name.contains('+')).map(|s| s.histogram(name)),
+            // A fused thread's input is its first part's.
+            shared_wait: self.shared.as_ref().map(|s| s.wait_histogram(name.split('+').next().unwrap_or(name))),
             registry: self.shared.clone(),
             metrics: StageMetrics::new(),
             clock: self.clock.clone(),

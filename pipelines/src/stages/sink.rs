@@ -98,6 +98,12 @@ impl Stage for SinkStage {
         let now = out.clock().now();
         let st = &self.stats;
         record(&st.latency, now.duration_since(job.t_audio));
+        if let Some(shared) = out.shared() {
+            record(&shared.frame_latency, now.duration_since(job.t_audio));
+            if self.next == 0 {
+                record(&shared.first_frame, st.started.elapsed());
+            }
+        }
         lock(&st.e2e).record(now.duration_since(job.t_in));
         {
             let mut span = lock(&st.span);
