@@ -107,6 +107,7 @@ fn config(sh: &Shared, id: u64, rate: u32, batch: usize, queue: usize) -> Sessio
         // Both thread layouts run the same stages: odd sessions are compact.
         layout: if id % 2 == 0 { Layout::Staged } else { Layout::Compact },
         shared: sh.shared.clone(),
+        live: None,
     }
 }
 

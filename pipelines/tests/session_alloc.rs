@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use lipsync_pipelines::graph::Layout;
 use lipsync_pipelines::job::FrameJob;
+use lipsync_pipelines::live::LiveConfig;
 use lipsync_pipelines::runtime::{PinPolicy, SharedStageStats};
 use lipsync_pipelines::session::{Session, SessionConfig};
 use lipsync_pipelines::stages::sink::{FrameSink, SinkError};
@@ -44,6 +45,8 @@ struct Fixture {
     encoder: Arc<Mutex<AudioEncoder>>,
     unet: Arc<UnetService>,
     shared: Arc<SharedStageStats>,
+    /// What one encoder run allocates inside ONNX Runtime's API.
+    per_run: u64,
 }
 
 /// Streams `seconds` of speech (the 2 s fixture repeated) in 20 ms chunks; returns allocations
@@ -71,6 +74,7 @@ fn allocations(fx: &Fixture, id: u64, seconds: usize, layout: Layout) -> (HashMa
         pin: PinPolicy::None,
         layout,
         shared: fx.shared.clone(),
+        live: None,
     };
     let bytes = Arc::new(AtomicU64::new(0));
     let mut s =
@@ -86,8 +90,78 @@ fn allocations(fx: &Fixture, id: u64, seconds: usize, layout: Layout) -> (HashMa
     (alloc_counter::by_name_since(first_slot), frames - 2)
 }
 
+/// Idles a real-time session for `seconds` (idle frames paced at 25 frames/s); returns
+/// allocations per session thread and the frames sent.
+fn idle_allocations(fx: &Fixture, id: u64, seconds: f64) -> (HashMap<String, u64>, u64) {
+    let first_slot = alloc_counter::slots();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cfg = SessionConfig {
+        id,
+        name: format!("idle{id}"),
+        avatar: fx.avatar.clone(),
+        template: fx.template.clone(),
+        template_cache: lipsync_stages::template::DEFAULT_CACHE,
+        encoder: fx.encoder.clone(),
+        unet: fx.unet.clone(),
+        sample_rate: 16_000,
+        jpeg_quality: 90,
+        batch: Batch::new(2).unwrap(),
+        queue: 4,
+        start_frame: 0,
+        pin: PinPolicy::None,
+        layout: Layout::Staged,
+        shared: fx.shared.clone(),
+        live: Some(LiveConfig { fps: 25.0, delay: Duration::from_millis(100) }),
+    };
+    let mut s = Session::start(cfg, Box::new(Count(Arc::new(AtomicU64::new(0)))), {
+        Box::new(move |r| tx.send(r.map(|o| o.frames)).unwrap())
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    s.end_audio().unwrap();
+    let frames = rx.recv_timeout(Duration::from_secs(60)).unwrap().unwrap();
+    s.wait();
+    (alloc_counter::by_name_since(first_slot), frames)
+}
+
+/// Counts are per thread name: the tests of this file run one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 #[test]
 fn session_hot_path_allocates_nothing_per_frame() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let fx = fixture_models();
+    for (k, (layout, stages)) in [
+        (Layout::Staged, &["ls-frames", "ls-prep", "ls-composite", "ls-encode", "ls-sink"][..]),
+        (Layout::Compact, &["ls-frames+prep", "ls-composite+encode+sink"][..]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = 10 * k as u64;
+        let (short, short_windows) = allocations(&fx, id + 1, 2, layout);
+        let (long, long_windows) = allocations(&fx, id + 2, 6, layout);
+        check(&short, &long, stages, short_windows, long_windows, fx.per_run);
+    }
+}
+
+/// A real-time session's idle frames (ticks, template frames, pacing) allocate nothing per
+/// frame either: 2 s more of idle adds no allocation to any of its threads.
+#[test]
+fn realtime_idle_frames_allocate_nothing_per_frame() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let fx = fixture_models();
+    let (short, a) = idle_allocations(&fx, 101, 1.0);
+    let (long, b) = idle_allocations(&fx, 102, 3.0);
+    let extra = b.saturating_sub(a);
+    assert!(extra >= 40, "2 s more idle made {extra} more frames");
+    for stage in ["ls-source", "ls-audio", "ls-frames", "ls-prep", "ls-composite", "ls-encode", "ls-sink"] {
+        let (x, y) = (short.get(stage).copied().unwrap_or(0), long.get(stage).copied().unwrap_or(0));
+        assert!(y.saturating_sub(x) * 6 < extra, "stage {stage}: {x} allocations for {a} frames, {y} for {b}");
+    }
+}
+
+fn fixture_models() -> Fixture {
     let rt = OrtRuntime::load(None).expect("ONNX Runtime (run scripts/setup.sh)");
     let avatar = Avatar::open(&fixture("golden/avatar")).unwrap();
     let template = SharedTemplate::open(&avatar.video, 1 << 30).unwrap();
@@ -111,24 +185,13 @@ fn session_hot_path_allocates_nothing_per_frame() {
         remote: None,
     };
     let unet = UnetService::start(&rt, &avatar.unet_model(Default::default(), Provider::Cpu).unwrap(), &cfg).unwrap();
-    let fx = Fixture {
+    Fixture {
         avatar: Arc::new(avatar),
         template: Arc::new(template),
         encoder: Arc::new(Mutex::new(encoder)),
         unet: Arc::new(unet),
         shared: Arc::new(SharedStageStats::default()),
-    };
-    for (k, (layout, stages)) in [
-        (Layout::Staged, &["ls-frames", "ls-prep", "ls-composite", "ls-encode", "ls-sink"][..]),
-        (Layout::Compact, &["ls-frames+prep", "ls-composite+encode+sink"][..]),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let id = 10 * k as u64;
-        let (short, short_windows) = allocations(&fx, id + 1, 2, layout);
-        let (long, long_windows) = allocations(&fx, id + 2, 6, layout);
-        check(&short, &long, stages, short_windows, long_windows, per_run);
+        per_run,
     }
 }
 

@@ -31,8 +31,14 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+/// A histogram as Prometheus takes it: sum, count, non-cumulative (upper bound, count) buckets.
+type Buckets = (f64, u64, Vec<(f64, u64)>);
+
+/// One labelled series of a histogram family.
+type Series<'a> = (Vec<(&'a str, String)>, Buckets);
+
 /// Non-cumulative bucket counts, sum and count of a nanosecond histogram, in seconds.
-fn buckets(h: &Histogram<u64>) -> (f64, u64, Vec<(f64, u64)>) {
+fn buckets(h: &Histogram<u64>) -> Buckets {
     let mut out = Vec::with_capacity(SECONDS.len() + 1);
     let mut below = 0;
     for b in SECONDS {
@@ -50,7 +56,7 @@ fn histogram_of(
     name: &str,
     help: &str,
     unit: Option<&Unit>,
-    series: &[(Vec<(&str, String)>, (f64, u64, Vec<(f64, u64)>))],
+    series: &[Series<'_>],
 ) -> Result<(), std::fmt::Error> {
     let mut m = enc.encode_descriptor(name, help, unit, MetricType::Histogram)?;
     for (labels, (sum, count, b)) in series {
