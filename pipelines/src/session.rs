@@ -44,6 +44,10 @@ const CAPACITY: usize = 2;
 /// faster than real time.
 const LIVE_AHEAD_SECONDS: usize = 30;
 
+/// Most messages a real-time session's queue holds (a client sending tiny messages or a
+/// stream of ends of utterance cannot grow it beyond this).
+const LIVE_AHEAD_ITEMS: usize = 4096;
+
 /// Longest wait of a real-time session's source between checks of its cancel flag.
 const FEED_POLL: Duration = Duration::from_millis(20);
 
@@ -147,15 +151,18 @@ impl Feed {
         Self { state: Mutex::new(FeedState::default()), changed: Condvar::new(), max_samples }
     }
 
-    /// Queues an item, waiting while the queue holds too much audio; `false` once `cancel` is
-    /// set.
+    /// Queues an item, waiting while the queue holds too much audio or too many items; `false`
+    /// once `cancel` is set. An end of utterance right after another adds nothing.
     fn push(&self, item: AudioIn, cancel: &AtomicBool) -> bool {
         let n = match &item {
             AudioIn::Samples(s, _) => s.len(),
             _ => 0,
         };
         let mut st = lock(&self.state);
-        while n > 0 && st.samples > 0 && st.samples + n > self.max_samples {
+        if matches!(item, AudioIn::EndUtterance(_)) && matches!(st.items.back(), Some(AudioIn::EndUtterance(_))) {
+            return true;
+        }
+        while (n > 0 && st.samples > 0 && st.samples + n > self.max_samples) || st.items.len() >= LIVE_AHEAD_ITEMS {
             if cancel.load(Ordering::Relaxed) {
                 return false;
             }
@@ -176,10 +183,14 @@ impl Feed {
         self.changed.notify_all();
     }
 
-    /// The next item, waiting until `until` at most (`None`: time is up).
+    /// The next item, waiting until `until` at most (`None`: time is up, which comes first
+    /// even with items queued, so that ticks are never late behind audio).
     fn pop_until(&self, until: quanta::Instant, clock: &Clock) -> Option<AudioIn> {
         let mut st = lock(&self.state);
         loop {
+            if clock.now() >= until {
+                return None;
+            }
             if let Some(item) = st.items.pop_front() {
                 if let AudioIn::Samples(s, _) = &item {
                     st.samples -= s.len();
@@ -187,11 +198,7 @@ impl Feed {
                 self.changed.notify_all();
                 return Some(item);
             }
-            let now = clock.now();
-            if now >= until {
-                return None;
-            }
-            let wait = until.duration_since(now).min(FEED_POLL);
+            let wait = until.duration_since(clock.now()).min(FEED_POLL);
             st = self.changed.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
@@ -408,5 +415,43 @@ impl Drop for Session {
             self.cancel();
         }
         self.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_live_queue_is_bounded_in_samples_and_messages() {
+        let clock = Clock::new();
+        let feed = Feed::new(100);
+        let (go, stop) = (AtomicBool::new(false), AtomicBool::new(true));
+        // Ends of utterance in a row add one item.
+        assert!(feed.push(AudioIn::EndUtterance(clock.now()), &go));
+        assert!(feed.push(AudioIn::EndUtterance(clock.now()), &go));
+        assert_eq!(lock(&feed.state).items.len(), 1);
+        // Audio beyond the bound waits (here: gives up, as the session is cancelled).
+        assert!(feed.push(AudioIn::Samples(vec![0.0; 80], clock.now()), &go));
+        assert!(!feed.push(AudioIn::Samples(vec![0.0; 40], clock.now()), &stop));
+        // So do messages beyond the bound, whatever their size.
+        for _ in 0..LIVE_AHEAD_ITEMS - 2 {
+            assert!(feed.push(AudioIn::Samples(Vec::new(), clock.now()), &go));
+        }
+        assert!(!feed.push(AudioIn::EndUtterance(clock.now()), &stop));
+        // An interrupt replaces everything queued.
+        feed.replace_all(AudioIn::Interrupt { generation: 1, resume: 0 });
+        let st = lock(&feed.state);
+        assert_eq!((st.items.len(), st.samples), (1, 0));
+    }
+
+    #[test]
+    fn a_due_tick_comes_before_queued_audio() {
+        let clock = Clock::new();
+        let feed = Feed::new(100);
+        assert!(feed.push(AudioIn::Samples(vec![0.0; 10], clock.now()), &AtomicBool::new(false)));
+        assert!(feed.pop_until(clock.now(), &clock).is_none(), "the tick is due: it goes first");
+        let later = clock.now() + Duration::from_secs(1);
+        assert!(matches!(feed.pop_until(later, &clock), Some(AudioIn::Samples(..))));
     }
 }

@@ -37,6 +37,21 @@ struct WriteHalf {
     timeout: Duration,
 }
 
+impl WriteHalf {
+    /// Writes a JSON message on a held write half (see [`Writer::hold`]), breaking it on failure.
+    fn json(&mut self, kind: Kind, value: &impl Serialize) -> std::io::Result<()> {
+        if self.broken {
+            return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the connection was closed"));
+        }
+        let r = write_json(&mut WriteDeadline::new(&mut self.stream, self.timeout), kind, value);
+        if r.is_err() {
+            self.broken = true;
+            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        }
+        r
+    }
+}
+
 impl Writer {
     /// A client that leaves a message unread for `timeout` (in all, however it trickles)
     /// loses its connection.
@@ -62,6 +77,12 @@ impl Writer {
 
     fn json(&self, kind: Kind, value: &impl Serialize) -> std::io::Result<()> {
         self.write(|s| write_json(s, kind, value))
+    }
+
+    /// Holds the write half: nothing else (a new session's first frame) is written until the
+    /// guard is dropped.
+    fn hold(&self) -> std::sync::MutexGuard<'_, WriteHalf> {
+        lock(&self.0)
     }
 
     /// Closes both directions: blocked writes and reads on the connection return at once.
@@ -365,6 +386,11 @@ impl Conn<'_> {
     /// Interrupts the real-time session: `Interrupted` with the index the next frame takes.
     fn interrupt(&mut self) -> Result<(), Fatal> {
         let s = match &self.session {
+            Some(s) if !s.is_realtime() => {
+                let m = "Interrupt needs a real-time session (Open with \"realtime\": true)";
+                send_error(&self.writer, ErrorCode::NotRealtime, m);
+                return Ok(());
+            }
             Some(s) if !s.audio_ended() => s,
             Some(_) => return Err(Fatal(ErrorCode::NoSession, "Interrupt after Finish".into())),
             None => return Err(Fatal(ErrorCode::NoSession, "Interrupt before Open".into())),
@@ -399,7 +425,7 @@ impl Conn<'_> {
         if self.session.as_ref().is_some_and(|s| !s.audio_ended() && !s.is_stopped()) {
             return Err((
                 ErrorCode::SessionOpen,
-                "Open while a session is streaming on this connection (send EndAudio first)".into(),
+                "Open while a session is streaming on this connection (send EndAudio first, or Finish for a real-time session)".into(),
             ));
         }
         // The previous session of this connection has had its audio: let it finish first.
@@ -516,6 +542,9 @@ impl Conn<'_> {
                 shared.finishing.fetch_sub(1, Ordering::SeqCst);
             })
         };
+        // The write half is held until `Opened` is out: a real-time session's clock starts with
+        // the session, and its first frame must not come before `Opened`.
+        let mut held = self.writer.hold();
         // Held across the start, so that a session that ends at once is removed after it is added.
         let mut live = lock(&sh.sessions);
         sh.finishing.fetch_add(1, Ordering::SeqCst);
@@ -540,7 +569,8 @@ impl Conn<'_> {
         let (width, height) = loaded.template.size();
         tracing::info!(session = id, avatar = %req.avatar, rate = req.sample_rate, "session open");
         let delay_ms = if req.realtime { sh.registry.settings.realtime_delay.as_secs_f64() * 1e3 } else { 0.0 };
-        self.reply(Kind::Opened, &Opened { session: id, fps, width, height, realtime: req.realtime, delay_ms });
+        let _ = held.json(Kind::Opened, &Opened { session: id, fps, width, height, realtime: req.realtime, delay_ms });
+        drop(held);
         self.session = Some(session);
         Ok(())
     }

@@ -118,8 +118,9 @@ impl Collector for DaemonCollector {
         counter(&mut enc, "lipsync_frames", "Frames sent", sh.frames_total.load(Ordering::Relaxed))?;
         counter(&mut enc, "lipsync_idle_frames", "Idle frames sent", sh.idle_frames_total.load(Ordering::Relaxed))?;
 
-        let unets =
-            lock(&sh.registry.unets).iter().map(|(p, u)| (p.display().to_string(), u.clone())).collect::<Vec<_>>();
+        // Label values are written as they are: keep quotes, backslashes and line breaks out.
+        let clean = |p: &std::path::Path| p.display().to_string().replace(['"', '\\', '\n', '\r'], "_");
+        let unets = lock(&sh.registry.unets).iter().map(|(p, u)| (clean(p), u.clone())).collect::<Vec<_>>();
         let label = |model: &str, provider: String| vec![("model", model.to_string()), ("provider", provider)];
         let runs: Vec<_> = unets
             .iter()

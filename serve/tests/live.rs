@@ -23,6 +23,10 @@ fn runtime() -> OrtRuntime {
 }
 
 fn daemon(tmp: &Path) -> Daemon {
+    daemon_with(tmp, None)
+}
+
+fn daemon_with(tmp: &Path, delay_ms: Option<f64>) -> Daemon {
     let avatars = tmp.join("avatars");
     std::fs::create_dir_all(&avatars).unwrap();
     std::os::unix::fs::symlink(fixture("golden/avatar"), avatars.join("golden")).unwrap();
@@ -30,6 +34,7 @@ fn daemon(tmp: &Path) -> Daemon {
         socket: Some(tmp.join("d.sock")),
         avatars: Some(avatars),
         intra_threads: Some(1),
+        realtime_delay_ms: delay_ms,
         ..Default::default()
     };
     Daemon::start(options.validate().unwrap(), runtime()).unwrap()
@@ -162,5 +167,17 @@ fn interrupt_and_end_of_utterance_need_a_realtime_session() {
         other => panic!("expected not_realtime, got {:?}", other.map(|s| s.frames_total)),
     }
     assert!(c.stats().is_ok());
+    d.stop().unwrap();
+}
+
+#[test]
+fn opened_comes_before_the_first_frame_even_without_delay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = daemon_with(tmp.path(), Some(0.0));
+    for _ in 0..5 {
+        let spec = LiveSpec { utterances: 0, idle_after: Duration::from_millis(200), ..spec() };
+        let (out, frames) = run(&d, &spec);
+        assert!(!frames.is_empty() && frames.iter().all(|f| f.0), "{out:?}");
+    }
     d.stop().unwrap();
 }
