@@ -14,9 +14,10 @@ cd "$ROOT"
 
 APT_PKGS=(cmake nasm pkg-config libclang-dev clang libavcodec-dev libavformat-dev libavutil-dev
   libswscale-dev libswresample-dev libavdevice-dev libavfilter-dev ffmpeg espeak-ng libsoxr-dev
-  protobuf-compiler)
+  protobuf-compiler chromium)
 PY_PKGS=(onnxruntime==1.31.1 onnx==1.19.1 numpy==2.2.6 librosa==0.10.2.post1 scipy==1.15.3
-  soundfile==0.13.1 opencv-python-headless==4.14.0.94 scikit-image==0.25.2 mlserver==1.7.1)
+  soundfile==0.13.1 opencv-python-headless==4.14.0.94 scikit-image==0.25.2 mlserver==1.7.1
+  playwright==1.57.0 greenlet==3.2.4)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 

@@ -115,7 +115,7 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
         shared.registry.acquire(name, false).map_err(|source| ServeError::Preload { name: name.clone(), source })?;
     }
     let _http = match &settings.http {
-        Some(h) => Some(crate::http::start(h.addr, h.token.clone(), shared.clone())?),
+        Some(h) => Some(crate::http::start(h.addr, h.token.clone(), shared.clone(), socket.clone())?),
         None => None,
     };
     let term = stop;
