@@ -105,12 +105,13 @@ pub struct ServeOptions {
     /// Seconds a message may take to arrive whole once it has begun (0.1..=3600) [default: 30].
     #[arg(long)]
     pub message_timeout: Option<f64>,
-    /// Also serve HTTP on this address (`GET /metrics`, Prometheus text), e.g. 127.0.0.1:9100.
-    /// A non-loopback address needs --http-token.
+    /// Also serve HTTP on this address, e.g. 127.0.0.1:9100: the browser page (`/`), its
+    /// WebSocket (`/ws`) and `/metrics` (Prometheus text). A non-loopback address needs
+    /// --http-token.
     #[arg(long, value_name = "ADDR")]
     pub http: Option<String>,
-    /// The token every HTTP request must carry (`Authorization: Bearer TOKEN`); required to
-    /// bind a non-loopback address.
+    /// The token every HTTP request must carry (`Authorization: Bearer TOKEN`, or
+    /// `?token=TOKEN`); required to bind a non-loopback address.
     #[arg(long, value_name = "TOKEN")]
     pub http_token: Option<String>,
 }
