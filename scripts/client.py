@@ -138,6 +138,41 @@ def percentile(sorted_values, q):
     return sorted_values[k]
 
 
+def open_session(sock, open_req):
+    """Sends Open; returns the Opened reply."""
+    send_json(sock, OPEN, open_req)
+    kind, payload = recv(sock)
+    if kind != OPENED:
+        raise ConnectionError(f"expected Opened, got type 0x{kind:02x}")
+    return json.loads(payload)
+
+
+def start_reader(sock, result, handle):
+    """Reads a session's messages on a thread until Done (kept in result["done"]); every other
+    message goes to handle(kind, payload, arrival time). A failure is kept in result["error"]
+    and shuts the socket down, which unblocks the sender."""
+
+    def run():
+        try:
+            while True:
+                kind, payload = recv(sock)
+                now = time.monotonic()
+                if kind == DONE:
+                    result["done"] = json.loads(payload)
+                    return
+                handle(kind, payload, now)
+        except Exception as e:  # reported by the caller
+            result["error"] = e
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
 def stream(path, avatar, pcm, rate, channels, realtime=False, chunk_ms=20.0, on_frame=None, options=None):
     """Streams s16le `pcm` through a session; calls on_frame(index, jpeg) for each frame.
     Returns a dict of figures (frames, first_frame_ms, latency percentiles, ...)."""
@@ -147,11 +182,7 @@ def stream(path, avatar, pcm, rate, channels, realtime=False, chunk_ms=20.0, on_
     try:
         open_req = {"avatar": avatar, "sample_rate": rate, "format": "s16le", "channels": channels}
         open_req.update(options or {})
-        send_json(sock, OPEN, open_req)
-        kind, payload = recv(sock)
-        if kind != OPENED:
-            raise ConnectionError(f"expected Opened, got type 0x{kind:02x}")
-        opened = json.loads(payload)
+        opened = open_session(sock, open_req)
         # Keep little audio in the kernel so that backpressure reaches us (about 100 ms).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(4096, rate * frame_bytes // 10))
         chunk = max(1, int(round(rate * chunk_ms / 1000.0)))
@@ -159,34 +190,18 @@ def stream(path, avatar, pcm, rate, channels, realtime=False, chunk_ms=20.0, on_
         frames = []  # (index, time)
         result = {}
 
-        def reader():
-            try:
-                while True:
-                    kind, payload = recv(sock)
-                    if kind == FRAME:
-                        now = time.monotonic()
-                        index, _ts, _flags = struct.unpack(">IIB", payload[:FRAME_HEAD])
-                        if index != len(frames):
-                            raise ConnectionError(f"frame {index} arrived where {len(frames)} was expected")
-                        if on_frame:
-                            on_frame(index, payload[FRAME_HEAD:])
-                        frames.append((index, now))
-                    elif kind == SPEECH:
-                        pass  # the one utterance starts at frame 0
-                    elif kind == DONE:
-                        result["done"] = json.loads(payload)
-                        return
-                    else:
-                        raise ConnectionError(f"unexpected message type 0x{kind:02x}")
-            except Exception as e:  # reported by the caller
-                result["error"] = e
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        def handle(kind, payload, now):
+            if kind == FRAME:
+                index, _ts, _flags = struct.unpack(">IIB", payload[:FRAME_HEAD])
+                if index != len(frames):
+                    raise ConnectionError(f"frame {index} arrived where {len(frames)} was expected")
+                if on_frame:
+                    on_frame(index, payload[FRAME_HEAD:])
+                frames.append((index, now))
+            elif kind != SPEECH:  # the one utterance starts at frame 0
+                raise ConnectionError(f"unexpected message type 0x{kind:02x}")
 
-        t = threading.Thread(target=reader, daemon=True)
-        t.start()
+        t = start_reader(sock, result, handle)
         t0 = time.monotonic()
         send_error = None
         try:
@@ -250,46 +265,28 @@ def live(path, avatar, pcm, rate, channels, idle_s=1.0, utterances=1, interrupt_
         open_req = {"avatar": avatar, "sample_rate": rate, "format": "s16le", "channels": channels,
                     "realtime": True}
         open_req.update(options or {})
-        send_json(sock, OPEN, open_req)
-        kind, payload = recv(sock)
-        if kind != OPENED:
-            raise ConnectionError(f"expected Opened, got type 0x{kind:02x}")
-        opened = json.loads(payload)
+        opened = open_session(sock, open_req)
         t0 = time.monotonic()
         frames = []  # (index, pts_ms, idle, time)
         starts, interrupted, sent_interrupts = [], [], []
         result = {}
 
-        def reader():
-            try:
-                while True:
-                    kind, payload = recv(sock)
-                    now = time.monotonic()
-                    if kind == FRAME:
-                        index, pts, flags = struct.unpack(">IIB", payload[:FRAME_HEAD])
-                        if index != len(frames):
-                            raise ConnectionError(f"frame {index} arrived where {len(frames)} was expected")
-                        if on_frame:
-                            on_frame(index, bool(flags & 1), payload[FRAME_HEAD:])
-                        frames.append((index, pts, bool(flags & 1), now))
-                    elif kind == SPEECH:
-                        starts.append(json.loads(payload)["frame"])
-                    elif kind == INTERRUPTED:
-                        interrupted.append(json.loads(payload)["next_frame"])
-                    elif kind == DONE:
-                        result["done"] = json.loads(payload)
-                        return
-                    else:
-                        raise ConnectionError(f"unexpected message type 0x{kind:02x}")
-            except Exception as e:  # reported by the caller
-                result["error"] = e
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        def handle(kind, payload, now):
+            if kind == FRAME:
+                index, pts, flags = struct.unpack(">IIB", payload[:FRAME_HEAD])
+                if index != len(frames):
+                    raise ConnectionError(f"frame {index} arrived where {len(frames)} was expected")
+                if on_frame:
+                    on_frame(index, bool(flags & 1), payload[FRAME_HEAD:])
+                frames.append((index, pts, bool(flags & 1), now))
+            elif kind == SPEECH:
+                starts.append(json.loads(payload)["frame"])
+            elif kind == INTERRUPTED:
+                interrupted.append(json.loads(payload)["next_frame"])
+            else:
+                raise ConnectionError(f"unexpected message type 0x{kind:02x}")
 
-        t = threading.Thread(target=reader, daemon=True)
-        t.start()
+        t = start_reader(sock, result, handle)
         chunk = max(1, int(round(rate * chunk_ms / 1000.0)))
         try:
             for _ in range(utterances):

@@ -49,16 +49,9 @@ struct Fixture {
     per_run: u64,
 }
 
-/// Streams `seconds` of speech (the 2 s fixture repeated) in 20 ms chunks; returns allocations
-/// per session thread and the number of windows (L = frames - 2). A 20 ms chunk adds 1.6 mel
-/// rows and a window needs 3.2 more, so each encoder run takes exactly one window, except
-/// the tail windows, which run together at the end.
-fn allocations(fx: &Fixture, id: u64, seconds: usize, layout: Layout) -> (HashMap<String, u64>, u64) {
-    let first_slot = alloc_counter::slots();
-    let speech = load_16k(&fixture("golden/speech_2s.wav")).unwrap();
-    let samples: Vec<f32> = speech.iter().copied().cycle().take(seconds * 16_000).collect();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let cfg = SessionConfig {
+/// A 16 kHz session of the fixture avatar, batch 2, four jobs in flight.
+fn config(fx: &Fixture, id: u64, layout: Layout, live: Option<LiveConfig>) -> SessionConfig {
+    SessionConfig {
         id,
         name: format!("alloc{id}"),
         avatar: fx.avatar.clone(),
@@ -74,8 +67,20 @@ fn allocations(fx: &Fixture, id: u64, seconds: usize, layout: Layout) -> (HashMa
         pin: PinPolicy::None,
         layout,
         shared: fx.shared.clone(),
-        live: None,
-    };
+        live,
+    }
+}
+
+/// Streams `seconds` of speech (the 2 s fixture repeated) in 20 ms chunks; returns allocations
+/// per session thread and the number of windows (L = frames - 2). A 20 ms chunk adds 1.6 mel
+/// rows and a window needs 3.2 more, so each encoder run takes exactly one window, except
+/// the tail windows, which run together at the end.
+fn allocations(fx: &Fixture, id: u64, seconds: usize, layout: Layout) -> (HashMap<String, u64>, u64) {
+    let first_slot = alloc_counter::slots();
+    let speech = load_16k(&fixture("golden/speech_2s.wav")).unwrap();
+    let samples: Vec<f32> = speech.iter().copied().cycle().take(seconds * 16_000).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cfg = config(fx, id, layout, None);
     let bytes = Arc::new(AtomicU64::new(0));
     let mut s =
         Session::start(cfg, Box::new(Count(bytes.clone())), Box::new(move |r| tx.send(r.map(|o| o.frames)).unwrap()))
@@ -95,24 +100,8 @@ fn allocations(fx: &Fixture, id: u64, seconds: usize, layout: Layout) -> (HashMa
 fn idle_allocations(fx: &Fixture, id: u64, seconds: f64) -> (HashMap<String, u64>, u64) {
     let first_slot = alloc_counter::slots();
     let (tx, rx) = std::sync::mpsc::channel();
-    let cfg = SessionConfig {
-        id,
-        name: format!("idle{id}"),
-        avatar: fx.avatar.clone(),
-        template: fx.template.clone(),
-        template_cache: lipsync_stages::template::DEFAULT_CACHE,
-        encoder: fx.encoder.clone(),
-        unet: fx.unet.clone(),
-        sample_rate: 16_000,
-        jpeg_quality: 90,
-        batch: Batch::new(2).unwrap(),
-        queue: 4,
-        start_frame: 0,
-        pin: PinPolicy::None,
-        layout: Layout::Staged,
-        shared: fx.shared.clone(),
-        live: Some(LiveConfig { fps: 25.0, delay: Duration::from_millis(100) }),
-    };
+    let live = LiveConfig { fps: 25.0, delay: Duration::from_millis(100) };
+    let cfg = config(fx, id, Layout::Staged, Some(live));
     let mut s = Session::start(cfg, Box::new(Count(Arc::new(AtomicU64::new(0)))), {
         Box::new(move |r| tx.send(r.map(|o| o.frames)).unwrap())
     })

@@ -56,7 +56,7 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let what = what.into();
         move |source| ClientError::Io { what, source }
     }
@@ -223,7 +223,7 @@ pub fn expected_frames(n: usize, rate: u32) -> Result<usize, ClientError> {
 
 /// Caps the socket's send buffer at about `bytes` so that backpressure reaches the sender
 /// instead of piling audio up in the kernel.
-pub(crate) fn set_send_buffer(stream: &UnixStream, bytes: usize) {
+fn set_send_buffer(stream: &UnixStream, bytes: usize) {
     let v = bytes.clamp(4096, 1 << 20) as libc::c_int;
     // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its size.
     unsafe {
@@ -237,6 +237,31 @@ pub(crate) fn set_send_buffer(stream: &UnixStream, bytes: usize) {
     }
 }
 
+/// A session opened for mono f32le audio, ready to stream: the connection (for the frame
+/// reader), a write handle for audio, a handle to shut the socket down, and the chunk size.
+pub(crate) struct OpenStream {
+    pub(crate) conn: Connection,
+    pub(crate) opened: Opened,
+    pub(crate) writer: UnixStream,
+    pub(crate) killer: UnixStream,
+    /// Samples per Audio message.
+    pub(crate) chunk: usize,
+}
+
+/// Connects, opens a session with `open` (mono f32le at `open.sample_rate`) and sets the socket
+/// up for streaming `chunk_ms` messages: about 100 ms of audio in the kernel at most, so that
+/// backpressure reaches the sender.
+pub(crate) fn open_stream(socket: &Path, open: &OpenRequest, chunk_ms: f64) -> Result<OpenStream, ClientError> {
+    let mut conn = Connection::connect(socket)?;
+    let opened: Opened = conn.request(Kind::Open, open, Kind::Opened)?;
+    let rate = open.sample_rate;
+    let chunk = ((f64::from(rate) * chunk_ms / 1000.0).round() as usize).max(1);
+    set_send_buffer(&conn.stream, rate as usize * 4 / 10);
+    let writer = conn.stream.try_clone().map_err(ClientError::io("cloning the socket"))?;
+    let killer = conn.stream.try_clone().map_err(ClientError::io("cloning the socket"))?;
+    Ok(OpenStream { conn, opened, writer, killer, chunk })
+}
+
 /// Streams `spec` through a session on `socket`; `on_frame(index, jpeg)` gets every frame.
 pub fn stream(
     socket: &Path,
@@ -244,7 +269,6 @@ pub fn stream(
     mut on_frame: impl FnMut(u32, &[u8]) -> Result<(), ClientError> + Send,
 ) -> Result<StreamOutcome, ClientError> {
     let expected = expected_frames(spec.samples.len(), spec.rate)?;
-    let mut conn = Connection::connect(socket)?;
     let open = OpenRequest {
         avatar: spec.avatar.clone(),
         sample_rate: spec.rate,
@@ -255,12 +279,7 @@ pub fn stream(
         start_frame: spec.start_frame,
         realtime: false,
     };
-    let opened: Opened = conn.request(Kind::Open, &open, Kind::Opened)?;
-    let chunk = ((f64::from(spec.rate) * spec.chunk_ms / 1000.0).round() as usize).max(1);
-    // About 100 ms of audio in the kernel at most.
-    set_send_buffer(&conn.stream, spec.rate as usize * 4 / 10);
-    let mut writer = conn.stream.try_clone().map_err(ClientError::io("cloning the socket"))?;
-    let killer = conn.stream.try_clone().map_err(ClientError::io("cloning the socket"))?;
+    let OpenStream { mut conn, opened, mut writer, killer, chunk } = open_stream(socket, &open, spec.chunk_ms)?;
     let t0 = Instant::now();
     // (samples sent so far, when), appended after each Audio message.
     let mut sent: Vec<(u64, Instant)> = Vec::with_capacity(spec.samples.len() / chunk + 2);

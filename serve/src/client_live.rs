@@ -10,10 +10,8 @@ use lipsync_pipelines::metrics::{histogram, Percentiles};
 use lipsync_pipelines::runtime::lock;
 use serde::Serialize;
 
-use crate::client::{set_send_buffer, ClientError, Connection};
-use crate::protocol::{
-    parse_frame, write_parts, AudioFormat, Done, Interrupted, Kind, OpenRequest, Opened, SpeechStart,
-};
+use crate::client::{open_stream, ClientError, OpenStream};
+use crate::protocol::{parse_frame, write_parts, AudioFormat, Done, Interrupted, Kind, OpenRequest, SpeechStart};
 
 /// What a real-time session streams.
 #[derive(Debug, Clone)]
@@ -98,7 +96,6 @@ pub fn stream_live(
     spec: &LiveSpec,
     mut on_frame: impl FnMut(u32, bool, &[u8]) -> Result<(), ClientError> + Send,
 ) -> Result<LiveOutcome, ClientError> {
-    let mut conn = Connection::connect(socket)?;
     let open = OpenRequest {
         avatar: spec.avatar.clone(),
         sample_rate: spec.rate,
@@ -109,12 +106,8 @@ pub fn stream_live(
         start_frame: spec.start_frame,
         realtime: true,
     };
-    let opened: Opened = conn.request(Kind::Open, &open, Kind::Opened)?;
+    let OpenStream { mut conn, opened, mut writer, killer, chunk } = open_stream(socket, &open, spec.chunk_ms)?;
     let t0 = Instant::now();
-    let chunk = ((f64::from(spec.rate) * spec.chunk_ms / 1000.0).round() as usize).max(1);
-    set_send_buffer(&conn.stream, spec.rate as usize * 4 / 10);
-    let mut writer = conn.stream.try_clone().map_err(|source| ClientError::Io { what: "cloning".into(), source })?;
-    let killer = conn.stream.try_clone().map_err(|source| ClientError::Io { what: "cloning".into(), source })?;
     // When each utterance's first audio and each interrupt went out.
     let speech_sent: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
     let interrupt_sent: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
@@ -165,10 +158,7 @@ pub fn stream_live(
             result
         });
         let mut send = || -> Result<(), ClientError> {
-            let io = |what: &str| {
-                let what = what.to_string();
-                move |source| ClientError::Io { what, source }
-            };
+            let io = ClientError::io;
             let mut bytes = Vec::with_capacity(chunk * 4);
             for _ in 0..spec.utterances {
                 std::thread::sleep(spec.idle);

@@ -4,7 +4,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lipsync_pipelines::job::{FrameJob, FrameKind};
@@ -16,116 +16,15 @@ use lipsync_stages::audio::{check_finite, pcm_to_mono, AudioError, PcmFormat, RA
 use lipsync_stages::unet::Batch;
 use serde::Serialize;
 
-use crate::deadline::{ReadDeadline, WriteDeadline};
+use crate::deadline::ReadDeadline;
 use crate::listener::Shared;
 use crate::protocol::{
-    read_message, write_json, write_parts, AudioFormat, AvatarName, Done, ErrorCode, ErrorReply, FrameHead, Hello,
-    Interrupted, Kind, OpenRequest, Opened, SpeechStart, WireError, MAX_MESSAGE, PROTOCOL_VERSION,
+    read_message, write_parts, AudioFormat, AvatarName, Done, ErrorCode, FrameHead, Hello, Interrupted, Kind,
+    OpenRequest, Opened, SpeechStart, WireError, MAX_MESSAGE, PROTOCOL_VERSION,
 };
 use crate::registry::Loaded;
 use crate::stats::stats;
-
-/// The write half of a connection, shared by the reader and the session's output stage. The
-/// first failed or timed-out write (possibly after part of a message) breaks it for good: the
-/// socket is shut down, so the client never sees a torn message followed by more.
-#[derive(Clone)]
-pub(crate) struct Writer(Arc<Mutex<WriteHalf>>);
-
-struct WriteHalf {
-    stream: UnixStream,
-    broken: bool,
-    timeout: Duration,
-}
-
-impl WriteHalf {
-    /// Writes a JSON message on a held write half (see [`Writer::hold`]), breaking it on failure.
-    fn json(&mut self, kind: Kind, value: &impl Serialize) -> std::io::Result<()> {
-        if self.broken {
-            return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the connection was closed"));
-        }
-        let r = write_json(&mut WriteDeadline::new(&mut self.stream, self.timeout), kind, value);
-        if r.is_err() {
-            self.broken = true;
-            let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        }
-        r
-    }
-}
-
-impl Writer {
-    /// A client that leaves a message unread for `timeout` (in all, however it trickles)
-    /// loses its connection.
-    fn new(stream: UnixStream, timeout: Duration) -> Self {
-        Self(Arc::new(Mutex::new(WriteHalf { stream, broken: false, timeout })))
-    }
-
-    /// Runs `f` on the stream unless the connection is broken; breaks it if `f` fails or does
-    /// not finish within the timeout.
-    fn write(&self, f: impl FnOnce(&mut WriteDeadline<'_>) -> std::io::Result<()>) -> std::io::Result<()> {
-        let mut w = lock(&self.0);
-        if w.broken {
-            return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the connection was closed"));
-        }
-        let timeout = w.timeout;
-        let r = f(&mut WriteDeadline::new(&mut w.stream, timeout));
-        if r.is_err() {
-            w.broken = true;
-            let _ = w.stream.shutdown(std::net::Shutdown::Both);
-        }
-        r
-    }
-
-    fn json(&self, kind: Kind, value: &impl Serialize) -> std::io::Result<()> {
-        self.write(|s| write_json(s, kind, value))
-    }
-
-    /// Holds the write half: nothing else (a new session's first frame) is written until the
-    /// guard is dropped.
-    fn hold(&self) -> std::sync::MutexGuard<'_, WriteHalf> {
-        lock(&self.0)
-    }
-
-    /// Closes both directions: blocked writes and reads on the connection return at once.
-    fn close(&self) {
-        let _ = self.0.lock().unwrap_or_else(|p| p.into_inner()).stream.shutdown(std::net::Shutdown::Both);
-    }
-
-    /// Like [`Writer::close`], without waiting for a write in progress (which then fails).
-    fn close_now(&self, raw: &UnixStream) {
-        let _ = raw.shutdown(std::net::Shutdown::Both);
-        if let Ok(mut w) = self.0.try_lock() {
-            w.broken = true;
-        }
-    }
-
-    /// Sends an error, then closes. If a frame write holds the connection for more than a
-    /// moment (a client that does not read), closes at once instead: the error cannot be put
-    /// after a frame that is half sent.
-    pub(crate) fn error_then_close(&self, raw: &UnixStream, code: ErrorCode, message: &str) {
-        let deadline = Instant::now() + Duration::from_millis(200);
-        loop {
-            match self.0.try_lock() {
-                Ok(mut w) => {
-                    if !w.broken {
-                        let reply = ErrorReply { code, message: message.to_string() };
-                        let mut out = WriteDeadline::new(&mut w.stream, Duration::from_secs(1));
-                        let _ = write_json(&mut out, Kind::Error, &reply);
-                    }
-                    w.broken = true;
-                    let _ = w.stream.shutdown(std::net::Shutdown::Both);
-                    return;
-                }
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-                Err(_) => return self.close_now(raw),
-            }
-        }
-    }
-}
-
-fn send_error(w: &Writer, code: ErrorCode, message: impl std::fmt::Display) {
-    let reply = ErrorReply { code, message: message.to_string() };
-    let _ = w.json(Kind::Error, &reply);
-}
+use crate::writer::{send_error, Writer};
 
 /// Writes frames to the client.
 struct SocketSink {
@@ -396,15 +295,9 @@ impl Conn<'_> {
             None => return Err(Fatal(ErrorCode::NoSession, "Interrupt before Open".into())),
         };
         let id = s.live().id;
-        match s.interrupt() {
-            Ok(next) => self.reply(Kind::Interrupted, &Interrupted { session: id, next_frame: next as u64 }),
-            Err(SessionError::NotLive) => send_error(
-                &self.writer,
-                ErrorCode::NotRealtime,
-                "Interrupt needs a real-time session (Open with \"realtime\": true)",
-            ),
-            // The session failed: its error reply is on its way.
-            Err(_) => {}
+        // An error: the session failed, and its error reply is on its way.
+        if let Ok(next) = s.interrupt() {
+            self.reply(Kind::Interrupted, &Interrupted { session: id, next_frame: next as u64 });
         }
         Ok(())
     }

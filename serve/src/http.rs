@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -60,6 +60,7 @@ pub(crate) fn start(
         .route("/metrics", get(metrics))
         .route("/avatars", get(avatars))
         .route("/ws", get(ws))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let handle = std::thread::Builder::new()
@@ -117,25 +118,24 @@ fn unauthorized() -> Response {
     (StatusCode::UNAUTHORIZED, m).into_response()
 }
 
-async fn page(
+/// Every route's guard: the token (when one is set), before any other extractor runs.
+async fn require_token(
     State(st): State<Arc<HttpState>>,
-    headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
+    request: Request,
+    next: Next,
 ) -> Response {
-    if !authorized(&st, &headers, &q) {
+    if !authorized(&st, request.headers(), &q) {
         return unauthorized();
     }
+    next.run(request).await
+}
+
+async fn page() -> Response {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
 }
 
-async fn metrics(
-    State(st): State<Arc<HttpState>>,
-    headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    if !authorized(&st, &headers, &q) {
-        return unauthorized();
-    }
+async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
     match crate::metrics::render(&st.shared) {
         Ok(body) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode the metrics: {e}\n")).into_response(),
@@ -143,32 +143,13 @@ async fn metrics(
 }
 
 /// The avatar names, for the page's list.
-async fn avatars(
-    State(st): State<Arc<HttpState>>,
-    headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    if !authorized(&st, &headers, &q) {
-        return unauthorized();
-    }
+async fn avatars(State(st): State<Arc<HttpState>>) -> Response {
     let names: Vec<String> = st.shared.registry.list().into_iter().map(|a| a.name).collect();
     let body = serde_json::json!({ "avatars": names }).to_string();
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn ws(
-    State(st): State<Arc<HttpState>>,
-    headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    if !authorized(&st, &headers, &q) {
-        return unauthorized();
-    }
-    let upgrade = match upgrade {
-        Ok(u) => u,
-        Err(e) => return e.into_response(),
-    };
+async fn ws(State(st): State<Arc<HttpState>>, upgrade: WebSocketUpgrade) -> Response {
     let socket = st.socket.clone();
     upgrade.max_message_size(MAX_MESSAGE + 4).on_upgrade(move |ws| relay(ws, socket))
 }

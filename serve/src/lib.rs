@@ -33,6 +33,7 @@ pub mod protocol;
 pub mod registry;
 pub mod settings;
 pub mod stats;
+mod writer;
 
 pub use listener::{run, Daemon, ServeError};
 pub use settings::{ServeOptions, Settings, SettingsError};

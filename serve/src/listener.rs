@@ -16,10 +16,11 @@ use lipsync_pipelines::runtime::{lock, SharedStageStats};
 use lipsync_pipelines::session::SessionLive;
 use lipsync_stages::onnx::OrtRuntime;
 
-use crate::connection::{connection, Writer};
+use crate::connection::connection;
 use crate::protocol::{write_json, ErrorCode, ErrorReply, Kind, PROTOCOL_VERSION};
 use crate::registry::{Registry, RegistryError};
 use crate::settings::Settings;
+use crate::writer::Writer;
 
 /// Everything connection threads share.
 pub(crate) struct Shared {
