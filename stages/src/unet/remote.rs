@@ -158,7 +158,8 @@ impl RemoteUnet {
     /// Server live, model ready, metadata matching the UNet signature.
     fn check(&mut self) -> Result<(), String> {
         let (client, name) = (&mut self.client, self.settings.model.clone());
-        let status = |what: &str, e: tonic::Status| format!("{what}: {} ({:?})", e.message(), e.code());
+        let timeout = self.settings.timeout;
+        let status = |what: &str, e: tonic::Status| format!("{what}: {}", describe(&e, timeout));
         let (live, ready, meta) = self.runtime.block_on(async {
             let live = client.server_live(ServerLiveRequest {}).await.map_err(|e| status("server live", e))?;
             let ready = client
@@ -302,16 +303,9 @@ impl UnetBackend for RemoteUnet {
                         tokio::time::sleep(backoff).await;
                         backoff *= 2;
                     }
-                    Err(e) if e.code() == tonic::Code::DeadlineExceeded || e.code() == tonic::Code::Cancelled => {
-                        break Err(fail(format!(
-                            "no answer within the {} ms deadline ({})",
-                            settings.timeout.as_millis(),
-                            e.message()
-                        )))
-                    }
                     Err(e) => {
                         let tries = if attempt > 0 { format!(" after {} retries", attempt) } else { String::new() };
-                        break Err(fail(format!("{} ({:?}){tries}", e.message(), e.code())));
+                        break Err(fail(format!("{}{tries}", describe(&e, settings.timeout))));
                     }
                 }
             }
@@ -345,6 +339,17 @@ impl UnetBackend for RemoteUnet {
             }
         }
         Ok(&self.output[..expected])
+    }
+}
+
+/// What a failed call says: a call past its deadline (the server's DEADLINE_EXCEEDED, or the
+/// client's own timeout, which tonic reports as CANCELLED) names the deadline.
+fn describe(e: &tonic::Status, timeout: Duration) -> String {
+    match e.code() {
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            format!("no answer within the {} ms deadline ({})", timeout.as_millis(), e.message())
+        }
+        code => format!("{} ({code:?})", e.message()),
     }
 }
 
