@@ -1,6 +1,7 @@
 //! Per-frame image benchmarks at 1280x720: decode (H.264), template fetch, prep (crop + 328
-//! bicubic + tensor), paste-back and JPEG encode; UNet inference at batch 1 and 8 (tiny model,
-//! and the full-size one when `models/full` exists).
+//! bicubic + tensor), paste-back, JPEG encode of the whole frame and of the face region spliced
+//! into the template frame's JPEG (the same bytes, lipsync_stages::jpeg); UNet inference at
+//! batch 1 and 8 (tiny model, and the full-size one when `models/full` exists).
 //!
 //! `cargo bench --bench image`
 
@@ -10,8 +11,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use lipsync_stages::face::{input_len, output_len, template_len, Blend, Compositor, FacePrep};
 use lipsync_stages::features::FRAME_AUDIO_LEN;
 use lipsync_stages::frame::BgrFrame;
-use lipsync_stages::image_io::{read_image, JpegEncoder};
+use lipsync_stages::image_io::read_image;
 use lipsync_stages::io::avatar::{CropBox, CropParams};
+use lipsync_stages::jpeg::{JpegEncoder, JpegLayout, JpegSplicer, McuRegion};
 use lipsync_stages::onnx::{ModelIo, OrtRuntime, SessionOptions};
 use lipsync_stages::resize::CubicResizer;
 use lipsync_stages::template::VideoReader;
@@ -68,6 +70,16 @@ fn image(c: &mut Criterion) {
     });
     let mut enc = JpegEncoder::new(90).unwrap();
     g.bench_function("jpeg_q90", |bch| bch.iter(|| enc.encode(&frame).unwrap().len()));
+    let base = enc.encode(&frame).unwrap().to_vec();
+    let region = McuRegion::around(b, frame.width, frame.height);
+    let mut pixels = BgrFrame::default();
+    region.copy_out(&frame, &mut pixels);
+    let mut layout = JpegLayout::default();
+    layout.parse(&base).unwrap();
+    let mut splicer = JpegSplicer::new(90).unwrap();
+    g.bench_function("jpeg_splice_q90", |bch| {
+        bch.iter(|| splicer.splice(&base, &layout, frame.width, &pixels, region).unwrap().len())
+    });
     g.finish();
 }
 

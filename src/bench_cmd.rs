@@ -86,8 +86,8 @@ fn per_frame_median(times: &mut [f64]) -> f64 {
 fn image(args: &BenchImageArgs) -> Result<()> {
     use lipsync_stages::face::{input_len, output_len, template_index, template_len, Blend, Compositor, FacePrep};
     use lipsync_stages::frame::BgrFrame;
-    use lipsync_stages::image_io::JpegEncoder;
     use lipsync_stages::io::avatar::Avatar;
+    use lipsync_stages::jpeg::JpegEncoder;
     use lipsync_stages::template::{SharedTemplate, VideoReader, DEFAULT_CACHE};
 
     let avatar = Avatar::open(&args.avatar).with_context(|| format!("loading avatar {}", args.avatar.display()))?;

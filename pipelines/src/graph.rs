@@ -117,6 +117,9 @@ pub enum GraphError {
     /// JPEG quality outside 1..=100.
     #[error("JPEG quality {0} is out of range: expected 1..=100")]
     Quality(u8),
+    /// A JPEG template that cannot serve this graph's output.
+    #[error("the template's JPEG frames {0}")]
+    JpegTemplate(String),
     /// The avatar's crop geometry is not the one its UNet batcher was opened for.
     #[error("the avatar's crop geometry differs from its UNet service's")]
     Crop,
@@ -142,6 +145,24 @@ impl GraphConfig {
         if let Encoding::Jpeg(q) = self.encoding {
             if !(1..=100).contains(&q) {
                 return Err(GraphError::Quality(q));
+            }
+        }
+        if let Some(store) = &self.template.jpeg {
+            match self.encoding {
+                Encoding::Jpeg(q) if q == store.quality() => {}
+                Encoding::Jpeg(q) => {
+                    let why = format!("are at quality {}, the output at {q} (expected the same)", store.quality());
+                    return Err(GraphError::JpegTemplate(why));
+                }
+                _ => return Err(GraphError::JpegTemplate("serve JPEG output only".into())),
+            }
+            if store.len() != self.avatar.boxes.len() {
+                let why = format!(
+                    "are {}, the avatar has {} boxes (expected one each)",
+                    store.len(),
+                    self.avatar.boxes.len()
+                );
+                return Err(GraphError::JpegTemplate(why));
             }
         }
         if *self.unet.crop() != self.avatar.config.crop {
@@ -189,6 +210,7 @@ pub fn build(p: &mut Pipeline, cfg: GraphConfig, sink: Box<dyn FrameSink>) -> Re
     p.stage(STAGES[0], Placement::Worker, audio, audio_rx, tensor_tx)?;
     let boxes = cfg.avatar.boxes.len();
     let start = (cfg.start_frame, cfg.first_index);
+    let store = cfg.template.jpeg.clone();
     let (template, job_pool, st) = (cfg.template, jobs.clone(), stats.clone());
     let frames = move || FramesStage::new(template, boxes, start, job_pool, tensors, st);
     let prep = PrepStage::new(cfg.avatar.clone());
@@ -208,14 +230,19 @@ pub fn build(p: &mut Pipeline, cfg: GraphConfig, sink: Box<dyn FrameSink>) -> Re
             p.stage_built(f, Placement::Worker, frames, tensor_rx, frames_tx)?;
             p.stage(pr, Placement::Worker, prep, frames_rx, port)?;
             p.stage(c, Placement::Worker, composite, reply_rx, comp_tx)?;
-            p.stage_built(e, Placement::Worker, move || EncodeStage::new(encoding, enc_stats), comp_rx, enc_tx)?;
+            p.stage_built(e, Placement::Worker, move || EncodeStage::new(encoding, enc_stats, store), comp_rx, enc_tx)?;
             p.stage(s, Placement::Worker, sink, enc_rx, Discard)?;
         }
         Layout::Compact => {
             let front = move || Chain::new(f, frames(), Some(pr), prep);
             p.stage_built("frames+prep", Placement::Worker, front, tensor_rx, port)?;
             let back = move || {
-                Chain::new(c, composite, None, Chain::new(e, EncodeStage::new(encoding, enc_stats), Some(s), sink))
+                Chain::new(
+                    c,
+                    composite,
+                    None,
+                    Chain::new(e, EncodeStage::new(encoding, enc_stats, store), Some(s), sink),
+                )
             };
             p.stage_built("composite+encode+sink", Placement::Worker, back, reply_rx, Discard)?;
         }

@@ -9,7 +9,8 @@ use hdrhistogram::Histogram;
 use lipsync_stages::face::{output_len, template_len};
 use lipsync_stages::features::FRAME_AUDIO_LEN;
 use lipsync_stages::frame::BgrFrame;
-use lipsync_stages::io::avatar::CropParams;
+use lipsync_stages::io::avatar::{CropBox, CropParams};
+use lipsync_stages::jpeg::McuRegion;
 
 use crate::live::Live;
 use crate::metrics::{histogram, LatencyRecorder, Percentiles};
@@ -95,8 +96,12 @@ pub struct FrameJob {
     pub last: bool,
     /// Template frame used.
     pub template: usize,
-    /// The frame being built (the template frame, then the composited frame).
+    /// The frame being built (the template frame, then the composited frame): all of it, or
+    /// (JPEG output from a [`lipsync_stages::template::JpegTemplate`]) the region around the
+    /// face box.
     pub frame: BgrFrame,
+    /// Where `frame` lies in the template frame.
+    pub region: McuRegion,
     /// The 328 crop: the UNet's image input is made from it in the batch (so a job carries
     /// bytes, not the 6-channel float tensor), and it is kept for paste-back.
     pub c328: Vec<u8>,
@@ -128,6 +133,7 @@ impl FrameJob {
             last: false,
             template: 0,
             frame: BgrFrame::default(),
+            region: McuRegion::default(),
             c328: vec![0; template_len(crop)],
             audio: vec![0.0; FRAME_AUDIO_LEN],
             pred: vec![0; output_len(crop)],
@@ -142,6 +148,11 @@ impl FrameJob {
     /// Whether an interrupt has made this frame unwanted (it is then dropped, not sent).
     pub fn is_stale(&self) -> bool {
         self.live.as_ref().is_some_and(|l| !l.is_current(self.mark.generation))
+    }
+
+    /// Face box `b` (template frame coordinates) in `frame`'s coordinates.
+    pub fn local(&self, b: CropBox) -> CropBox {
+        self.region.local(b)
     }
 
     /// Whether the frame needs no UNet run (idle, or stale).

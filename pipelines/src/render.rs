@@ -16,6 +16,7 @@ use lipsync_stages::encode::track_samples;
 use lipsync_stages::face::Blend;
 use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::io::avatar::Avatar;
+use lipsync_stages::jpeg::MCU;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
 use lipsync_stages::template::SharedTemplate;
 use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider, RemoteSettings};
@@ -26,7 +27,7 @@ use crate::job::{AudioIn, FrameJob};
 use crate::metrics::{rss_bytes, Clock, LatencyRecorder, Percentiles, RunReport, StageMetrics, StageSummary};
 use crate::runtime::{lock, PinPolicy, Pipeline, PipelineError, StageError};
 use crate::stages::encode::Encoding;
-use crate::stages::frames::Template;
+use crate::stages::frames::{open_template, Template};
 pub use crate::stages::sink::ProgressFn;
 use crate::stages::unet::{UnetService, UnetServiceConfig};
 
@@ -44,6 +45,12 @@ pub const MIN_TEMPLATE_CACHE: usize = 16 << 20;
 /// the template decoder's own frames, image encoders, allocator slack. Measured on the sample
 /// (720p): without it renders peaked 12-20 MiB over the budget.
 const CACHE_MARGIN: usize = 40 << 20;
+
+/// [`CACHE_MARGIN`] for a render from a [`lipsync_stages::template::JpegTemplate`], which has no
+/// decoder at work and no whole frames: the audio encoder's working memory, the JPEG encoder,
+/// allocator slack. Measured on the sample (720p, full model): peaks came 8 MiB over the
+/// models, the template and the frame jobs.
+const JPEG_MARGIN: usize = 16 << 20;
 
 /// What an H.264 output's encoder holds (libx264 at the settings of
 /// `lipsync_stages::encode`, 720p: measured 22 MB).
@@ -64,6 +71,18 @@ pub fn auto_cache(template: &SharedTemplate, budget: usize, reserve: usize) -> u
 /// the margin, else what is left, at least [`MIN_TEMPLATE_CACHE`].
 pub fn fit_cache(whole: usize, budget: usize, used: usize) -> usize {
     budget.saturating_sub(used + CACHE_MARGIN).min(whole).max(MIN_TEMPLATE_CACHE)
+}
+
+/// The bytes a [`JpegTemplate`] may hold within `budget` with `used` in use now and `reserve`
+/// still to come and [`JPEG_MARGIN`]; without a resident-memory reading, the default template
+/// cache.
+pub fn jpeg_template_limit(budget: usize, reserve: usize) -> usize {
+    let limit = match rss_bytes() {
+        Some(rss) => budget.saturating_sub(rss + reserve + JPEG_MARGIN),
+        None => lipsync_stages::template::DEFAULT_CACHE,
+    };
+    tracing::debug!(rss = rss_bytes(), limit, "JPEG template limit");
+    limit
 }
 
 /// Samples per chunk the source sends (200 ms).
@@ -180,11 +199,28 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
     let encoder = AudioEncoder::open(rt, &cfg.avatar.encoder, &io, cfg.encoder_batch, &enc_opts)
         .map_err(|e| PipelineError::setup("encoder", e))?;
     let sink = cfg.output.sink().map_err(|e| PipelineError::setup("sink", e))?;
-    // The template opens after the models, so that the cache is sized to what they left.
+    let n = unet.max_batch().get();
+    let cap = cfg.capacity.max(1);
+    // Room for a batch being filled, one in the UNet, and a channel's worth beside them: more
+    // only holds frames (3 MiB each at 720p) without feeding the UNet faster.
+    let jobs = 2 * n + cap + 2;
+    // The template opens after the models, so that its memory is sized to what they left. JPEG
+    // output keeps it as JPEGs and face regions when they fit (jobs then hold a region each).
     let open_budget = cfg.template_cache.unwrap_or(lipsync_stages::template::DEFAULT_CACHE);
-    let template = Arc::new(
-        SharedTemplate::open(&cfg.avatar.video, open_budget).map_err(|e| PipelineError::setup("template", e))?,
-    );
+    let jpeg = matches!(cfg.output, Output::Dir { format: ImageFormat::Jpeg, .. } | Output::Stdout).then(|| {
+        let (w, h) = cfg
+            .avatar
+            .boxes
+            .iter()
+            .fold((0, 0), |(w, h), b| (w.max(b.width() as usize + 2 * MCU), h.max(b.height() as usize + 2 * MCU)));
+        let limit = cfg
+            .template_cache
+            .unwrap_or_else(|| jpeg_template_limit(cfg.memory_budget, jobs * FrameJob::bytes(&crop, w, h)));
+        (cfg.jpeg_quality, limit)
+    });
+    let (template, store) =
+        open_template(&cfg.avatar, open_budget, jpeg).map_err(|e| PipelineError::setup("template", e))?;
+    let (template, store) = (Arc::new(template), store.map(Arc::new));
 
     let clock = Clock::new();
     let started = Instant::now();
@@ -220,18 +256,19 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
         "unet_model": unet.backend().model.display().to_string(),
         "pin": format!("{:?}", cfg.pin),
     });
-    let n = unet.max_batch().get();
-    let cap = cfg.capacity.max(1);
-    // Room for a batch being filled, one in the UNet, and a channel's worth beside them: more
-    // only holds frames (3 MiB each at 720p) without feeding the UNet faster.
-    let jobs = 2 * n + cap + 2;
-    let template_cache = cfg.template_cache.unwrap_or_else(|| {
-        let (w, h) = template.size();
-        let video = if matches!(cfg.output, Output::Video(_)) { VIDEO_ENCODER_BYTES } else { 0 };
-        auto_cache(&template, cfg.memory_budget, jobs * FrameJob::bytes(&crop, w, h) + video)
-    });
-    tracing::debug!(template_cache_mib = template_cache >> 20, "template cache");
-    template.warn_if_slow_backward(template_cache);
+    let template_cache = match &store {
+        // The reader is not used.
+        Some(_) => 0,
+        None => cfg.template_cache.unwrap_or_else(|| {
+            let (w, h) = template.size();
+            let video = if matches!(cfg.output, Output::Video(_)) { VIDEO_ENCODER_BYTES } else { 0 };
+            auto_cache(&template, cfg.memory_budget, jobs * FrameJob::bytes(&crop, w, h) + video)
+        }),
+    };
+    tracing::debug!(template_cache_mib = template_cache >> 20, jpeg_template = store.is_some(), "template cache");
+    if store.is_none() {
+        template.warn_if_slow_backward(template_cache);
+    }
     if let Some(rss) = rss_bytes().filter(|&r| r > cfg.memory_budget) {
         tracing::warn!(
             rss_mb = rss / 1_000_000,
@@ -241,10 +278,13 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
         );
     }
     settings["template_cache_bytes"] = template_cache.into();
+    settings["template_store"] = if store.is_some() { "jpeg" } else { "decoder" }.into();
+    settings["template_store_bytes"] =
+        (template.memory_bytes() + store.as_ref().map_or(0, |s| s.memory_bytes())).into();
     let avatar = Arc::new(cfg.avatar);
     let graph = GraphConfig {
         id: 0,
-        template: Template { template, cache: template_cache },
+        template: Template { template, cache: template_cache, jpeg: store },
         start_frame: avatar.config.start_frame,
         first_index: cfg.first_index,
         live: None,

@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, Sender};
 use lipsync_stages::face::Blend;
 use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::io::avatar::Avatar;
-use lipsync_stages::template::SharedTemplate;
+use lipsync_stages::template::{JpegTemplate, SharedTemplate};
 use lipsync_stages::unet::Batch;
 
 use crate::graph::{build, GraphConfig, GraphError, Layout};
@@ -93,6 +93,9 @@ pub struct SessionConfig {
     pub template: Arc<SharedTemplate>,
     /// Bytes of decoded template frames this session's reader keeps.
     pub template_cache: usize,
+    /// The template's frames for JPEG output (shared read-only), used when their quality is the
+    /// session's.
+    pub jpeg_template: Option<Arc<JpegTemplate>>,
     /// The audio encoder shared by sessions using the model.
     pub encoder: Arc<Mutex<AudioEncoder>>,
     /// The UNet service of the avatar's model.
@@ -254,7 +257,11 @@ impl Session {
         let graph = GraphConfig {
             id: cfg.id,
             avatar: cfg.avatar,
-            template: Template { template: cfg.template, cache: cfg.template_cache },
+            template: Template {
+                template: cfg.template,
+                cache: cfg.template_cache,
+                jpeg: cfg.jpeg_template.filter(|s| s.quality() == cfg.jpeg_quality),
+            },
             start_frame: cfg.start_frame,
             first_index: 0,
             live: live.clone(),

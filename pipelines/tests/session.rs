@@ -12,27 +12,34 @@ use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
 use lipsync_pipelines::runtime::PinPolicy;
 use lipsync_pipelines::runtime::SharedStageStats;
 use lipsync_pipelines::session::{Session, SessionConfig, SessionError};
+use lipsync_pipelines::stages::frames::open_template;
 use lipsync_pipelines::stages::sink::{FrameSink, SinkError};
 use lipsync_pipelines::stages::unet::{UnetService, UnetServiceConfig};
 use lipsync_stages::audio::{decode_file, load_16k};
 use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
-use lipsync_stages::template::SharedTemplate;
+use lipsync_stages::template::JpegTemplate;
 use lipsync_stages::unet::{Batch, BatchSetting, Provider};
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
 }
 
-/// The offline render's JPEG frames for `audio`.
+/// The offline render's JPEG frames for `audio` (its template held as JPEG frames).
 fn offline(rt: &OrtRuntime, audio: &Path) -> Vec<Vec<u8>> {
+    offline_with(rt, audio, 1 << 30)
+}
+
+/// [`offline`] with a template cache (a small one leaves the JPEG frames out: frames are
+/// decoded and encoded whole).
+fn offline_with(rt: &OrtRuntime, audio: &Path, cache: usize) -> Vec<Vec<u8>> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("frames");
     let cfg = RenderConfig {
         batch: BatchSetting::Fixed(Batch::new(8).unwrap()),
         jpeg_quality: 90,
-        template_cache: Some(1 << 30),
+        template_cache: Some(cache),
         ..RenderConfig::new(
             Avatar::open(&fixture("golden/avatar")).unwrap(),
             audio.to_path_buf(),
@@ -58,6 +65,7 @@ impl FrameSink for Collect {
 struct Shared {
     avatar: Arc<Avatar>,
     template: Arc<lipsync_stages::template::SharedTemplate>,
+    jpeg: Arc<JpegTemplate>,
     encoder: Arc<Mutex<AudioEncoder>>,
     unet: Arc<UnetService>,
     shared: Arc<SharedStageStats>,
@@ -65,7 +73,7 @@ struct Shared {
 
 fn shared(rt: &OrtRuntime, max_batch: usize, max_wait: Duration) -> Shared {
     let avatar = Avatar::open(&fixture("golden/avatar")).unwrap();
-    let template = SharedTemplate::open(&avatar.video, 1 << 30).unwrap();
+    let (template, jpeg) = open_template(&avatar, 1 << 30, Some((90, usize::MAX))).unwrap();
     let io = avatar.config.models.io.clone();
     let encoder = AudioEncoder::open(rt, &avatar.encoder, &io, 64, &SessionOptions::default()).unwrap();
     let max_batch = BatchSetting::Fixed(Batch::new(max_batch).unwrap());
@@ -81,6 +89,7 @@ fn shared(rt: &OrtRuntime, max_batch: usize, max_wait: Duration) -> Shared {
     Shared {
         avatar: Arc::new(avatar),
         template: Arc::new(template),
+        jpeg: Arc::new(jpeg.expect("within the limit")),
         encoder: Arc::new(Mutex::new(encoder)),
         unet: Arc::new(unet),
         shared: Arc::new(SharedStageStats::default()),
@@ -88,7 +97,8 @@ fn shared(rt: &OrtRuntime, max_batch: usize, max_wait: Duration) -> Shared {
 }
 
 /// Settings of a session of the golden avatar (JPEG quality 90, start frame 0; staged threads
-/// for even ids, compact for odd ones).
+/// for even ids, compact for odd ones; ids 0 and 1 mod 4 read the template's JPEG frames, the
+/// others decode frames).
 fn config(sh: &Shared, id: u64, rate: u32, batch: usize, queue: usize) -> SessionConfig {
     SessionConfig {
         id,
@@ -96,6 +106,7 @@ fn config(sh: &Shared, id: u64, rate: u32, batch: usize, queue: usize) -> Sessio
         avatar: sh.avatar.clone(),
         template: sh.template.clone(),
         template_cache: lipsync_stages::template::DEFAULT_CACHE,
+        jpeg_template: (id % 4 < 2).then(|| sh.jpeg.clone()),
         encoder: sh.encoder.clone(),
         unet: sh.unet.clone(),
         sample_rate: rate,
@@ -159,6 +170,8 @@ fn one_session_equals_the_offline_render_for_any_chunking() {
     let audio = fixture("golden/speech_2s.wav");
     let want = offline(&rt, &audio);
     assert_eq!(want.len(), 49);
+    // Spliced from the template's JPEG frames or encoded whole: the same bytes.
+    assert!(offline_with(&rt, &audio, 1 << 10) == want, "a render decoding its template differs");
     let samples = load_16k(&audio).unwrap();
     let sh = shared(&rt, 8, Duration::from_millis(2));
     for (k, (max_chunk, batch)) in [(160usize, 8usize), (3000, 1), (7, 3), (40_000, 8)].into_iter().enumerate() {

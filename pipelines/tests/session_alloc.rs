@@ -1,7 +1,8 @@
 //! A streaming session's hot path allocates nothing per frame in steady state: a counting
 //! global allocator tallies allocations per thread. Streaming more audio adds no allocation to
 //! the frames, prep, composite, encode and sink stages, and adds to the audio stage only what
-//! ONNX Runtime's API allocates inside the audio encoder's runs.
+//! ONNX Runtime's API allocates inside the audio encoder's runs. Sessions that decode their
+//! template and sessions that splice into its JPEG frames are both checked.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -14,13 +15,14 @@ use lipsync_pipelines::job::FrameJob;
 use lipsync_pipelines::live::LiveConfig;
 use lipsync_pipelines::runtime::{PinPolicy, SharedStageStats};
 use lipsync_pipelines::session::{Session, SessionConfig};
+use lipsync_pipelines::stages::frames::open_template;
 use lipsync_pipelines::stages::sink::{FrameSink, SinkError};
 use lipsync_pipelines::stages::unet::{UnetService, UnetServiceConfig};
 use lipsync_stages::audio::load_16k;
 use lipsync_stages::features::{AudioEncoder, WINDOW_LEN};
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
-use lipsync_stages::template::SharedTemplate;
+use lipsync_stages::template::JpegTemplate;
 use lipsync_stages::unet::{Batch, BatchSetting, Provider};
 
 mod alloc_counter;
@@ -42,6 +44,7 @@ impl FrameSink for Count {
 struct Fixture {
     avatar: Arc<Avatar>,
     template: Arc<lipsync_stages::template::SharedTemplate>,
+    jpeg: Arc<JpegTemplate>,
     encoder: Arc<Mutex<AudioEncoder>>,
     unet: Arc<UnetService>,
     shared: Arc<SharedStageStats>,
@@ -49,14 +52,16 @@ struct Fixture {
     per_run: u64,
 }
 
-/// A 16 kHz session of the fixture avatar, batch 2, four jobs in flight.
-fn config(fx: &Fixture, id: u64, layout: Layout, live: Option<LiveConfig>) -> SessionConfig {
+/// A 16 kHz session of the fixture avatar, batch 2, four jobs in flight; with `jpeg`, reading
+/// the template's JPEG frames.
+fn config(fx: &Fixture, id: u64, layout: Layout, jpeg: bool, live: Option<LiveConfig>) -> SessionConfig {
     SessionConfig {
         id,
         name: format!("alloc{id}"),
         avatar: fx.avatar.clone(),
         template: fx.template.clone(),
         template_cache: lipsync_stages::template::DEFAULT_CACHE,
+        jpeg_template: jpeg.then(|| fx.jpeg.clone()),
         encoder: fx.encoder.clone(),
         unet: fx.unet.clone(),
         sample_rate: 16_000,
@@ -75,12 +80,12 @@ fn config(fx: &Fixture, id: u64, layout: Layout, live: Option<LiveConfig>) -> Se
 /// per session thread and the number of windows (L = frames - 2). A 20 ms chunk adds 1.6 mel
 /// rows and a window needs 3.2 more, so each encoder run takes exactly one window, except
 /// the tail windows, which run together at the end.
-fn allocations(fx: &Fixture, id: u64, seconds: usize, layout: Layout) -> (HashMap<String, u64>, u64) {
+fn allocations(fx: &Fixture, id: u64, seconds: usize, layout: Layout, jpeg: bool) -> (HashMap<String, u64>, u64) {
     let first_slot = alloc_counter::slots();
     let speech = load_16k(&fixture("golden/speech_2s.wav")).unwrap();
     let samples: Vec<f32> = speech.iter().copied().cycle().take(seconds * 16_000).collect();
     let (tx, rx) = std::sync::mpsc::channel();
-    let cfg = config(fx, id, layout, None);
+    let cfg = config(fx, id, layout, jpeg, None);
     let bytes = Arc::new(AtomicU64::new(0));
     let mut s =
         Session::start(cfg, Box::new(Count(bytes.clone())), Box::new(move |r| tx.send(r.map(|o| o.frames)).unwrap()))
@@ -97,11 +102,11 @@ fn allocations(fx: &Fixture, id: u64, seconds: usize, layout: Layout) -> (HashMa
 
 /// Idles a real-time session for `seconds` (idle frames paced at 25 frames/s); returns
 /// allocations per session thread and the frames sent.
-fn idle_allocations(fx: &Fixture, id: u64, seconds: f64) -> (HashMap<String, u64>, u64) {
+fn idle_allocations(fx: &Fixture, id: u64, seconds: f64, jpeg: bool) -> (HashMap<String, u64>, u64) {
     let first_slot = alloc_counter::slots();
     let (tx, rx) = std::sync::mpsc::channel();
     let live = LiveConfig { fps: 25.0, delay: Duration::from_millis(100) };
-    let cfg = config(fx, id, Layout::Staged, Some(live));
+    let cfg = config(fx, id, Layout::Staged, jpeg, Some(live));
     let mut s = Session::start(cfg, Box::new(Count(Arc::new(AtomicU64::new(0)))), {
         Box::new(move |r| tx.send(r.map(|o| o.frames)).unwrap())
     })
@@ -120,16 +125,18 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 fn session_hot_path_allocates_nothing_per_frame() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let fx = fixture_models();
-    for (k, (layout, stages)) in [
-        (Layout::Staged, &["ls-frames", "ls-prep", "ls-composite", "ls-encode", "ls-sink"][..]),
-        (Layout::Compact, &["ls-frames+prep", "ls-composite+encode+sink"][..]),
+    let staged = &["ls-frames", "ls-prep", "ls-composite", "ls-encode", "ls-sink"][..];
+    for (k, (layout, stages, jpeg)) in [
+        (Layout::Staged, staged, false),
+        (Layout::Compact, &["ls-frames+prep", "ls-composite+encode+sink"][..], false),
+        (Layout::Staged, staged, true),
     ]
     .into_iter()
     .enumerate()
     {
         let id = 10 * k as u64;
-        let (short, short_windows) = allocations(&fx, id + 1, 2, layout);
-        let (long, long_windows) = allocations(&fx, id + 2, 6, layout);
+        let (short, short_windows) = allocations(&fx, id + 1, 2, layout, jpeg);
+        let (long, long_windows) = allocations(&fx, id + 2, 6, layout, jpeg);
         check(&short, &long, stages, short_windows, long_windows, fx.per_run);
     }
 }
@@ -140,20 +147,25 @@ fn session_hot_path_allocates_nothing_per_frame() {
 fn realtime_idle_frames_allocate_nothing_per_frame() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let fx = fixture_models();
-    let (short, a) = idle_allocations(&fx, 101, 1.0);
-    let (long, b) = idle_allocations(&fx, 102, 3.0);
-    let extra = b.saturating_sub(a);
-    assert!(extra >= 40, "2 s more idle made {extra} more frames");
-    for stage in ["ls-source", "ls-audio", "ls-frames", "ls-prep", "ls-composite", "ls-encode", "ls-sink"] {
-        let (x, y) = (short.get(stage).copied().unwrap_or(0), long.get(stage).copied().unwrap_or(0));
-        assert!(y.saturating_sub(x) * 6 < extra, "stage {stage}: {x} allocations for {a} frames, {y} for {b}");
+    for (id, jpeg) in [(101, false), (103, true)] {
+        let (short, a) = idle_allocations(&fx, id, 1.0, jpeg);
+        let (long, b) = idle_allocations(&fx, id + 1, 3.0, jpeg);
+        let extra = b.saturating_sub(a);
+        assert!(extra >= 40, "2 s more idle made {extra} more frames");
+        for stage in ["ls-source", "ls-audio", "ls-frames", "ls-prep", "ls-composite", "ls-encode", "ls-sink"] {
+            let (x, y) = (short.get(stage).copied().unwrap_or(0), long.get(stage).copied().unwrap_or(0));
+            assert!(
+                y.saturating_sub(x) * 6 < extra,
+                "stage {stage} (JPEG frames: {jpeg}): {x} allocations for {a} frames, {y} for {b}"
+            );
+        }
     }
 }
 
 fn fixture_models() -> Fixture {
     let rt = OrtRuntime::load(None).expect("ONNX Runtime (run scripts/setup.sh)");
     let avatar = Avatar::open(&fixture("golden/avatar")).unwrap();
-    let template = SharedTemplate::open(&avatar.video, 1 << 30).unwrap();
+    let (template, jpeg) = open_template(&avatar, 1 << 30, Some((90, usize::MAX))).unwrap();
     let io = avatar.config.models.io.clone();
     let mut encoder = AudioEncoder::open(&rt, &avatar.encoder, &io, 64, &SessionOptions::default()).unwrap();
     // What one encoder run of one window allocates inside ONNX Runtime's API (warm).
@@ -177,6 +189,7 @@ fn fixture_models() -> Fixture {
     Fixture {
         avatar: Arc::new(avatar),
         template: Arc::new(template),
+        jpeg: Arc::new(jpeg.expect("within the limit")),
         encoder: Arc::new(Mutex::new(encoder)),
         unet: Arc::new(unet),
         shared: Arc::new(SharedStageStats::default()),

@@ -384,6 +384,7 @@ impl Conn<'_> {
             avatar: loaded.avatar.clone(),
             template: loaded.template.clone(),
             template_cache: sh.registry.settings.template_cache,
+            jpeg_template: loaded.jpeg.clone(),
             encoder: loaded.encoder.clone(),
             unet: loaded.unet.clone(),
             sample_rate: req.sample_rate,

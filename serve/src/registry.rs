@@ -10,11 +10,12 @@ use std::time::Instant;
 
 use lipsync_pipelines::job::FrameJob;
 use lipsync_pipelines::runtime::lock;
+use lipsync_pipelines::stages::frames::open_template;
 use lipsync_pipelines::stages::unet::{UnetService, UnetServiceConfig};
 use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
-use lipsync_stages::template::SharedTemplate;
+use lipsync_stages::template::{JpegTemplate, SharedTemplate};
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::ErrorCode;
@@ -58,6 +59,8 @@ pub(crate) struct Loaded {
     pub(crate) name: String,
     pub(crate) avatar: Arc<Avatar>,
     pub(crate) template: Arc<SharedTemplate>,
+    /// Its frames for JPEG output at the avatar's quality, when they fit `jpeg_template_mb`.
+    pub(crate) jpeg: Option<Arc<JpegTemplate>>,
     pub(crate) encoder: Arc<Mutex<AudioEncoder>>,
     pub(crate) unet: Arc<UnetService>,
     unet_key: PathBuf,
@@ -157,8 +160,12 @@ impl Registry {
         let started = Instant::now();
         let avatar = Avatar::open(&dir).map_err(|e| failed(e.to_string()))?;
         let budget = self.settings.cache_bytes.min(lipsync_stages::template::DEFAULT_CACHE);
-        let template = SharedTemplate::open(&avatar.video, budget).map_err(|e| failed(e.to_string()))?;
-        template.warn_if_slow_backward(self.settings.template_cache);
+        let limit = self.settings.jpeg_template;
+        let jpeg = (limit > 0).then_some((avatar.config.jpeg_quality, limit));
+        let (template, jpeg) = open_template(&avatar, budget, jpeg).map_err(failed)?;
+        if jpeg.is_none() {
+            template.warn_if_slow_backward(self.settings.template_cache);
+        }
         if template.len() < avatar.boxes.len() {
             return Err(failed(format!(
                 "the template has {} frames but the avatar has {} boxes",
@@ -213,13 +220,14 @@ impl Registry {
                 }
             }
         };
-        let memory = template.memory_bytes();
+        let memory = template.memory_bytes() + jpeg.as_ref().map_or(0, |j| j.memory_bytes());
         self.evict_for(memory);
         self.prune_models();
         let loaded = Arc::new(Loaded {
             name: name.to_string(),
             avatar: Arc::new(avatar),
             template: Arc::new(template),
+            jpeg: jpeg.map(Arc::new),
             encoder,
             unet,
             unet_key,
@@ -336,8 +344,15 @@ impl Registry {
                     let (w, h) = l.template.size();
                     // A session's queue is at least its batch (connection.rs); at most the UNet's.
                     let queue = self.settings.session_queue.max(l.unet.max_batch().get());
-                    let per_session = l.template.reader_bytes(self.settings.template_cache)
-                        + queue * FrameJob::bytes(&l.avatar.config.crop, w, h);
+                    // With JPEG frames (sessions at the avatar's quality) a session holds no
+                    // decoded frames, and its jobs hold a face region each.
+                    let per_session = match &l.jpeg {
+                        Some(j) => queue * (FrameJob::bytes(&l.avatar.config.crop, 0, 0) + j.max_region_bytes()),
+                        None => {
+                            l.template.reader_bytes(self.settings.template_cache)
+                                + queue * FrameJob::bytes(&l.avatar.config.crop, w, h)
+                        }
+                    };
                     let model_bytes = [&l.unet_key, &l.encoder_key].iter().filter_map(|k| models.get(*k)).sum();
                     let session_bytes = sessions * per_session;
                     AvatarInfo {

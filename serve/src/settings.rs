@@ -45,6 +45,12 @@ pub struct ServeOptions {
     /// (1..=4096) [default: 24].
     #[arg(long)]
     pub template_cache_mb: Option<usize>,
+    /// Most an avatar's JPEG frames may take, MiB (0..=16384; 0: none) [default: 256]: each
+    /// template frame's JPEG at the avatar's quality and its face region, shared by the
+    /// avatar's sessions at that quality, which then decode nothing and encode only the mouth
+    /// region. A template too large for it is decoded by each session instead.
+    #[arg(long)]
+    pub jpeg_template_mb: Option<usize>,
     /// Most frames per UNet run, across sessions: auto (1 on the CPU, measured on a GPU) or
     /// 1..=32 [default: auto].
     #[arg(long)]
@@ -189,6 +195,9 @@ pub struct Settings {
     /// Decoded template frames per session, bytes.
     #[serde(rename = "template_cache_mb", serialize_with = "mib")]
     pub template_cache: usize,
+    /// Most bytes of an avatar's JPEG frames.
+    #[serde(rename = "jpeg_template_mb", serialize_with = "mib")]
+    pub jpeg_template: usize,
     /// Most frames per UNet run.
     pub max_batch: BatchSetting,
     /// Longest wait for a batch to fill.
@@ -305,6 +314,7 @@ impl ServeOptions {
             preload,
             cache_mb,
             template_cache_mb,
+            jpeg_template_mb,
             max_batch,
             max_wait_ms,
             session_queue,
@@ -405,6 +415,14 @@ impl ServeOptions {
                 allowed: "1..=4096",
             });
         }
+        let jpeg_template_mb = self.jpeg_template_mb.unwrap_or(256);
+        if jpeg_template_mb > 16384 {
+            return Err(SettingsError::Range {
+                name: "JPEG template (MiB)",
+                value: jpeg_template_mb.to_string(),
+                allowed: "0..=16384",
+            });
+        }
         let delay = in_range("real-time delay (ms)", self.realtime_delay_ms.unwrap_or(200.0), 0.0, 5000.0, "0..=5000")?;
         let http = match self.http {
             None if self.http_token.is_some() => return Err(SettingsError::Http("--http-token without --http".into())),
@@ -431,6 +449,7 @@ impl ServeOptions {
             preload: self.preload.unwrap_or_default(),
             cache_bytes: self.cache_mb.unwrap_or(2048) << 20,
             template_cache: template_cache_mb << 20,
+            jpeg_template: jpeg_template_mb << 20,
             max_batch: self.max_batch.unwrap_or_default(),
             max_wait: Duration::from_secs_f64(wait / 1000.0),
             session_queue: at_least_one("session queue", self.session_queue.unwrap_or(8))?,
@@ -518,5 +537,11 @@ mod tests {
         };
         let e = zero.validate().unwrap_err().to_string();
         assert_eq!(e, "template cache (MiB) 0 is out of range: expected 1..=4096");
+        let big = ServeOptions {
+            jpeg_template_mb: Some(16385),
+            ..ServeOptions { socket: Some("s".into()), avatars: Some(dir.path().into()), ..Default::default() }
+        };
+        let e = big.validate().unwrap_err().to_string();
+        assert_eq!(e, "JPEG template (MiB) 16385 is out of range: expected 0..=16384");
     }
 }

@@ -1,5 +1,5 @@
-//! Still-image codecs for frames: JPEG (turbojpeg, one compressor per thread) and PNG (png),
-//! to and from packed BGR.
+//! Still-image codecs for frames: JPEG decoding (turbojpeg) and PNG (png), to and from packed
+//! BGR; JPEG encoding is in [`crate::jpeg`].
 
 use std::path::{Path, PathBuf};
 
@@ -125,52 +125,4 @@ pub fn encode_png(frame: &BgrFrame, out: &mut Vec<u8>, rgb_scratch: &mut Vec<u8>
     let mut writer = enc.write_header().map_err(|e| err(e.to_string()))?;
     writer.write_image_data(rgb_scratch).map_err(|e| err(e.to_string()))?;
     writer.finish().map_err(|e| err(e.to_string()))
-}
-
-/// A JPEG encoder (one per thread) with a reused output buffer: quality 1..=100, 4:2:0.
-pub struct JpegEncoder {
-    compressor: turbojpeg::Compressor,
-    buf: Vec<u8>,
-    len: usize,
-}
-
-impl std::fmt::Debug for JpegEncoder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JpegEncoder").field("capacity", &self.buf.len()).finish()
-    }
-}
-
-impl JpegEncoder {
-    /// An encoder at `quality` with 4:2:0 chroma subsampling.
-    pub fn new(quality: u8) -> Result<Self, ImageError> {
-        let err = |message: String| ImageError::Encode { format: "JPEG", width: 0, height: 0, message };
-        let mut compressor = turbojpeg::Compressor::new().map_err(|e| err(e.to_string()))?;
-        compressor.set_quality(i32::from(quality.clamp(1, 100))).map_err(|e| err(e.to_string()))?;
-        compressor.set_subsamp(turbojpeg::Subsamp::Sub2x2).map_err(|e| err(e.to_string()))?;
-        Ok(Self { compressor, buf: Vec::new(), len: 0 })
-    }
-
-    /// The largest JPEG this encoder can produce for a `width x height` frame.
-    pub fn max_len(&self, width: usize, height: usize) -> usize {
-        self.compressor.buf_len(width, height).unwrap_or(width * height * 3 + 2048)
-    }
-
-    /// Encodes `frame`; the JPEG bytes stay valid until the next call.
-    pub fn encode(&mut self, frame: &BgrFrame) -> Result<&[u8], ImageError> {
-        let err =
-            |message: String| ImageError::Encode { format: "JPEG", width: frame.width, height: frame.height, message };
-        let need = self.compressor.buf_len(frame.width, frame.height).map_err(|e| err(e.to_string()))?;
-        if self.buf.len() < need {
-            self.buf.resize(need, 0);
-        }
-        let image = turbojpeg::Image {
-            pixels: &frame.data[..],
-            width: frame.width,
-            pitch: frame.stride(),
-            height: frame.height,
-            format: turbojpeg::PixelFormat::BGR,
-        };
-        self.len = self.compressor.compress_to_slice(image, &mut self.buf).map_err(|e| err(e.to_string()))?;
-        Ok(&self.buf[..self.len])
-    }
 }

@@ -9,7 +9,8 @@
 //! - [`template`]: template frames decoded within a memory budget.
 //! - [`face`], [`resize`]: the UNet's input and paste-back.
 //! - [`unet`]: the UNet session and the [`unet::Batch`] size.
-//! - [`image_io`], [`encode`]: JPEG/PNG and H.264 encoding.
+//! - [`jpeg`], [`image_io`], [`encode`]: JPEG (whole frames, or spliced from a template frame's),
+//!   PNG and H.264 encoding.
 //! - [`onnx`]: finding and loading ONNX Runtime, opening models, checking their signatures.
 //! - [`io`]: the avatar format, SyncTalk_2D import, `.npy`, staged outputs, video probing.
 
@@ -20,6 +21,7 @@ pub mod features;
 pub mod frame;
 pub mod image_io;
 pub mod io;
+pub mod jpeg;
 pub mod mel;
 pub mod onnx;
 pub mod quantize;

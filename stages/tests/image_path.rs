@@ -40,10 +40,11 @@ fn cubic_resize_matches_opencv() {
 
 use lipsync_stages::face::{input_len, output_len, template_index, template_len, Blend, Compositor, FacePrep};
 use lipsync_stages::features::{frame_audio, FRAME_AUDIO_LEN};
-use lipsync_stages::image_io::{decode_image, encode_png, JpegEncoder};
+use lipsync_stages::image_io::{decode_image, encode_png};
 use lipsync_stages::io::avatar::{Avatar, CropParams};
 use lipsync_stages::io::npy::read_f32_2d;
 use lipsync_stages::io::video::VideoError;
+use lipsync_stages::jpeg::JpegEncoder;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
 use lipsync_stages::template::{SharedTemplate, TemplateReader, VideoReader, DEFAULT_CACHE};
 use lipsync_stages::unet::{self, Provider};

@@ -33,8 +33,9 @@ impl Stage for CompositeStage {
             // An idle frame is the template frame as it is; a stale one is dropped by the sink.
             return out.send(job);
         }
-        let FrameJob { frame, c328, pred, template, .. } = &mut job;
-        self.comp.paste_u8(frame, self.avatar.boxes[*template], &self.avatar.config.crop, c328, pred, self.blend);
+        let b = job.local(self.avatar.boxes[job.template]);
+        let FrameJob { frame, c328, pred, .. } = &mut job;
+        self.comp.paste_u8(frame, b, &self.avatar.config.crop, c328, pred, self.blend);
         out.send(job)
     }
 }

@@ -1,12 +1,17 @@
 //! The encode stage: each composited frame to JPEG or PNG bytes in the job, or into an H.264
-//! video file (whose audio track is the signal that drove the lips).
+//! video file (whose audio track is the signal that drove the lips). With a [`JpegTemplate`],
+//! a JPEG is the template frame's with the composited region's restart intervals spliced in
+//! (the same bytes as encoding the whole frame, [`lipsync_stages::jpeg`]), and an idle frame is
+//! the template frame's JPEG as it is.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 use lipsync_stages::encode::VideoWriter;
-use lipsync_stages::image_io::{encode_png, JpegEncoder};
+use lipsync_stages::image_io::encode_png;
+use lipsync_stages::jpeg::{JpegEncoder, JpegSplicer};
+use lipsync_stages::template::JpegTemplate;
 
 use crate::job::{FrameJob, FrameStats};
 use crate::runtime::{Out, Stage, StageError};
@@ -39,15 +44,18 @@ pub struct EncodeStage {
     stats: Arc<FrameStats>,
     written: usize,
     jpeg: Option<JpegEncoder>,
+    store: Option<Arc<JpegTemplate>>,
+    splicer: Option<JpegSplicer>,
     scratch: Vec<u8>,
     writer: Option<VideoWriter>,
 }
 
 impl EncodeStage {
     /// A stage for `encoding` (the JPEG encoder and video writer are made on the stage's own
-    /// thread, on first use).
-    pub fn new(encoding: Encoding, stats: Arc<FrameStats>) -> Self {
-        Self { encoding, stats, written: 0, jpeg: None, scratch: Vec::new(), writer: None }
+    /// thread, on first use); JPEG frames are spliced into `store`'s when there is one (the
+    /// graph checks its quality is the encoding's).
+    pub fn new(encoding: Encoding, stats: Arc<FrameStats>, store: Option<Arc<JpegTemplate>>) -> Self {
+        Self { encoding, stats, written: 0, jpeg: None, store, splicer: None, scratch: Vec::new(), writer: None }
     }
 }
 
@@ -64,6 +72,31 @@ impl Stage for EncodeStage {
         match &self.encoding {
             Encoding::Png => encode_png(&job.frame, &mut job.encoded, &mut self.scratch).map_err(|e| at(&e))?,
             Encoding::Raw => {}
+            Encoding::Jpeg(quality) if self.store.is_some() => {
+                let store = self.store.as_ref().expect("matched");
+                let base = store
+                    .frame(job.template)
+                    .ok_or_else(|| at(&format!("template frame {} is not held", job.template)))?;
+                if self.splicer.is_none() {
+                    self.splicer = Some(JpegSplicer::new(*quality).map_err(|e| at(&e))?);
+                }
+                let splicer = self.splicer.as_mut().expect("made above");
+                let (w, h) = store.size();
+                // Size each job's buffer for the worst case once, so it never regrows.
+                let max = splicer.max_len(w, h);
+                if job.encoded.capacity() < max {
+                    job.encoded.reserve_exact(max - job.encoded.len());
+                }
+                job.encoded.clear();
+                if job.skips_unet() {
+                    // Idle: the template frame as it is.
+                    job.encoded.extend_from_slice(&base.jpeg);
+                } else {
+                    let bytes =
+                        splicer.splice(&base.jpeg, &base.layout, w, &job.frame, job.region).map_err(|e| at(&e))?;
+                    job.encoded.extend_from_slice(bytes);
+                }
+            }
             Encoding::Jpeg(quality) => {
                 if self.jpeg.is_none() {
                     self.jpeg = Some(JpegEncoder::new(*quality).map_err(|e| at(&e))?);

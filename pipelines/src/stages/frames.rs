@@ -1,12 +1,16 @@
 //! The frames stage: each frame's audio tensor meets its template frame (ping-pong order,
-//! docs/spec.md section 6) in a job taken from the graph's pool.
+//! docs/spec.md section 6) in a job taken from the graph's pool: the whole frame from the
+//! template's reader, or, for JPEG output from a [`JpegTemplate`], the exact pixels of the
+//! region around the face box (nothing is decoded; an idle frame takes none).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use lipsync_stages::face::template_index;
+use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::io::video::VideoError;
-use lipsync_stages::template::{SharedTemplate, TemplateReader};
+use lipsync_stages::jpeg::McuRegion;
+use lipsync_stages::template::{JpegTemplate, JpegTemplateBuilder, RegionReader, SharedTemplate, TemplateReader};
 
 use crate::job::{AudioTensor, FrameJob, FrameKind, FrameStats};
 use crate::runtime::{Out, Pool, Stage, StageError};
@@ -17,6 +21,36 @@ pub struct Template {
     pub template: Arc<SharedTemplate>,
     /// Bytes of decoded frames this graph's reader keeps.
     pub cache: usize,
+    /// For JPEG output at its quality: the template's frames ready for compositing in the JPEG
+    /// domain (then the reader is not used).
+    pub jpeg: Option<Arc<JpegTemplate>>,
+}
+
+/// Opens the avatar's template; for JPEG output at `quality`, builds its [`JpegTemplate`] in
+/// the same decode when it fits in `limit` bytes (else frames are decoded as they are needed).
+pub fn open_template(
+    avatar: &Avatar,
+    budget: usize,
+    jpeg: Option<(u8, usize)>,
+) -> Result<(SharedTemplate, Option<JpegTemplate>), String> {
+    let mut builder = match jpeg {
+        Some((quality, limit)) => {
+            Some(JpegTemplateBuilder::new(quality, &avatar.boxes, limit).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
+    let mut visit = |i: usize, f: &lipsync_stages::frame::BgrFrame| match &mut builder {
+        Some(b) => b.push(i, f).map_err(|e| e.to_string()),
+        None => Ok(()),
+    };
+    let template = SharedTemplate::open_with(&avatar.video, budget, &mut visit).map_err(|e| e.to_string())?;
+    let store = builder.and_then(|b| {
+        if b.over_limit() {
+            tracing::info!("the template's JPEG frames would not fit in memory: decoding frames as needed");
+        }
+        b.finish()
+    });
+    Ok((template, store))
 }
 
 /// Audio tensor in, job with the template frame and the audio out. The template's reader (its
@@ -25,6 +59,7 @@ pub struct Template {
 pub struct FramesStage {
     template: Template,
     reader: Option<TemplateReader>,
+    regions: Option<RegionReader>,
     boxes: usize,
     start: usize,
     first_index: usize,
@@ -44,7 +79,7 @@ impl FramesStage {
         tensors: Pool<AudioTensor>,
         stats: Arc<FrameStats>,
     ) -> Self {
-        Self { template, reader: None, boxes, start, first_index, jobs, tensors, stats }
+        Self { template, reader: None, regions: None, boxes, start, first_index, jobs, tensors, stats }
     }
 }
 
@@ -73,9 +108,29 @@ impl Stage for FramesStage {
         }
         self.tensors.give(tensor);
         let boxes = self.boxes;
-        self.reader().get(job.template, &mut job.frame).map_err(|e: VideoError| {
-            StageError::at(job.index, format!("{e} (the avatar has {boxes} boxes: truncated or corrupt video?)"))
-        })?;
+        if let Some(store) = &self.template.jpeg {
+            let f = store.frame(job.template).ok_or_else(|| {
+                StageError::at(job.index, format!("template frame {} of {boxes} is not held", job.template))
+            })?;
+            job.region = f.region;
+            if job.mark.kind == FrameKind::Speech {
+                // Sized for the largest region once, so it never regrows.
+                let max = store.max_region_bytes();
+                if job.frame.data.capacity() < max {
+                    job.frame.data.reserve_exact(max - job.frame.data.len());
+                }
+                if self.regions.is_none() {
+                    self.regions = Some(RegionReader::new().map_err(|e| StageError::at(job.index, e))?);
+                }
+                let regions = self.regions.as_mut().expect("made above");
+                f.read_region(regions, &mut job.frame).map_err(|e| StageError::at(job.index, e))?;
+            }
+        } else {
+            self.reader().get(job.template, &mut job.frame).map_err(|e: VideoError| {
+                StageError::at(job.index, format!("{e} (the avatar has {boxes} boxes: truncated or corrupt video?)"))
+            })?;
+            job.region = McuRegion::whole(job.frame.width, job.frame.height);
+        }
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         out.send(job)
     }

@@ -30,8 +30,8 @@ impl Stage for PrepStage {
         if job.skips_unet() {
             return out.send(job);
         }
-        let FrameJob { frame, c328, template, .. } = &mut job;
-        self.prep.crop(frame, self.avatar.boxes[*template], &self.avatar.config.crop, c328);
+        let b = job.local(self.avatar.boxes[job.template]);
+        self.prep.crop(&job.frame, b, &self.avatar.config.crop, &mut job.c328);
         out.send(job)
     }
 }

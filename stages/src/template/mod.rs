@@ -18,6 +18,7 @@
 //! decoded again the plain way, so a served frame is always the sequential decode's.
 
 mod decode;
+mod jpeg;
 mod reader;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +32,7 @@ use crate::frame::BgrFrame;
 use crate::io::video::{frame_files, open_video, OpenedVideo, VideoError};
 
 pub use decode::VideoReader;
+pub use jpeg::{JpegFrame, JpegTemplate, JpegTemplateBuilder, RegionReader};
 pub use reader::TemplateReader;
 
 /// Default byte budget of a reader's ring of decoded frames (and of the raw frames a frames
@@ -107,10 +109,16 @@ impl SharedTemplate {
     /// frames and, for a video, hash them). `budget`: raw bytes a frames directory keeps
     /// decoded (the rest is held zstd-compressed); unused for a video file.
     pub fn open(path: &Path, budget: usize) -> Result<Self, VideoError> {
+        Self::open_with(path, budget, &mut |_, _| Ok(()))
+    }
+
+    /// [`SharedTemplate::open`], showing `visit` each frame of that one decode, in order (to
+    /// build a [`JpegTemplate`] without decoding twice); its error fails the open.
+    pub fn open_with(path: &Path, budget: usize, visit: &mut Visitor<'_>) -> Result<Self, VideoError> {
         if !path.exists() {
             return Err(VideoError::Missing(path.to_path_buf()));
         }
-        let t = if path.is_dir() { open_dir(path, budget)? } else { open_file(path)? };
+        let t = if path.is_dir() { open_dir(path, budget, visit)? } else { open_file(path, visit)? };
         if t.len == 0 {
             return Err(VideoError::NoFrames(path.to_path_buf()));
         }
@@ -225,7 +233,10 @@ impl SharedTemplate {
     }
 }
 
-fn open_file(path: &Path) -> Result<SharedTemplate, VideoError> {
+/// What [`SharedTemplate::open_with`] shows each frame: its index and pixels.
+pub type Visitor<'a> = dyn FnMut(usize, &BgrFrame) -> Result<(), String> + 'a;
+
+fn open_file(path: &Path, visit: &mut Visitor<'_>) -> Result<SharedTemplate, VideoError> {
     let OpenedVideo { mut input, index, fps, mut decoder, .. } = open_video(path)?;
     let open = |message: String| VideoError::Open { path: path.to_path_buf(), message };
     let params = input.stream(index).ok_or_else(|| VideoError::NoVideoStream(path.to_path_buf()))?.parameters();
@@ -257,6 +268,7 @@ fn open_file(path: &Path) -> Result<SharedTemplate, VideoError> {
             Some(_) => {}
         }
         to_bgr.convert(&frame, &mut bgr).map_err(open)?;
+        visit(pts.len(), &bgr).map_err(open)?;
         hashes.push(xxh3_64(&bgr.data));
         pts.push(frame.timestamp());
     }
@@ -289,7 +301,7 @@ fn restarts(packets: &[ff::Packet], pts: Option<&[i64]>) -> Vec<Restart> {
     out
 }
 
-fn open_dir(path: &Path, budget: usize) -> Result<SharedTemplate, VideoError> {
+fn open_dir(path: &Path, budget: usize, visit: &mut Visitor<'_>) -> Result<SharedTemplate, VideoError> {
     let files = frame_files(path)?;
     let (mut frames, mut bytes, mut size) = (Vec::with_capacity(files.len()), 0, None);
     let mut frame = BgrFrame::default();
@@ -306,6 +318,7 @@ fn open_dir(path: &Path, budget: usize) -> Result<SharedTemplate, VideoError> {
                 want_h: h as u32,
             });
         }
+        visit(frames.len(), &frame).map_err(|message| VideoError::Open { path: file.clone(), message })?;
         let stored = if bytes + frame.data.len() <= budget {
             Stored::Raw(frame.data.clone().into_boxed_slice())
         } else {

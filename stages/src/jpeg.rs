@@ -1,0 +1,474 @@
+//! JPEG output (libjpeg-turbo): whole frames, and frames spliced from a template frame's JPEG
+//! and a freshly encoded face region (docs/architecture.md, "JPEG output").
+//!
+//! Every JPEG is baseline 4:2:0 with a restart marker every [`restart_interval`] MCUs, a
+//! divisor of the MCUs in a row, so each row splits into equal runs of MCUs that are coded
+//! independently: a run's bytes depend only on its own pixels (colour conversion is per pixel,
+//! chroma averages 2x2 squares, the DCT and quantisation are per 8x8 block, and the DC
+//! prediction restarts with the run). So a region aligned to the runs, encoded alone, yields
+//! the very bytes its runs have in the whole frame's JPEG, and [`JpegSplicer::splice`] makes a
+//! composited frame's JPEG from the template frame's by swapping those runs: the same bytes as
+//! encoding the whole composited frame (tested), for the cost of encoding the region.
+
+use std::ffi::{c_int, CStr};
+
+use turbojpeg::raw;
+
+use crate::frame::BgrFrame;
+use crate::image_io::ImageError;
+use crate::io::avatar::CropBox;
+
+/// The MCU of 4:2:0 JPEG: 16x16 pixels (four luma blocks and one block of each chroma).
+pub const MCU: usize = 16;
+
+/// Largest restart interval (MCUs): at 1280 pixels wide, 8 MCUs cost 1.4 % in size.
+const MAX_INTERVAL: usize = 8;
+
+/// MCUs per restart interval for frames `width` pixels wide: the largest divisor of the MCUs in
+/// a row up to 8, so that intervals start each row and regions align to them.
+pub fn restart_interval(width: usize) -> usize {
+    let cols = width.div_ceil(MCU).max(1);
+    (1..=MAX_INTERVAL.min(cols)).rev().find(|k| cols % k == 0).unwrap_or(1)
+}
+
+fn encode_error(width: usize, height: usize, message: String) -> ImageError {
+    ImageError::Encode { format: "JPEG", width, height, message }
+}
+
+/// A TurboJPEG compressor handle.
+struct Handle(raw::tjhandle);
+
+impl Handle {
+    fn compressor() -> Result<Self, String> {
+        // SAFETY: tj3Init has no preconditions; a null result is handled.
+        let h = unsafe { raw::tj3Init(raw::TJINIT_TJINIT_COMPRESS as c_int) };
+        if h.is_null() {
+            return Err("libjpeg-turbo could not make a compressor".into());
+        }
+        Ok(Self(h))
+    }
+
+    fn set(&mut self, param: raw::TJPARAM, value: usize) -> Result<(), String> {
+        let value = c_int::try_from(value).map_err(|_| format!("setting {param} to {value}: out of range"))?;
+        // SAFETY: the handle is live.
+        match unsafe { raw::tj3Set(self.0, param as c_int, value) } {
+            0 => Ok(()),
+            _ => Err(self.error()),
+        }
+    }
+
+    fn error(&self) -> String {
+        // SAFETY: the handle is live; the string is NUL-terminated and outlives this copy.
+        unsafe { CStr::from_ptr(raw::tj3GetErrorStr(self.0)) }.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: made by tj3Init, destroyed once.
+        unsafe { raw::tj3Destroy(self.0) }
+    }
+}
+
+// SAFETY: a TurboJPEG handle may move between threads; it is used by one at a time (&mut).
+unsafe impl Send for Handle {}
+
+/// A JPEG encoder (one per thread) with a reused output buffer: quality 1..=100, 4:2:0, a
+/// restart marker every [`restart_interval`] MCUs.
+pub struct JpegEncoder {
+    handle: Handle,
+    interval: usize,
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl std::fmt::Debug for JpegEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JpegEncoder").field("capacity", &self.buf.len()).finish()
+    }
+}
+
+impl JpegEncoder {
+    /// An encoder at `quality` (clamped to 1..=100).
+    pub fn new(quality: u8) -> Result<Self, ImageError> {
+        let err = |m: String| encode_error(0, 0, m);
+        let mut handle = Handle::compressor().map_err(err)?;
+        handle.set(raw::TJPARAM_TJPARAM_QUALITY, usize::from(quality.clamp(1, 100))).map_err(err)?;
+        handle.set(raw::TJPARAM_TJPARAM_SUBSAMP, raw::TJSAMP_TJSAMP_420 as usize).map_err(err)?;
+        handle.set(raw::TJPARAM_TJPARAM_NOREALLOC, 1).map_err(err)?;
+        Ok(Self { handle, interval: 0, buf: Vec::new(), len: 0 })
+    }
+
+    /// The largest JPEG this encoder can produce for a `width x height` frame.
+    pub fn max_len(&self, width: usize, height: usize) -> usize {
+        let (w, h) = (c_int::try_from(width).unwrap_or(c_int::MAX), c_int::try_from(height).unwrap_or(c_int::MAX));
+        // SAFETY: a pure function of its arguments.
+        match unsafe { raw::tj3JPEGBufSize(w, h, raw::TJSAMP_TJSAMP_420 as c_int) } as usize {
+            0 => width * height * 3 + 2048,
+            n => n,
+        }
+    }
+
+    /// Encodes `frame`; the JPEG bytes stay valid until the next call.
+    pub fn encode(&mut self, frame: &BgrFrame) -> Result<&[u8], ImageError> {
+        self.encode_part(frame, restart_interval(frame.width))
+    }
+
+    /// Encodes `pixels` with a restart marker every `interval` MCUs (a region of a wider
+    /// frame takes the frame's interval).
+    fn encode_part(&mut self, pixels: &BgrFrame, interval: usize) -> Result<&[u8], ImageError> {
+        let err = |m: String| encode_error(pixels.width, pixels.height, m);
+        if pixels.data.len() != pixels.width * pixels.height * 3 || pixels.width == 0 || pixels.height == 0 {
+            return Err(err(format!(
+                "{} bytes of pixels, expected {}",
+                pixels.data.len(),
+                pixels.width * pixels.height * 3
+            )));
+        }
+        if self.interval != interval {
+            self.handle.set(raw::TJPARAM_TJPARAM_RESTARTBLOCKS, interval).map_err(err)?;
+            self.interval = interval;
+        }
+        let need = self.max_len(pixels.width, pixels.height);
+        if self.buf.len() < need {
+            self.buf.resize(need, 0);
+        }
+        let (w, h) = (c_int::try_from(pixels.width).map_err(|e| err(e.to_string()))?, pixels.height as c_int);
+        let mut dst = self.buf.as_mut_ptr();
+        let mut len = self.buf.len() as raw::size_t;
+        // SAFETY: `pixels` holds `h` rows of `w * 3` bytes (checked above); `dst` has `len`
+        // writable bytes and NOREALLOC keeps libjpeg-turbo from replacing it.
+        let rc = unsafe {
+            raw::tj3Compress8(
+                self.handle.0,
+                pixels.data.as_ptr(),
+                w,
+                0,
+                h,
+                raw::TJPF_TJPF_BGR as c_int,
+                &mut dst,
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(err(self.handle.error()));
+        }
+        self.len = len as usize;
+        Ok(&self.buf[..self.len])
+    }
+}
+
+/// A rectangle of a frame aligned to the restart intervals (its left edge and width whole
+/// intervals, its top edge and height whole MCUs; the right and bottom edges may instead be
+/// the frame's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct McuRegion {
+    /// Left edge, pixels.
+    pub x: usize,
+    /// Top edge, pixels.
+    pub y: usize,
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+}
+
+impl McuRegion {
+    /// The whole of a `width x height` frame.
+    pub fn whole(width: usize, height: usize) -> Self {
+        Self { x: 0, y: 0, width, height }
+    }
+
+    /// The smallest aligned region of a `width x height` frame that holds the box (boxes lie
+    /// inside the frame: avatars are validated when loaded).
+    pub fn around(b: CropBox, width: usize, height: usize) -> Self {
+        let step = restart_interval(width) * MCU;
+        let clamp = |v: i64, max: usize| (v.max(0) as usize).min(max);
+        let (x1, y1) = (clamp(b.x1, width) / step * step, clamp(b.y1, height) / MCU * MCU);
+        let x2 = clamp(b.x2, width).div_ceil(step).saturating_mul(step).min(width);
+        let y2 = clamp(b.y2, height).div_ceil(MCU).saturating_mul(MCU).min(height);
+        Self { x: x1, y: y1, width: x2.saturating_sub(x1), height: y2.saturating_sub(y1) }
+    }
+
+    /// Bytes of the region as packed BGR.
+    pub fn bgr_len(&self) -> usize {
+        self.width * self.height * 3
+    }
+
+    /// `b` in the region's own coordinates.
+    pub fn local(&self, b: CropBox) -> CropBox {
+        let (x, y) = (self.x as i64, self.y as i64);
+        CropBox { x1: b.x1 - x, y1: b.y1 - y, x2: b.x2 - x, y2: b.y2 - y }
+    }
+
+    /// Copies the region of `frame` into `out` (reshaped to the region's size).
+    pub fn copy_out(&self, frame: &BgrFrame, out: &mut BgrFrame) {
+        out.reshape(self.width, self.height);
+        let (stride, row) = (frame.stride(), self.width * 3);
+        for (y, dst) in out.data.chunks_exact_mut(row.max(1)).enumerate().take(self.height) {
+            let at = (self.y + y) * stride + self.x * 3;
+            dst.copy_from_slice(&frame.data[at..at + row]);
+        }
+    }
+}
+
+/// Where a JPEG's parts lie: its header (through the scan header) and each restart interval's
+/// entropy-coded bytes, without the markers between them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JpegLayout {
+    /// Bytes before the entropy-coded data.
+    pub header: usize,
+    /// Each interval's bytes, `[start, end)`, in scan order.
+    pub runs: Vec<(u32, u32)>,
+}
+
+impl JpegLayout {
+    /// Parses `jpeg` (one baseline scan, as [`JpegEncoder`] writes), reusing `self`'s memory.
+    pub fn parse(&mut self, jpeg: &[u8]) -> Result<(), String> {
+        self.runs.clear();
+        if !jpeg.starts_with(&[0xFF, 0xD8]) {
+            return Err("not a JPEG (no start-of-image marker)".into());
+        }
+        let mut at = 2;
+        loop {
+            let (Some(&0xFF), Some(&marker)) = (jpeg.get(at), jpeg.get(at + 1)) else {
+                return Err(format!("expected a marker at byte {at}"));
+            };
+            let len = jpeg.get(at + 2..at + 4).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+            let Some(len) = len.filter(|&l| l >= 2) else { return Err(format!("marker {marker:#04x} cut short")) };
+            at += 2 + len;
+            if marker == 0xDA {
+                break;
+            }
+        }
+        self.header = at;
+        let (mut start, mut i) = (at, at);
+        let pos = |v: usize| u32::try_from(v).map_err(|_| "JPEG over 4 GiB".to_string());
+        while i + 1 < jpeg.len() {
+            if jpeg[i] != 0xFF {
+                i += 1;
+                continue;
+            }
+            match jpeg[i + 1] {
+                0x00 => i += 2,
+                0xD0..=0xD7 => {
+                    self.runs.push((pos(start)?, pos(i)?));
+                    i += 2;
+                    start = i;
+                }
+                0xD9 => {
+                    self.runs.push((pos(start)?, pos(i)?));
+                    return Ok(());
+                }
+                m => return Err(format!("unexpected marker {m:#04x} in the scan at byte {i}")),
+            }
+        }
+        Err("no end-of-image marker".into())
+    }
+}
+
+/// Makes composited frames' JPEGs from template frames' (see the module docs); reuses its
+/// buffers (one per encoding thread).
+pub struct JpegSplicer {
+    encoder: JpegEncoder,
+    region: JpegLayout,
+    out: Vec<u8>,
+}
+
+impl std::fmt::Debug for JpegSplicer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JpegSplicer").field("capacity", &self.out.capacity()).finish()
+    }
+}
+
+impl JpegSplicer {
+    /// A splicer for template frames encoded at `quality` by [`JpegEncoder`].
+    pub fn new(quality: u8) -> Result<Self, ImageError> {
+        Ok(Self { encoder: JpegEncoder::new(quality)?, region: JpegLayout::default(), out: Vec::new() })
+    }
+
+    /// The largest JPEG this splicer can produce for a `width x height` frame.
+    pub fn max_len(&self, width: usize, height: usize) -> usize {
+        self.encoder.max_len(width, height)
+    }
+
+    /// The JPEG of a `width`-pixel-wide template frame (`base`, laid out as `layout`) with
+    /// `region` made from `pixels` (its composited BGR pixels): byte-for-byte the JPEG of the
+    /// whole composited frame. Valid until the next call.
+    pub fn splice(
+        &mut self,
+        base: &[u8],
+        layout: &JpegLayout,
+        width: usize,
+        pixels: &BgrFrame,
+        region: McuRegion,
+    ) -> Result<&[u8], ImageError> {
+        let err = |m: String| encode_error(region.width, region.height, m);
+        let k = restart_interval(width);
+        let aligned = region.x % (k * MCU) == 0
+            && region.y % MCU == 0
+            && ((region.x + region.width) % (k * MCU) == 0 || region.x + region.width == width);
+        if (pixels.width, pixels.height) != (region.width, region.height) || !aligned || region.x + region.width > width
+        {
+            return Err(err(format!(
+                "the region's pixels are {}x{}, expected {}x{} at ({}, {}) on the {}-pixel grid of a {width}-pixel-wide frame",
+                pixels.width,
+                pixels.height,
+                region.width,
+                region.height,
+                region.x,
+                region.y,
+                k * MCU
+            )));
+        }
+        let small = self.encoder.encode_part(pixels, k)?;
+        self.region.parse(small).map_err(|m| err(format!("the region's JPEG: {m}")))?;
+        let per_row = width.div_ceil(MCU) / k;
+        let (c0, c1) = (region.x / MCU / k, (region.x + region.width).div_ceil(MCU).div_ceil(k));
+        let (r0, r1) = (region.y / MCU, (region.y + region.height).div_ceil(MCU));
+        let n = layout.runs.len();
+        if per_row == 0 || n % per_row != 0 || r1 > n / per_row || self.region.runs.len() != (r1 - r0) * (c1 - c0) {
+            return Err(err(format!(
+                "the template frame's JPEG has {n} restart intervals and the region's {}, expected rows of {per_row} \
+                 covering rows {r0}..{r1} (was the template frame encoded at another size?)",
+                self.region.runs.len()
+            )));
+        }
+        let out = &mut self.out;
+        out.clear();
+        out.extend_from_slice(&base[..layout.header]);
+        for (s, &(a, b)) in layout.runs.iter().enumerate() {
+            let (row, col) = (s / per_row, s % per_row);
+            if (r0..r1).contains(&row) && (c0..c1).contains(&col) {
+                let (a, b) = self.region.runs[(row - r0) * (c1 - c0) + col - c0];
+                out.extend_from_slice(&small[a as usize..b as usize]);
+            } else {
+                out.extend_from_slice(&base[a as usize..b as usize]);
+            }
+            out.extend_from_slice(&if s + 1 < n { [0xFF, 0xD0 + (s % 8) as u8] } else { [0xFF, 0xD9] });
+        }
+        Ok(&self.out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame with texture everywhere (so every block has AC energy).
+    fn textured(width: usize, height: usize, seed: u32) -> BgrFrame {
+        let mut f = BgrFrame::new(width, height);
+        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+        for (i, v) in f.data.iter_mut().enumerate() {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            let (x, y) = ((i / 3) % width, (i / 3) / width);
+            *v = ((x * 3 + y * 2 + (i % 3) * 40) as u32 % 200 + s % 56) as u8;
+        }
+        f
+    }
+
+    fn jpeg(frame: &BgrFrame, quality: u8) -> Vec<u8> {
+        JpegEncoder::new(quality).unwrap().encode(frame).unwrap().to_vec()
+    }
+
+    /// Pastes other pixels into `b` of a frame, then checks the spliced JPEG is the whole
+    /// frame's.
+    fn check(width: usize, height: usize, b: CropBox, quality: u8) {
+        let base = textured(width, height, 1);
+        let base_jpeg = jpeg(&base, quality);
+        let mut layout = JpegLayout::default();
+        layout.parse(&base_jpeg).unwrap();
+        let mut composite = base.clone();
+        let paste = textured(width, height, 7);
+        for y in b.y1 as usize..b.y2 as usize {
+            let r = y * width * 3 + b.x1 as usize * 3..y * width * 3 + b.x2 as usize * 3;
+            composite.data[r.clone()].copy_from_slice(&paste.data[r]);
+        }
+        let region = McuRegion::around(b, width, height);
+        let mut pixels = BgrFrame::default();
+        region.copy_out(&composite, &mut pixels);
+        let mut s = JpegSplicer::new(quality).unwrap();
+        let spliced = s.splice(&base_jpeg, &layout, width, &pixels, region).unwrap().to_vec();
+        assert!(spliced == jpeg(&composite, quality), "{width}x{height} box {b:?} q{quality}: bytes differ");
+        // The buffers reused: the same again.
+        assert_eq!(s.splice(&base_jpeg, &layout, width, &pixels, region).unwrap(), &spliced[..]);
+        // And it decodes to the composite's JPEG pixels, like any JPEG.
+        let mut decoded = BgrFrame::default();
+        crate::image_io::decode_image(&spliced, &mut decoded).unwrap();
+        assert_eq!((decoded.width, decoded.height), (width, height));
+    }
+
+    #[test]
+    fn spliced_jpeg_is_the_whole_frames_jpeg() {
+        check(320, 240, CropBox { x1: 37, y1: 45, x2: 170, y2: 199 }, 90);
+        check(320, 240, CropBox { x1: 0, y1: 0, x2: 320, y2: 240 }, 75);
+        check(320, 240, CropBox { x1: 16, y1: 32, x2: 48, y2: 64 }, 100);
+        check(1280, 720, CropBox { x1: 530, y1: 293, x2: 744, y2: 507 }, 90);
+    }
+
+    #[test]
+    fn exact_at_frame_edges_off_the_mcu_grid() {
+        // Widths whose MCU columns have no divisor up to 8 but 1 (53 = prime) or others (21),
+        // heights off the grid, regions touching the right and bottom edges.
+        check(330, 250, CropBox { x1: 200, y1: 150, x2: 330, y2: 250 }, 90);
+        check(331, 249, CropBox { x1: 3, y1: 5, x2: 331, y2: 249 }, 60);
+        check(848, 250, CropBox { x1: 101, y1: 17, x2: 211, y2: 121 }, 90);
+        check(336, 200, CropBox { x1: 300, y1: 180, x2: 336, y2: 200 }, 90);
+    }
+
+    #[test]
+    fn intervals_divide_the_row() {
+        assert_eq!(restart_interval(1280), 8);
+        assert_eq!(restart_interval(1920), 8);
+        assert_eq!(restart_interval(336), 7);
+        assert_eq!(restart_interval(848), 1);
+        assert_eq!(restart_interval(330), 7);
+        assert_eq!(restart_interval(8), 1);
+    }
+
+    #[test]
+    fn regions_cover_the_box_on_the_interval_grid() {
+        let r = McuRegion::around(CropBox { x1: 530, y1: 293, x2: 744, y2: 507 }, 1280, 720);
+        assert_eq!(r, McuRegion { x: 512, y: 288, width: 256, height: 224 });
+        let r = McuRegion::around(CropBox { x1: 200, y1: 150, x2: 330, y2: 250 }, 330, 250);
+        assert_eq!(r, McuRegion { x: 112, y: 144, width: 218, height: 106 });
+        assert_eq!(
+            r.local(CropBox { x1: 200, y1: 150, x2: 330, y2: 250 }),
+            CropBox { x1: 88, y1: 6, x2: 218, y2: 106 }
+        );
+    }
+
+    #[test]
+    fn layouts_find_every_interval() {
+        let j = jpeg(&textured(320, 240, 3), 90);
+        let mut l = JpegLayout::default();
+        l.parse(&j).unwrap();
+        // 20 x 15 MCUs in intervals of 5.
+        assert_eq!(restart_interval(320), 5);
+        assert_eq!(l.runs.len(), 4 * 15);
+        assert_eq!(l.runs.last().unwrap().1 as usize, j.len() - 2);
+        assert!(l.parse(b"\xFF\xD8\xFF").is_err());
+        assert!(l.parse(&j[..j.len() - 2]).unwrap_err().contains("end-of-image"));
+        assert!(l.parse(b"GIF89a").unwrap_err().contains("not a JPEG"));
+    }
+
+    #[test]
+    fn wrong_pixels_or_template_are_errors() {
+        let base = jpeg(&textured(320, 64, 1), 90);
+        let mut layout = JpegLayout::default();
+        layout.parse(&base).unwrap();
+        let region = McuRegion { x: 80, y: 16, width: 80, height: 32 };
+        let mut s = JpegSplicer::new(90).unwrap();
+        let e = s.splice(&base, &layout, 320, &BgrFrame::new(16, 32), region).unwrap_err();
+        assert!(e.to_string().contains("expected 80x32"), "{e}");
+        let off_grid = McuRegion { x: 16, ..region };
+        let e = s.splice(&base, &layout, 320, &BgrFrame::new(80, 32), off_grid).unwrap_err();
+        assert!(e.to_string().contains("80-pixel grid"), "{e}");
+        // A region below a shorter template frame.
+        let low = McuRegion { y: 48, ..region };
+        let e = s.splice(&base, &layout, 320, &BgrFrame::new(80, 32), low).unwrap_err();
+        assert!(e.to_string().contains("another size"), "{e}");
+    }
+}
