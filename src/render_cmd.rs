@@ -95,11 +95,13 @@ pub struct RenderArgs {
     #[arg(long, default_value = "hard")]
     pub blend: Blend,
     /// MiB of decoded template frames kept for the ping-pong's backward pass (a frames
-    /// directory: raw frames held, the rest compressed); default: what `--memory-mb` leaves
-    /// after the models, up to the whole template.
+    /// directory: raw frames held, the rest compressed), and for JPEG output the most the
+    /// template's JPEG frames and face regions may take (held when they fit: then nothing is
+    /// decoded); default: what `--memory-mb` leaves after the models, up to the whole template.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub template_cache_mb: Option<u32>,
-    /// Resident memory (MB, 10^6 bytes) the default template cache keeps the render within.
+    /// Resident memory (MB, 10^6 bytes) the default template cache (or JPEG frames) keeps the
+    /// render within.
     #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(64..=1_000_000))]
     pub memory_mb: u32,
     /// Write the latency report (JSON).

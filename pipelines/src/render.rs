@@ -47,10 +47,11 @@ pub const MIN_TEMPLATE_CACHE: usize = 16 << 20;
 const CACHE_MARGIN: usize = 40 << 20;
 
 /// [`CACHE_MARGIN`] for a render from a [`lipsync_stages::template::JpegTemplate`], which has no
-/// decoder at work and no whole frames: the audio encoder's working memory, the JPEG encoder,
-/// allocator slack. Measured on the sample (720p, full model): peaks came 8 MiB over the
-/// models, the template and the frame jobs.
-const JPEG_MARGIN: usize = 16 << 20;
+/// decoder at work once it is open and no whole frames in its jobs: the audio encoder's working
+/// memory, the JPEG encoders, the two frames in flight while the template opens, allocator
+/// slack. Measured on the sample (720p, full model): peaks came 14 MiB over the models, the
+/// JPEG template and the frame jobs.
+const JPEG_MARGIN: usize = 20 << 20;
 
 /// What an H.264 output's encoder holds (libx264 at the settings of
 /// `lipsync_stages::encode`, 720p: measured 22 MB).

@@ -1,6 +1,6 @@
 //! The daemon started in-process (`Daemon::start`): a session streamed through the client
-//! library gives the offline render's JPEG bytes, a stop drains it and removes the socket, and a
-//! daemon that cannot start says why.
+//! library gives the offline render's JPEG bytes (from the avatar's JPEG frames or from decoded
+//! ones), a stop drains it and removes the socket, and a daemon that cannot start says why.
 
 use std::path::PathBuf;
 
@@ -48,7 +48,7 @@ fn an_in_process_daemon_serves_the_render_frames_and_drains() {
         intra_threads: Some(1),
         ..Default::default()
     };
-    let daemon = Daemon::start(options.validate().unwrap(), runtime()).unwrap();
+    let daemon = Daemon::start(options.clone().validate().unwrap(), runtime()).unwrap();
     let decoded = decode_file(&audio).unwrap();
     let spec = StreamSpec {
         avatar: "golden".into(),
@@ -91,8 +91,26 @@ fn an_in_process_daemon_serves_the_render_frames_and_drains() {
     assert!(golden.template_bytes > 0 && golden.model_bytes > 0, "{golden:?}");
     assert_eq!(golden.session_bytes, 0, "no session is open");
     assert_eq!(golden.memory_bytes, golden.template_bytes + golden.model_bytes);
+    let with_jpeg_frames = golden.template_bytes;
     daemon.stop().unwrap();
     assert!(!socket.exists(), "the socket is removed when the daemon stops");
+
+    // Without JPEG frames (sessions decode the template and encode whole frames): the same
+    // bytes, and the template holds less.
+    let options = ServeOptions { jpeg_template_mb: Some(0), ..options };
+    let daemon = Daemon::start(options.validate().unwrap(), runtime()).unwrap();
+    let spec = StreamSpec { avatar: "golden".into(), ..spec };
+    let mut again = Vec::new();
+    stream(daemon.socket(), &spec, |i, jpeg| {
+        again.push((i, jpeg.to_vec()));
+        Ok(())
+    })
+    .unwrap();
+    assert!(again == got, "frames encoded whole differ from frames spliced into JPEG frames");
+    let list = Connection::connect(daemon.socket()).unwrap().avatars().unwrap();
+    let golden = list.iter().find(|a| a.name == "golden").expect("golden is listed");
+    assert!(golden.template_bytes < with_jpeg_frames, "{golden:?} against {with_jpeg_frames} with JPEG frames");
+    daemon.stop().unwrap();
 }
 
 #[test]
