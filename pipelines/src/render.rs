@@ -49,7 +49,7 @@ const CACHE_MARGIN: usize = 40 << 20;
 /// [`CACHE_MARGIN`] for a render from a [`lipsync_stages::template::JpegTemplate`], which has no
 /// decoder at work once it is open and no whole frames in its jobs: the audio encoder's working
 /// memory, the JPEG encoders, the two frames in flight while the template opens, allocator
-/// slack. Measured on the sample (720p, full model): peaks came 14 MiB over the models, the
+/// slack. Measured on the sample (720p, full model): peaks came 16 MiB over the models, the
 /// JPEG template and the frame jobs.
 const JPEG_MARGIN: usize = 20 << 20;
 

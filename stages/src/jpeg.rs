@@ -84,7 +84,7 @@ pub struct JpegEncoder {
 
 impl std::fmt::Debug for JpegEncoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JpegEncoder").field("capacity", &self.buf.len()).finish()
+        f.debug_struct("JpegEncoder").field("capacity", &self.buf.capacity()).finish()
     }
 }
 
@@ -129,13 +129,14 @@ impl JpegEncoder {
             self.handle.set(raw::TJPARAM_TJPARAM_RESTARTBLOCKS, interval).map_err(err)?;
             self.interval = interval;
         }
+        // Capacity for the worst case, untouched: only the pages the JPEG fills become resident
+        // (a 720p worst case is 2.8 MB, a JPEG 0.1-0.2 MB).
         let need = self.max_len(pixels.width, pixels.height);
-        if self.buf.len() < need {
-            self.buf.resize(need, 0);
-        }
+        self.buf.clear();
+        self.buf.reserve(need);
         let (w, h) = (c_int::try_from(pixels.width).map_err(|e| err(e.to_string()))?, pixels.height as c_int);
         let mut dst = self.buf.as_mut_ptr();
-        let mut len = self.buf.len() as raw::size_t;
+        let mut len = self.buf.capacity() as raw::size_t;
         // SAFETY: `pixels` holds `h` rows of `w * 3` bytes (checked above); `dst` has `len`
         // writable bytes and NOREALLOC keeps libjpeg-turbo from replacing it.
         let rc = unsafe {
@@ -153,7 +154,13 @@ impl JpegEncoder {
         if rc != 0 {
             return Err(err(self.handle.error()));
         }
-        self.len = len as usize;
+        let len = len as usize;
+        if len > self.buf.capacity() || dst != self.buf.as_mut_ptr() {
+            return Err(err(format!("libjpeg-turbo wrote {len} bytes outside the {} given", self.buf.capacity())));
+        }
+        // SAFETY: libjpeg-turbo wrote the first `len` bytes (within the capacity, checked).
+        unsafe { self.buf.set_len(len) };
+        self.len = len;
         Ok(&self.buf[..self.len])
     }
 }

@@ -40,12 +40,12 @@ pub fn open_template(
     };
     let mut builder = JpegTemplateBuilder::new(quality, &avatar.boxes, limit).map_err(|e| e.to_string())?;
     let boxes = avatar.boxes.len();
-    // Frames to the builder, and their buffers back: one being made, one being filled.
+    // One frame goes to the builder and comes back: it is made into a JPEG while the decoder
+    // makes the next frame in its own buffer (a second copy would cost 2.8 MB at 720p and
+    // gain little: the copy is short).
     let (frames_tx, frames_rx) = crossbeam_channel::bounded::<(usize, BgrFrame)>(1);
-    let (spare_tx, spare_rx) = crossbeam_channel::bounded::<BgrFrame>(2);
-    for _ in 0..2 {
-        spare_tx.send(BgrFrame::default()).expect("room for two");
-    }
+    let (spare_tx, spare_rx) = crossbeam_channel::bounded::<BgrFrame>(1);
+    spare_tx.send(BgrFrame::default()).expect("room for one");
     let (opened, built) = std::thread::scope(|s| {
         let worker = std::thread::Builder::new().name("ls-template".into()).spawn_scoped(s, move || {
             for (i, frame) in frames_rx {
