@@ -77,8 +77,13 @@ fn image(c: &mut Criterion) {
     let mut layout = JpegLayout::default();
     layout.parse(&base).unwrap();
     let mut splicer = JpegSplicer::new(90).unwrap();
+    let mut out = Vec::with_capacity(splicer.max_len(frame.width, frame.height));
+    let size = (frame.width, frame.height);
     g.bench_function("jpeg_splice_q90", |bch| {
-        bch.iter(|| splicer.splice(&base, &layout, frame.width, &pixels, region).unwrap().len())
+        bch.iter(|| {
+            splicer.splice(&base, &layout, size, &pixels, region, &mut out).unwrap();
+            out.len()
+        })
     });
     g.finish();
 }

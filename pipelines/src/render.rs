@@ -209,14 +209,15 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
     // output keeps it as JPEGs and face regions when they fit (jobs then hold a region each).
     let open_budget = cfg.template_cache.unwrap_or(lipsync_stages::template::DEFAULT_CACHE);
     let jpeg = matches!(cfg.output, Output::Dir { format: ImageFormat::Jpeg, .. } | Output::Stdout).then(|| {
-        let (w, h) = cfg
-            .avatar
-            .boxes
-            .iter()
-            .fold((0, 0), |(w, h), b| (w.max(b.width() as usize + 2 * MCU), h.max(b.height() as usize + 2 * MCU)));
-        let limit = cfg
-            .template_cache
-            .unwrap_or_else(|| jpeg_template_limit(cfg.memory_budget, jobs * FrameJob::bytes(&crop, w, h)));
+        // A job's region: the box widened to whole restart intervals (up to 8 MCUs a side).
+        let (w, h) =
+            cfg.avatar.boxes.iter().fold((0, 0), |(w, h), b| {
+                (w.max(b.width() as usize + 2 * 8 * MCU), h.max(b.height() as usize + 2 * MCU))
+            });
+        // The template's own packets stay held beside it (about the video file's size).
+        let packets = std::fs::metadata(&cfg.avatar.video).ok().filter(|m| m.is_file()).map_or(0, |m| m.len());
+        let reserve = jobs * FrameJob::bytes(&crop, w, h) + packets as usize;
+        let limit = cfg.template_cache.unwrap_or_else(|| jpeg_template_limit(cfg.memory_budget, reserve));
         (cfg.jpeg_quality, limit)
     });
     let (template, store) =

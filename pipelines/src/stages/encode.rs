@@ -87,14 +87,16 @@ impl Stage for EncodeStage {
                 if job.encoded.capacity() < max {
                     job.encoded.reserve_exact(max - job.encoded.len());
                 }
-                job.encoded.clear();
                 if job.skips_unet() {
                     // Idle: the template frame as it is.
+                    job.encoded.clear();
                     job.encoded.extend_from_slice(&base.jpeg);
                 } else {
-                    let bytes =
-                        splicer.splice(&base.jpeg, &base.layout, w, &job.frame, job.region).map_err(|e| at(&e))?;
-                    job.encoded.extend_from_slice(bytes);
+                    let index = job.index;
+                    let FrameJob { frame, region, encoded, .. } = &mut job;
+                    splicer
+                        .splice(&base.jpeg, &base.layout, (w, h), frame, *region, encoded)
+                        .map_err(|e| StageError::at(index, e))?;
                 }
             }
             Encoding::Jpeg(quality) => {

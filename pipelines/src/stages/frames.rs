@@ -40,6 +40,8 @@ pub fn open_template(
     };
     let mut builder = JpegTemplateBuilder::new(quality, &avatar.boxes, limit).map_err(|e| e.to_string())?;
     let boxes = avatar.boxes.len();
+    // Set once the builder is over its limit: the decode then sends it nothing more.
+    let over = &std::sync::atomic::AtomicBool::new(false);
     // One frame goes to the builder and comes back: it is made into a JPEG while the decoder
     // makes the next frame in its own buffer (a second copy would cost 2.8 MB at 720p and
     // gain little: the copy is short).
@@ -50,6 +52,7 @@ pub fn open_template(
         let worker = std::thread::Builder::new().name("ls-template".into()).spawn_scoped(s, move || {
             for (i, frame) in frames_rx {
                 builder.push(i, &frame)?;
+                over.store(builder.over_limit(), Ordering::Relaxed);
                 let _ = spare_tx.send(frame);
             }
             Ok::<_, lipsync_stages::image_io::ImageError>(builder)
@@ -59,7 +62,7 @@ pub fn open_template(
             Err(e) => return (Err(format!("could not start a thread: {e}")), None),
         };
         let mut visit = |i: usize, f: &BgrFrame| {
-            if i >= boxes {
+            if i >= boxes || over.load(Ordering::Relaxed) {
                 return Ok(());
             }
             // A closed channel means the builder stopped with an error, reported below.

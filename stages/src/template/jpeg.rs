@@ -175,6 +175,7 @@ impl JpegTemplateBuilder {
             height: frame.height,
             message,
         })?;
+        layout.runs.shrink_to_fit();
         region.copy_out(frame, &mut self.pixels);
         let pixels = self.zstd.compress(&self.pixels.data).map_err(|e| ImageError::Encode {
             format: "zstd",
