@@ -77,7 +77,7 @@ fn image(c: &mut Criterion) {
     let mut layout = JpegLayout::default();
     layout.parse(&base).unwrap();
     let mut splicer = JpegSplicer::new(90).unwrap();
-    let mut out = Vec::with_capacity(splicer.max_len(frame.width, frame.height));
+    let mut out = Vec::with_capacity(lipsync_stages::jpeg::max_len(frame.width, frame.height));
     let size = (frame.width, frame.height);
     g.bench_function("jpeg_splice_q90", |bch| {
         bch.iter(|| {

@@ -144,6 +144,14 @@ impl FrameJob {
     }
 }
 
+/// Gives `buf` room for `total` elements in all, once (a job's buffers are sized for their
+/// worst case on first use, so steady state never regrows them).
+pub(crate) fn reserve_total<T>(buf: &mut Vec<T>, total: usize) {
+    if buf.capacity() < total {
+        buf.reserve_exact(total - buf.len());
+    }
+}
+
 impl FrameJob {
     /// Whether an interrupt has made this frame unwanted (it is then dropped, not sent).
     pub fn is_stale(&self) -> bool {

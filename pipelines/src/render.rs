@@ -48,8 +48,7 @@ const CACHE_MARGIN: usize = 40 << 20;
 
 /// [`CACHE_MARGIN`] for a render from a [`lipsync_stages::template::JpegTemplate`], which has no
 /// decoder at work once it is open and no whole frames in its jobs: the audio encoder's working
-/// memory, the JPEG encoders, the two frames in flight while the template opens, allocator
-/// slack. Measured on the sample (720p, full model): peaks came 16 MiB over the models, the
+/// memory, the JPEG encoders, the frame in flight while the template opens, allocator slack. Measured on the sample (720p, full model): peaks came 16 MiB over the models, the
 /// JPEG template and the frame jobs.
 const JPEG_MARGIN: usize = 20 << 20;
 
@@ -78,11 +77,12 @@ pub fn fit_cache(whole: usize, budget: usize, used: usize) -> usize {
 /// still to come and [`JPEG_MARGIN`]; without a resident-memory reading, the default template
 /// cache.
 pub fn jpeg_template_limit(budget: usize, reserve: usize) -> usize {
-    let limit = match rss_bytes() {
+    let rss = rss_bytes();
+    let limit = match rss {
         Some(rss) => budget.saturating_sub(rss + reserve + JPEG_MARGIN),
         None => lipsync_stages::template::DEFAULT_CACHE,
     };
-    tracing::debug!(rss = rss_bytes(), limit, "JPEG template limit");
+    tracing::debug!(rss, limit, "JPEG template limit");
     limit
 }
 

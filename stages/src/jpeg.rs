@@ -36,6 +36,16 @@ pub fn restart_interval(width: usize) -> usize {
     (MIN_INTERVAL..=MAX_INTERVAL.min(cols)).rev().find(|k| cols % k == 0).unwrap_or(cols)
 }
 
+/// The largest JPEG [`JpegEncoder`] or [`JpegSplicer`] can produce for a `width x height` frame.
+pub fn max_len(width: usize, height: usize) -> usize {
+    let (w, h) = (c_int::try_from(width).unwrap_or(c_int::MAX), c_int::try_from(height).unwrap_or(c_int::MAX));
+    // SAFETY: a pure function of its arguments.
+    match unsafe { raw::tj3JPEGBufSize(w, h, raw::TJSAMP_TJSAMP_420 as c_int) } as usize {
+        0 => width * height * 3 + 2048,
+        n => n,
+    }
+}
+
 fn encode_error(width: usize, height: usize, message: String) -> ImageError {
     ImageError::Encode { format: "JPEG", width, height, message }
 }
@@ -104,20 +114,10 @@ impl JpegEncoder {
         Ok(Self { handle, interval: 0, buf: Vec::new(), len: 0 })
     }
 
-    /// The largest JPEG this encoder can produce for a `width x height` frame.
-    pub fn max_len(&self, width: usize, height: usize) -> usize {
-        let (w, h) = (c_int::try_from(width).unwrap_or(c_int::MAX), c_int::try_from(height).unwrap_or(c_int::MAX));
-        // SAFETY: a pure function of its arguments.
-        match unsafe { raw::tj3JPEGBufSize(w, h, raw::TJSAMP_TJSAMP_420 as c_int) } as usize {
-            0 => width * height * 3 + 2048,
-            n => n,
-        }
-    }
-
     /// Reserves (without touching) the output buffer for a `width x height` frame's worst case,
     /// so that encoding it, or any part of it, never grows the buffer.
     pub fn reserve(&mut self, width: usize, height: usize) {
-        let need = self.max_len(width, height);
+        let need = max_len(width, height);
         if self.buf.capacity() < need {
             self.buf.clear();
             self.buf.reserve(need);
@@ -146,7 +146,7 @@ impl JpegEncoder {
         }
         // Capacity for the worst case, untouched: only the pages the JPEG fills become resident
         // (a 720p worst case is 2.8 MB, a JPEG 0.1-0.2 MB).
-        let need = self.max_len(pixels.width, pixels.height);
+        let need = max_len(pixels.width, pixels.height);
         self.buf.clear();
         self.buf.reserve(need);
         let (w, h) = (c_int::try_from(pixels.width).map_err(|e| err(e.to_string()))?, pixels.height as c_int);
@@ -308,15 +308,10 @@ impl JpegSplicer {
         Ok(Self { encoder: JpegEncoder::new(quality)?, region: JpegLayout::default() })
     }
 
-    /// The largest JPEG this splicer can produce for a `width x height` frame.
-    pub fn max_len(&self, width: usize, height: usize) -> usize {
-        self.encoder.max_len(width, height)
-    }
-
     /// Writes into `out` the JPEG of a `size` (width, height) template frame (`base`, laid out
     /// as `layout`) with `region` made from `pixels` (its composited BGR pixels): byte-for-byte
     /// the JPEG of the whole composited frame. `out` is cleared first; reserve it for the
-    /// frame's worst case ([`JpegSplicer::max_len`]) and it never grows.
+    /// frame's worst case ([`max_len`]) and it never grows.
     pub fn splice(
         &mut self,
         base: &[u8],

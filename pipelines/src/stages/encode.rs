@@ -10,10 +10,10 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use lipsync_stages::encode::VideoWriter;
 use lipsync_stages::image_io::encode_png;
-use lipsync_stages::jpeg::{JpegEncoder, JpegSplicer};
+use lipsync_stages::jpeg::{max_len, JpegEncoder, JpegSplicer};
 use lipsync_stages::template::JpegTemplate;
 
-use crate::job::{FrameJob, FrameStats};
+use crate::job::{reserve_total, FrameJob, FrameStats};
 use crate::runtime::{Out, Stage, StageError};
 
 /// What the encode stage makes of a frame.
@@ -72,46 +72,40 @@ impl Stage for EncodeStage {
         match &self.encoding {
             Encoding::Png => encode_png(&job.frame, &mut job.encoded, &mut self.scratch).map_err(|e| at(&e))?,
             Encoding::Raw => {}
-            Encoding::Jpeg(quality) if self.store.is_some() => {
-                let store = self.store.as_ref().expect("matched");
-                let base = store
-                    .frame(job.template)
-                    .ok_or_else(|| at(&format!("template frame {} is not held", job.template)))?;
-                if self.splicer.is_none() {
-                    self.splicer = Some(JpegSplicer::new(*quality).map_err(|e| at(&e))?);
-                }
-                let splicer = self.splicer.as_mut().expect("made above");
-                let (w, h) = store.size();
-                // Size each job's buffer for the worst case once, so it never regrows.
-                let max = splicer.max_len(w, h);
-                if job.encoded.capacity() < max {
-                    job.encoded.reserve_exact(max - job.encoded.len());
-                }
-                if job.skips_unet() {
-                    // Idle: the template frame as it is.
-                    job.encoded.clear();
-                    job.encoded.extend_from_slice(&base.jpeg);
-                } else {
-                    let index = job.index;
-                    let FrameJob { frame, region, encoded, .. } = &mut job;
-                    splicer
-                        .splice(&base.jpeg, &base.layout, (w, h), frame, *region, encoded)
-                        .map_err(|e| StageError::at(index, e))?;
-                }
-            }
             Encoding::Jpeg(quality) => {
-                if self.jpeg.is_none() {
-                    self.jpeg = Some(JpegEncoder::new(*quality).map_err(|e| at(&e))?);
+                // Size each job's buffer for the frame's worst case once, so it never regrows.
+                let (w, h) = self.store.as_ref().map_or((job.frame.width, job.frame.height), |s| s.size());
+                reserve_total(&mut job.encoded, max_len(w, h));
+                match &self.store {
+                    Some(store) => {
+                        let base = store
+                            .frame(job.template)
+                            .ok_or_else(|| at(&format!("template frame {} is not held", job.template)))?;
+                        if self.splicer.is_none() {
+                            self.splicer = Some(JpegSplicer::new(*quality).map_err(|e| at(&e))?);
+                        }
+                        let splicer = self.splicer.as_mut().expect("made above");
+                        if job.skips_unet() {
+                            // Idle: the template frame as it is.
+                            job.encoded.clear();
+                            job.encoded.extend_from_slice(&base.jpeg);
+                        } else {
+                            let index = job.index;
+                            let FrameJob { frame, region, encoded, .. } = &mut job;
+                            splicer
+                                .splice(&base.jpeg, &base.layout, (w, h), frame, *region, encoded)
+                                .map_err(|e| StageError::at(index, e))?;
+                        }
+                    }
+                    None => {
+                        if self.jpeg.is_none() {
+                            self.jpeg = Some(JpegEncoder::new(*quality).map_err(|e| at(&e))?);
+                        }
+                        let bytes = self.jpeg.as_mut().expect("made above").encode(&job.frame).map_err(|e| at(&e))?;
+                        job.encoded.clear();
+                        job.encoded.extend_from_slice(bytes);
+                    }
                 }
-                let jpeg = self.jpeg.as_mut().expect("made above");
-                // Size each job's buffer for the worst case once, so it never regrows.
-                let max = jpeg.max_len(job.frame.width, job.frame.height);
-                if job.encoded.capacity() < max {
-                    job.encoded.reserve_exact(max - job.encoded.len());
-                }
-                let bytes = jpeg.encode(&job.frame).map_err(|e| at(&e))?;
-                job.encoded.clear();
-                job.encoded.extend_from_slice(bytes);
             }
             Encoding::H264 { path, fps, audio } => {
                 if self.writer.is_none() {

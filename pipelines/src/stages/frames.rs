@@ -13,7 +13,7 @@ use lipsync_stages::io::video::VideoError;
 use lipsync_stages::jpeg::McuRegion;
 use lipsync_stages::template::{JpegTemplate, JpegTemplateBuilder, RegionReader, SharedTemplate, TemplateReader};
 
-use crate::job::{AudioTensor, FrameJob, FrameKind, FrameStats};
+use crate::job::{reserve_total, AudioTensor, FrameJob, FrameKind, FrameStats};
 use crate::runtime::{Out, Pool, Stage, StageError};
 
 /// The template a graph reads, and how many bytes of decoded frames its reader keeps.
@@ -149,10 +149,7 @@ impl Stage for FramesStage {
             job.region = f.region;
             if job.mark.kind == FrameKind::Speech {
                 // Sized for the largest region once, so it never regrows.
-                let max = store.max_region_bytes();
-                if job.frame.data.capacity() < max {
-                    job.frame.data.reserve_exact(max - job.frame.data.len());
-                }
+                reserve_total(&mut job.frame.data, store.max_region_bytes());
                 if self.regions.is_none() {
                     self.regions = Some(RegionReader::new().map_err(|e| StageError::at(job.index, e))?);
                 }

@@ -1,9 +1,8 @@
 //! [`JpegTemplate`]: what JPEG output needs of a template, kept so that no frame is decoded
 //! while frames are made: each template frame's JPEG (at the output's quality) and, exact and
 //! zstd-compressed (lossless), the pixels of the aligned region around its face box (all that
-//! prep and paste-back read). A
-//! speech frame is that region composited and spliced into the frame's JPEG ([`crate::jpeg`]);
-//! an idle frame is the frame's JPEG as it is.
+//! prep and paste-back read). A speech frame is that region composited and spliced into the
+//! frame's JPEG ([`crate::jpeg`]); an idle frame is the frame's JPEG as it is.
 
 use crate::frame::BgrFrame;
 use crate::image_io::ImageError;
@@ -155,13 +154,12 @@ impl JpegTemplateBuilder {
         if self.over || index >= self.boxes.len() {
             return Ok(());
         }
+        let err = |format, message| ImageError::Encode { format, width: frame.width, height: frame.height, message };
         if index != self.frames.len() {
-            return Err(ImageError::Encode {
-                format: "JPEG",
-                width: frame.width,
-                height: frame.height,
-                message: format!("template frame {index} came out of order (expected {})", self.frames.len()),
-            });
+            return Err(err(
+                "JPEG",
+                format!("template frame {index} came out of order (expected {})", self.frames.len()),
+            ));
         }
         if index == 0 {
             self.size = (frame.width, frame.height);
@@ -169,20 +167,10 @@ impl JpegTemplateBuilder {
         let region = McuRegion::around(self.boxes[index], frame.width, frame.height);
         let jpeg = self.encoder.encode(frame)?;
         let mut layout = JpegLayout::default();
-        layout.parse(jpeg).map_err(|message| ImageError::Encode {
-            format: "JPEG",
-            width: frame.width,
-            height: frame.height,
-            message,
-        })?;
+        layout.parse(jpeg).map_err(|m| err("JPEG", m))?;
         layout.runs.shrink_to_fit();
         region.copy_out(frame, &mut self.pixels);
-        let pixels = self.zstd.compress(&self.pixels.data).map_err(|e| ImageError::Encode {
-            format: "zstd",
-            width: region.width,
-            height: region.height,
-            message: e.to_string(),
-        })?;
+        let pixels = self.zstd.compress(&self.pixels.data).map_err(|e| err("zstd", e.to_string()))?;
         let bytes = jpeg.len() + pixels.len() + layout.runs.len() * 8;
         if self.bytes + bytes > self.limit {
             // Over the limit: the caller decodes frames as they are needed instead.
