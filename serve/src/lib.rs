@@ -8,7 +8,8 @@
 //! - [`listener`]: bind, accept, drain; [`Daemon`] runs one in-process.
 //! - `connection`: one connection's state machine.
 //! - [`stats`]: the `Stats` reply; `metrics`: the same and more for Prometheus on the `http`
-//!   listener (`--http`).
+//!   listener (`--http`: Host, Origin and token checked, connections capped and timed; `fds`
+//!   sizes its cap so that the Unix socket always has descriptors; docs/security.md).
 //! - [`client`]: the client library ([`client_live`]: real-time sessions); [`bench`]: rounds of concurrent sessions, measured.
 //! - [`fuzzing`]: entry points for the fuzzer (protocol, audio decoder, avatar formats).
 //!
@@ -24,6 +25,7 @@ pub mod client;
 pub mod client_live;
 mod connection;
 mod deadline;
+mod fds;
 pub mod frame_out;
 pub mod fuzzing;
 mod http;

@@ -44,6 +44,8 @@ pub(crate) struct Shared {
     pub(crate) sessions_failed: AtomicU64,
     /// Idle frames sent by all sessions.
     pub(crate) idle_frames_total: AtomicU64,
+    /// The HTTP listener's connections, relays and refusals.
+    pub(crate) http: crate::http::Counters,
 }
 
 impl Shared {
@@ -75,6 +77,9 @@ pub enum ServeError {
         /// Why.
         message: String,
     },
+    /// A setting that this machine cannot honour (the descriptor limit).
+    #[error(transparent)]
+    Settings(#[from] crate::settings::SettingsError),
     /// An avatar named by `preload` could not be loaded.
     #[error("preloading avatar `{name}`: {source}")]
     Preload {
@@ -88,6 +93,7 @@ pub enum ServeError {
 /// Runs the daemon until `stop` is set (the binary sets it on SIGTERM/SIGINT), then drains.
 pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<(), ServeError> {
     release_big_buffers();
+    let nofile = crate::fds::raise_limit();
     let (listener, lock_file) = bind(&settings.socket, settings.socket_mode)?;
     let socket = settings.socket.clone();
     // From here on the socket file is ours: remove it however we leave.
@@ -106,6 +112,7 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
         finishing: AtomicUsize::new(0),
         sessions_failed: AtomicU64::new(0),
         idle_frames_total: AtomicU64::new(0),
+        http: crate::http::Counters::default(),
     });
     let preload: Vec<String> = if settings.preload.iter().any(|p| p == "all") {
         shared.registry.list().into_iter().map(|a| a.name).collect()
@@ -116,7 +123,11 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
         shared.registry.acquire(name, false).map_err(|source| ServeError::Preload { name: name.clone(), source })?;
     }
     let _http = match &settings.http {
-        Some(h) => Some(crate::http::start(h.addr, h.token.clone(), shared.clone(), socket.clone())?),
+        Some(h) => {
+            let open = crate::fds::open_now();
+            let cap = crate::fds::http_cap(h, nofile, open, settings.max_connections(), settings.max_sessions)?;
+            Some(crate::http::start(h, cap, shared.clone(), socket.clone())?)
+        }
         None => None,
     };
     let term = stop;

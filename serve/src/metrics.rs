@@ -117,6 +117,18 @@ impl Collector for DaemonCollector {
         )?;
         counter(&mut enc, "lipsync_frames", "Frames sent", sh.frames_total.load(Ordering::Relaxed))?;
         counter(&mut enc, "lipsync_idle_frames", "Idle frames sent", sh.idle_frames_total.load(Ordering::Relaxed))?;
+        let open = |n: &std::sync::atomic::AtomicUsize| n.load(Ordering::Relaxed) as i64;
+        gauge(&mut enc, "lipsync_http_connections", "HTTP connections open now", None, open(&sh.http.connections))?;
+        gauge(&mut enc, "lipsync_http_websockets", "WebSocket relays open now", None, open(&sh.http.websockets))?;
+        let mut m = enc.encode_descriptor(
+            "lipsync_http_refused",
+            "HTTP requests and connections refused, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for why in crate::http::Refused::ALL {
+            ConstCounter::new(sh.http.refused(why)).encode(m.encode_family(&[("reason", why.label())])?)?;
+        }
 
         // Label values are written as they are: keep quotes, backslashes and line breaks out.
         let clean = |p: &std::path::Path| p.display().to_string().replace(['"', '\\', '\n', '\r'], "_");

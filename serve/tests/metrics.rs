@@ -23,7 +23,7 @@ fn get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(c, "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n").unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}Connection: close\r\n\r\n").unwrap();
     let mut text = String::new();
     c.read_to_string(&mut text).unwrap();
     let status = text.split(' ').nth(1).unwrap().parse().unwrap();
@@ -138,7 +138,10 @@ fn http_settings_that_cannot_work_are_refused() {
     let wide = ServeOptions { http: Some("0.0.0.0:9100".into()), ..base() };
     let e = wide.validate().unwrap_err().to_string();
     assert!(e.contains("not a loopback address") && e.contains("--http-token"), "{e}");
-    let ok = ServeOptions { http: Some("0.0.0.0:9100".into()), http_token: Some("t".into()), ..base() };
+    let no_host = || ServeOptions { http: Some("0.0.0.0:9100".into()), http_token: Some("t".into()), ..base() };
+    let e = no_host().validate().unwrap_err().to_string();
+    assert!(e.contains("listens on every address") && e.contains("--http-host"), "{e}");
+    let ok = ServeOptions { http_host: Some(vec!["avatars.example.com".into()]), ..no_host() };
     assert!(ok.validate().is_ok());
     let bad = ServeOptions { http: Some("localhost".into()), ..base() };
     assert!(bad.validate().unwrap_err().to_string().contains("IP:PORT"));

@@ -1,38 +1,10 @@
-<!doctype html>
-<!-- lipsync: a live avatar in the browser. Served by `lipsync serve --http ADDR` at `/`.
-     It speaks the daemon's protocol (docs/protocol.md, version 2) over the WebSocket at /ws,
-     one protocol message per binary WebSocket message: a real-time session, audio sent as
-     f32le at the AudioContext's rate, JPEG frames drawn as they come (the daemon paces them on
-     the session's clock), a file's sound started with the frame that begins its utterance. -->
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>lipsync live</title>
-<style>
-  body { font: 14px system-ui, sans-serif; margin: 1.5em; background: #111; color: #ddd; }
-  canvas { display: block; max-width: 100%; background: #000; margin-top: 1em; }
-  button, select, input { font: inherit; margin-right: .5em; }
-  #stats { margin-top: .5em; font-family: ui-monospace, monospace; }
-</style>
-</head>
-<body>
-<h1>lipsync live</h1>
-<div>
-  <label>Avatar <select id="avatar"></select></label>
-  <input id="file" type="file" accept="audio/*">
-  <button id="play">Play file</button>
-  <button id="mic">Microphone</button>
-  <button id="interrupt" disabled>Interrupt</button>
-  <button id="stop" disabled>Stop</button>
-</div>
-<div id="stats">not connected</div>
-<canvas id="view" width="640" height="360"></canvas>
-<script>
+// lipsync live: the browser page's script (served as /page.js: the page's
+// Content-Security-Policy allows no inline script).
 "use strict";
 const HELLO = 0x01, OPEN = 0x10, OPENED = 0x11, AUDIO = 0x12, END_AUDIO = 0x13, INTERRUPT = 0x15,
   FINISH = 0x16, FRAME = 0x20, DONE = 0x21, SPEECH = 0x22, INTERRUPTED = 0x23, ERROR = 0x7f;
-const token = new URLSearchParams(location.search).get("token") || "";
-const q = token ? "?token=" + encodeURIComponent(token) : "";
+// With --http-token the page was loaded once as /?token=TOKEN, and the daemon answered with a
+// session cookie (HttpOnly, SameSite=Strict) that the requests below carry by themselves.
 const $ = (id) => document.getElementById(id);
 // Read by people (the line under the buttons) and by the end-to-end test.
 const S = window.lipsyncStats = {
@@ -68,7 +40,7 @@ async function connect() {
   ctx = new AudioContext();
   await ctx.resume();
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  ws = new WebSocket(`${scheme}//${location.host}/ws${q}`);
+  ws = new WebSocket(`${scheme}//${location.host}/ws`, ["lipsync.v2"]);
   ws.binaryType = "arraybuffer";
   await new Promise((ok, fail) => { ws.onopen = ok; ws.onerror = () => fail(new Error("WebSocket failed")); });
   ws.onmessage = (e) => receive(new Uint8Array(e.data));
@@ -174,7 +146,8 @@ async function useMic() {
 }
 
 async function loadAvatars() {
-  const r = await fetch("/avatars" + q);
+  const r = await fetch("/avatars");
+  if (!r.ok) throw new Error(`/avatars: ${r.status}`);
   const list = (await r.json()).avatars;
   for (const name of list) {
     const o = document.createElement("option");
@@ -192,6 +165,3 @@ $("stop").onclick = () => {
   send(message(FINISH));
 };
 loadAvatars().catch((e) => { S.error = "cannot list avatars: " + e; show(); });
-</script>
-</body>
-</html>

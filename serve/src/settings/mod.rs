@@ -1,5 +1,8 @@
 //! The daemon's settings: declared once ([`ServeOptions`]: flags and TOML keys alike), merged
-//! (flags over the file over the defaults) and validated once into [`Settings`].
+//! (flags over the file over the defaults) and validated once into [`Settings`]; the HTTP
+//! listener's in [`http`].
+
+pub mod http;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,6 +12,8 @@ use lipsync_pipelines::graph::Layout;
 use lipsync_pipelines::runtime::PinPolicy;
 use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider, RemoteSettings};
 use serde::{Deserialize, Serialize};
+
+pub use http::{HttpSettings, Secret};
 
 /// `lipsync serve` settings: each is a flag and a key of the `--config` TOML file (flags win).
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -113,13 +118,50 @@ pub struct ServeOptions {
     pub message_timeout: Option<f64>,
     /// Also serve HTTP on this address, e.g. 127.0.0.1:9100: the browser page (`/`), its
     /// WebSocket (`/ws`) and `/metrics` (Prometheus text). A non-loopback address needs
-    /// --http-token.
+    /// --http-token; a wildcard one (0.0.0.0) needs --http-host too.
     #[arg(long, value_name = "ADDR")]
     pub http: Option<String>,
-    /// The token every HTTP request must carry (`Authorization: Bearer TOKEN`, or
-    /// `?token=TOKEN`); required to bind a non-loopback address.
+    /// The token every HTTP request must carry: `Authorization: Bearer TOKEN`; a browser loads
+    /// `/?token=TOKEN` once and gets a cookie; a WebSocket client may offer the subprotocol
+    /// `lipsync.token.TOKEN`. Required to bind a non-loopback address. The command line is
+    /// visible to other users (ps): prefer `http_token` in a --config file only you can read.
     #[arg(long, value_name = "TOKEN")]
     pub http_token: Option<String>,
+    /// A host name (NAME or NAME:PORT) the HTTP listener answers to besides its own address
+    /// (repeatable); requests naming any other `Host` get 421 (DNS rebinding). Its http and
+    /// https origins may use the WebSocket.
+    #[arg(long, value_name = "NAME")]
+    pub http_host: Option<Vec<String>>,
+    /// An origin (http://HOST[:PORT] or https://...) whose pages may open the WebSocket
+    /// (repeatable); pages of any origin other than the listener's own get 403.
+    #[arg(long, value_name = "ORIGIN")]
+    pub http_allow_origin: Option<Vec<String>>,
+    /// Most HTTP connections open at once (1..=65536, and no more than the descriptor limit
+    /// leaves after the Unix socket's connections) [default: 256, or what that leaves]; one
+    /// more is answered 503 and closed.
+    #[arg(long, value_name = "N")]
+    pub http_max_connections: Option<usize>,
+    /// Most WebSocket relays open at once (1..=4 x max sessions: each takes one of the Unix
+    /// socket's connections, and 16 always stay for Unix-socket clients)
+    /// [default: 2 x max sessions + 8]; one more is answered 503.
+    #[arg(long, value_name = "N")]
+    pub http_max_websockets: Option<usize>,
+    /// Seconds a request's head may take to arrive whole, counted from the connection's open
+    /// or the end of its previous response (0.1..=300) [default: 10].
+    #[arg(long, value_name = "S")]
+    pub http_header_timeout: Option<f64>,
+    /// Seconds an HTTP connection may move no bytes (an idle keep-alive connection, one that
+    /// sends nothing) before it is closed (0.1..=3600) [default: 5].
+    #[arg(long, value_name = "S")]
+    pub http_idle_timeout: Option<f64>,
+    /// WebSocket messages per second one browser connection may send, two seconds' worth at
+    /// once (1..=100000) [default: 200]; past it that connection alone is closed (code 1008).
+    #[arg(long, value_name = "N")]
+    pub http_ws_message_rate: Option<f64>,
+    /// WebSocket MiB per second one browser connection may send, likewise (0.1..=4096)
+    /// [default: 16].
+    #[arg(long, value_name = "MIB")]
+    pub http_ws_mib_rate: Option<f64>,
 }
 
 /// A setting that cannot be used.
@@ -162,6 +204,18 @@ pub enum SettingsError {
         value: String,
         /// The allowed range.
         allowed: &'static str,
+    },
+    /// A value outside the range that this machine or the other settings allow.
+    #[error("{name} {value} is out of range: expected {allowed} ({why})")]
+    Budget {
+        /// The setting.
+        name: &'static str,
+        /// The value given or derived.
+        value: usize,
+        /// The allowed range.
+        allowed: String,
+        /// What sets the range.
+        why: String,
     },
     /// A value that does not parse.
     #[error("{name} `{value}` is not valid: expected {expected}")]
@@ -240,16 +294,6 @@ pub struct Settings {
     pub message_timeout: Duration,
     /// The HTTP listener, if any.
     pub http: Option<HttpSettings>,
-}
-
-/// The HTTP listener's address and token.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct HttpSettings {
-    /// Where it listens.
-    pub addr: std::net::SocketAddr,
-    /// The token requests must carry (never shown in summaries).
-    #[serde(skip)]
-    pub token: Option<String>,
 }
 
 fn octal<S: serde::Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
@@ -334,7 +378,15 @@ impl ServeOptions {
             idle_timeout,
             message_timeout,
             http,
-            http_token
+            http_token,
+            http_host,
+            http_allow_origin,
+            http_max_connections,
+            http_max_websockets,
+            http_header_timeout,
+            http_idle_timeout,
+            http_ws_message_rate,
+            http_ws_mib_rate
         )
     }
 
@@ -352,6 +404,8 @@ impl ServeOptions {
 
     /// Fills in the defaults and checks every setting.
     pub fn validate(self) -> Result<Settings, SettingsError> {
+        let max_sessions = at_least_one("max sessions", self.max_sessions.unwrap_or(16))?;
+        let http = http::resolve(&self, max_connections(max_sessions))?;
         let socket = self.socket.ok_or(SettingsError::Missing("socket path", "socket", "socket"))?;
         let avatars = self.avatars.ok_or(SettingsError::Missing("avatars directory", "avatars", "avatars"))?;
         if !avatars.is_dir() {
@@ -424,27 +478,11 @@ impl ServeOptions {
             });
         }
         let delay = in_range("real-time delay (ms)", self.realtime_delay_ms.unwrap_or(200.0), 0.0, 5000.0, "0..=5000")?;
-        let http = match self.http {
-            None if self.http_token.is_some() => return Err(SettingsError::Http("--http-token without --http".into())),
-            None => None,
-            Some(a) => {
-                let addr: std::net::SocketAddr = a.parse().map_err(|_| {
-                    SettingsError::Http(format!("--http {a} is not an address: expected IP:PORT, e.g. 127.0.0.1:9100"))
-                })?;
-                let token = self.http_token.filter(|t| !t.is_empty());
-                if !addr.ip().is_loopback() && token.is_none() {
-                    return Err(SettingsError::Http(format!(
-                        "--http {addr} is not a loopback address: give --http-token too, which every request must carry"
-                    )));
-                }
-                Some(HttpSettings { addr, token })
-            }
-        };
         let message = in_range("message timeout (s)", self.message_timeout.unwrap_or(30.0), 0.1, 3600.0, "0.1..=3600")?;
         Ok(Settings {
             socket,
             avatars,
-            max_sessions: at_least_one("max sessions", self.max_sessions.unwrap_or(16))?,
+            max_sessions,
             socket_mode,
             preload: self.preload.unwrap_or_default(),
             cache_bytes: self.cache_mb.unwrap_or(2048) << 20,
@@ -480,6 +518,11 @@ pub fn auto_layout(cores: usize) -> Layout {
     }
 }
 
+/// Unix-socket connections allowed at once for `max_sessions` sessions.
+fn max_connections(max_sessions: usize) -> usize {
+    4 * max_sessions + 16
+}
+
 impl Settings {
     /// The settings as JSON (for `Stats`).
     pub fn summary(&self) -> serde_json::Value {
@@ -489,7 +532,7 @@ impl Settings {
     /// Connections allowed at once: sessions, plus room for clients that only ask for stats
     /// or manage avatars.
     pub fn max_connections(&self) -> usize {
-        4 * self.max_sessions + 16
+        max_connections(self.max_sessions)
     }
 }
 
@@ -499,7 +542,7 @@ mod tests {
 
     #[test]
     fn the_documented_example_config_parses() {
-        let file: ServeOptions = toml::from_str(include_str!("../../docs/serve.example.toml")).unwrap();
+        let file: ServeOptions = toml::from_str(include_str!("../../../docs/serve.example.toml")).unwrap();
         assert_eq!(file.max_sessions, Some(16));
         assert_eq!(file.preload, Some(vec!["alice".to_string()]));
         assert_eq!(file.client_timeout, Some(30.0));

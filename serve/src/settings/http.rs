@@ -1,0 +1,361 @@
+//! The HTTP listener's settings (`--http` and the `--http-*` flags): its address and token, the
+//! hosts it answers to and the origins whose pages may use it, and the bounds on its
+//! connections. docs/security.md says what each one guards against.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::{in_range, ServeOptions, SettingsError};
+
+/// Most HTTP connections at once when `--http-max-connections` is not given (fewer when the
+/// descriptor limit leaves less: see `crate::fds`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// The largest `--http-max-connections` accepted before the descriptor limit is known.
+pub const MAX_CONNECTIONS: usize = 65_536;
+/// Seconds a request's head may take to arrive whole [`--http-header-timeout`].
+pub const DEFAULT_HEADER_TIMEOUT_S: f64 = 10.0;
+/// Seconds a connection may move no bytes before it is closed [`--http-idle-timeout`].
+pub const DEFAULT_IDLE_TIMEOUT_S: f64 = 5.0;
+/// Messages per second a WebSocket may send, on average over two seconds.
+pub const DEFAULT_WS_MESSAGE_RATE: f64 = 200.0;
+/// MiB per second a WebSocket may send, on average over two seconds.
+pub const DEFAULT_WS_MIB_RATE: f64 = 16.0;
+/// Unix-socket connections that WebSocket relays can never take (the relays are capped at the
+/// daemon's connection limit less these).
+pub const UNIX_HEADROOM: usize = 16;
+/// The subprotocol the WebSocket answers with (`Sec-WebSocket-Protocol`).
+pub const WS_PROTOCOL: &str = "lipsync.v2";
+/// The prefix of the subprotocol value that carries the token (`lipsync.token.TOKEN`).
+pub const WS_TOKEN_PREFIX: &str = "lipsync.token.";
+
+/// A secret that never shows in `Debug` output or summaries.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The HTTP listener, validated.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpSettings {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The token requests must carry (never shown in summaries or logs).
+    #[serde(skip)]
+    pub token: Option<Secret>,
+    /// `Host` values answered (normalized: lower case, no `:80`).
+    pub hosts: Vec<String>,
+    /// `Origin` values whose pages may use it (normalized: lower case, no default port).
+    pub origins: Vec<String>,
+    /// Most HTTP connections at once, if given (else derived from the descriptor limit).
+    pub max_connections: Option<usize>,
+    /// Most WebSocket relays at once.
+    pub max_websockets: usize,
+    /// Longest a request's head may take, from the connection's open or the previous response.
+    #[serde(rename = "header_timeout_s", serialize_with = "super::secs")]
+    pub header_timeout: Duration,
+    /// Longest a connection may move no bytes (idle keep-alive, nothing sent).
+    #[serde(rename = "idle_timeout_s", serialize_with = "super::secs")]
+    pub idle_timeout: Duration,
+    /// WebSocket messages per second from one connection (two seconds' worth may come at once).
+    pub ws_message_rate: f64,
+    /// WebSocket bytes per second from one connection (likewise).
+    pub ws_byte_rate: f64,
+}
+
+/// `authority` without the port when it is the scheme's `default` (`:80`, `:443`).
+fn strip_port<'a>(authority: &'a str, default: &str) -> &'a str {
+    authority.strip_suffix(default).unwrap_or(authority)
+}
+
+/// A `Host` header value as compared: lower case, `:80` dropped.
+pub fn normalize_host(host: &str) -> String {
+    strip_port(&host.to_ascii_lowercase(), ":80").to_string()
+}
+
+/// A DNS name or an IPv4 address: dot-separated labels of letters, digits and `-`.
+fn valid_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+}
+
+/// Whether `s` is `NAME`, `NAME:PORT`, `[IPV6]` or `[IPV6]:PORT`.
+fn valid_authority(s: &str) -> bool {
+    let (host_ok, port) = match s.strip_prefix('[') {
+        Some(rest) => {
+            let Some((v6, tail)) = rest.split_once(']') else { return false };
+            let port = match tail {
+                "" => None,
+                t => match t.strip_prefix(':') {
+                    Some(p) => Some(p),
+                    None => return false,
+                },
+            };
+            (v6.parse::<std::net::Ipv6Addr>().is_ok(), port)
+        }
+        None => match s.split_once(':') {
+            Some((h, p)) => (valid_name(h), Some(p)),
+            None => (valid_name(s), None),
+        },
+    };
+    host_ok && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
+/// An origin (`http://NAME[:PORT]` or `https://...`) as compared: lower case, no trailing `/`,
+/// no default port; `None` for anything else (`null`, a path, another scheme).
+pub fn normalize_origin(origin: &str) -> Option<String> {
+    let o = origin.trim().to_ascii_lowercase();
+    let o = o.strip_suffix('/').unwrap_or(&o);
+    let (scheme, authority, default) = if let Some(a) = o.strip_prefix("http://") {
+        ("http://", a, ":80")
+    } else if let Some(a) = o.strip_prefix("https://") {
+        ("https://", a, ":443")
+    } else {
+        return None;
+    };
+    valid_authority(authority).then(|| format!("{scheme}{}", strip_port(authority, default)))
+}
+
+/// `ip:port` as a `Host` header writes it.
+fn authority(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}:{port}"),
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+    }
+}
+
+/// The HTTP settings of `o` (`None` without `--http`), for a daemon whose Unix socket takes
+/// `unix_connections` connections.
+pub(super) fn resolve(o: &ServeOptions, unix_connections: usize) -> Result<Option<HttpSettings>, SettingsError> {
+    let Some(a) = &o.http else {
+        let given = [
+            ("--http-token", o.http_token.is_some()),
+            ("--http-host", o.http_host.is_some()),
+            ("--http-allow-origin", o.http_allow_origin.is_some()),
+            ("--http-max-connections", o.http_max_connections.is_some()),
+            ("--http-max-websockets", o.http_max_websockets.is_some()),
+            ("--http-header-timeout", o.http_header_timeout.is_some()),
+            ("--http-idle-timeout", o.http_idle_timeout.is_some()),
+            ("--http-ws-message-rate", o.http_ws_message_rate.is_some()),
+            ("--http-ws-mib-rate", o.http_ws_mib_rate.is_some()),
+        ];
+        return match given.iter().find(|(_, g)| *g) {
+            Some((flag, _)) => Err(SettingsError::Http(format!("{flag} without --http"))),
+            None => Ok(None),
+        };
+    };
+    let addr: SocketAddr = a.parse().map_err(|_| {
+        SettingsError::Http(format!("--http {a} is not an address: expected IP:PORT, e.g. 127.0.0.1:9100"))
+    })?;
+    let token = o.http_token.clone().filter(|t| !t.is_empty());
+    if !addr.ip().is_loopback() && token.is_none() {
+        return Err(SettingsError::Http(format!(
+            "--http {addr} is not a loopback address: give --http-token too, which every request must carry"
+        )));
+    }
+    if let Some(t) = &token {
+        if !t.bytes().all(|b| b.is_ascii_graphic()) || t.len() > 512 {
+            return Err(SettingsError::Http(
+                "--http-token must be 1 to 512 printable ASCII characters without spaces".into(),
+            ));
+        }
+    }
+    let port = addr.port();
+    let mut hosts = Vec::new();
+    if addr.ip().is_loopback() || addr.ip().is_unspecified() {
+        hosts.extend(["localhost", "127.0.0.1", "[::1]"].map(|h| format!("{h}:{port}")));
+    }
+    if !addr.ip().is_unspecified() {
+        hosts.push(authority(addr.ip(), port));
+    }
+    let names = o.http_host.clone().unwrap_or_default();
+    if addr.ip().is_unspecified() && names.is_empty() {
+        return Err(SettingsError::Http(format!(
+            "--http {addr} listens on every address: name the hosts it is reached by with --http-host NAME \
+             (requests naming any other host are refused, against DNS rebinding)"
+        )));
+    }
+    let mut origins = Vec::new();
+    for name in &names {
+        let n = name.to_ascii_lowercase();
+        if !valid_authority(&n) {
+            return Err(SettingsError::Invalid {
+                name: "HTTP host",
+                value: name.clone(),
+                expected: "a host name or address, with or without :PORT (e.g. avatars.example.com)",
+            });
+        }
+        let forms = if n.starts_with('[') && n.ends_with(']') || !n.starts_with('[') && !n.contains(':') {
+            vec![n.clone(), format!("{n}:{port}")]
+        } else {
+            vec![n.clone()]
+        };
+        for f in forms {
+            // A name given here may sit behind a TLS proxy: its https origin is allowed too.
+            origins.extend(normalize_origin(&format!("https://{f}")));
+            hosts.push(f);
+        }
+    }
+    for h in &hosts.clone() {
+        origins.extend(normalize_origin(&format!("http://{h}")));
+    }
+    for given in o.http_allow_origin.clone().unwrap_or_default() {
+        let normalized = normalize_origin(&given).ok_or_else(|| SettingsError::Invalid {
+            name: "HTTP allowed origin",
+            value: given.clone(),
+            expected: "http://HOST[:PORT] or https://HOST[:PORT] (no path; `null` is never allowed)",
+        })?;
+        origins.push(normalized);
+    }
+    hosts = hosts.iter().map(|h| normalize_host(h)).collect();
+    hosts.sort();
+    hosts.dedup();
+    origins.sort();
+    origins.dedup();
+    let max_connections = match o.http_max_connections {
+        Some(n) if !(1..=MAX_CONNECTIONS).contains(&n) => {
+            return Err(SettingsError::Range {
+                name: "HTTP max connections",
+                value: n.to_string(),
+                allowed: "1..=65536 (and what the descriptor limit leaves: checked at start)",
+            })
+        }
+        n => n,
+    };
+    let ws_cap = unix_connections.saturating_sub(UNIX_HEADROOM).max(1);
+    let max_websockets = o.http_max_websockets.unwrap_or((unix_connections / 2).min(ws_cap));
+    if !(1..=ws_cap).contains(&max_websockets) {
+        return Err(SettingsError::Budget {
+            name: "HTTP max WebSockets",
+            value: max_websockets,
+            allowed: format!("1..={ws_cap}"),
+            why: format!(
+                "each relay takes one of the Unix socket's {unix_connections} connections (4 x max sessions + 16), \
+                 and {UNIX_HEADROOM} stay for Unix-socket clients"
+            ),
+        });
+    }
+    let header = in_range(
+        "HTTP header timeout (s)",
+        o.http_header_timeout.unwrap_or(DEFAULT_HEADER_TIMEOUT_S),
+        0.1,
+        300.0,
+        "0.1..=300",
+    )?;
+    let idle = in_range(
+        "HTTP idle timeout (s)",
+        o.http_idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT_S),
+        0.1,
+        3600.0,
+        "0.1..=3600",
+    )?;
+    let rate = in_range(
+        "WebSocket message rate (1/s)",
+        o.http_ws_message_rate.unwrap_or(DEFAULT_WS_MESSAGE_RATE),
+        1.0,
+        100_000.0,
+        "1..=100000",
+    )?;
+    let mib = in_range(
+        "WebSocket byte rate (MiB/s)",
+        o.http_ws_mib_rate.unwrap_or(DEFAULT_WS_MIB_RATE),
+        0.1,
+        4096.0,
+        "0.1..=4096",
+    )?;
+    Ok(Some(HttpSettings {
+        addr,
+        token: token.map(Secret),
+        hosts,
+        origins,
+        max_connections,
+        max_websockets,
+        header_timeout: Duration::from_secs_f64(header),
+        idle_timeout: Duration::from_secs_f64(idle),
+        ws_message_rate: rate,
+        ws_byte_rate: mib * (1u64 << 20) as f64,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(addr: &str, f: impl FnOnce(&mut ServeOptions)) -> Result<HttpSettings, SettingsError> {
+        let mut o = ServeOptions { http: Some(addr.into()), ..Default::default() };
+        f(&mut o);
+        resolve(&o, 80).map(|h| h.expect("--http given"))
+    }
+
+    #[test]
+    fn loopback_answers_its_own_names_and_nothing_else() {
+        let h = http("127.0.0.1:9100", |_| {}).unwrap();
+        assert_eq!(h.hosts, ["127.0.0.1:9100", "[::1]:9100", "localhost:9100"]);
+        assert_eq!(h.origins, ["http://127.0.0.1:9100", "http://[::1]:9100", "http://localhost:9100"]);
+        assert_eq!((h.max_websockets, h.max_connections), (40, None));
+        let h = http("127.0.0.1:80", |_| {}).unwrap();
+        assert_eq!(h.hosts, ["127.0.0.1", "[::1]", "localhost"], "the default port is dropped");
+    }
+
+    #[test]
+    fn host_names_add_their_hosts_and_origins() {
+        let e = http("0.0.0.0:9100", |o| o.http_token = Some("t".into())).unwrap_err().to_string();
+        assert!(e.contains("--http-host"), "{e}");
+        let h = http("0.0.0.0:9100", |o| {
+            o.http_token = Some("t".into());
+            o.http_host = Some(vec!["Avatars.Example.com".into(), "10.0.0.5:8443".into()]);
+            o.http_allow_origin = Some(vec!["https://app.example.com:443/".into()]);
+        })
+        .unwrap();
+        for want in ["avatars.example.com", "avatars.example.com:9100", "10.0.0.5:8443", "localhost:9100"] {
+            assert!(h.hosts.contains(&want.to_string()), "{want}: {:?}", h.hosts);
+        }
+        for want in ["https://avatars.example.com", "http://avatars.example.com:9100", "https://app.example.com"] {
+            assert!(h.origins.contains(&want.to_string()), "{want}: {:?}", h.origins);
+        }
+        assert!(!h.hosts.iter().any(|x| x.starts_with("0.0.0.0")));
+    }
+
+    #[test]
+    fn bad_hosts_origins_and_bounds_are_refused_with_what_is_allowed() {
+        for bad in ["null", "file:///x", "http://a.example/path", "ws://a.example", "http://", "http://a b"] {
+            let e = http("127.0.0.1:1", |o| o.http_allow_origin = Some(vec![bad.into()])).unwrap_err();
+            assert!(e.to_string().contains("http://HOST[:PORT]"), "{bad}: {e}");
+        }
+        for bad in ["*", "a/b", "", "x:99999", "[::1"] {
+            assert!(http("127.0.0.1:1", |o| o.http_host = Some(vec![bad.into()])).is_err(), "{bad}");
+        }
+        let e = http("127.0.0.1:1", |o| o.http_max_websockets = Some(65)).unwrap_err().to_string();
+        assert!(e.starts_with("HTTP max WebSockets 65 is out of range: expected 1..=64"), "{e}");
+        let e = http("127.0.0.1:1", |o| o.http_max_connections = Some(0)).unwrap_err().to_string();
+        assert!(e.contains("expected 1..=65536"), "{e}");
+        let e = http("127.0.0.1:1", |o| o.http_idle_timeout = Some(0.0)).unwrap_err().to_string();
+        assert_eq!(e, "HTTP idle timeout (s) 0 is out of range: expected 0.1..=3600");
+        let o = ServeOptions { http_allow_origin: Some(vec!["http://a".into()]), ..Default::default() };
+        assert_eq!(resolve(&o, 80).unwrap_err().to_string(), "--http-allow-origin without --http");
+        let e = http("127.0.0.1:1", |o| o.http_token = Some("has space".into())).unwrap_err().to_string();
+        assert!(e.contains("printable"), "{e}");
+    }
+
+    #[test]
+    fn origins_and_hosts_normalize_as_browsers_write_them() {
+        assert_eq!(normalize_origin("HTTP://LocalHost:80/").as_deref(), Some("http://localhost"));
+        assert_eq!(normalize_origin("https://a.example:443").as_deref(), Some("https://a.example"));
+        assert_eq!(normalize_origin("https://a.example:8443").as_deref(), Some("https://a.example:8443"));
+        assert_eq!(normalize_origin("http://[::1]:9100").as_deref(), Some("http://[::1]:9100"));
+        assert_eq!(normalize_origin("null"), None);
+        assert_eq!(normalize_host("LOCALHOST:80"), "localhost");
+        assert_eq!(normalize_host("localhost:8080"), "localhost:8080");
+        let h = http("127.0.0.1:9100", |o| o.http_token = Some("s3cret".into())).unwrap();
+        assert!(!format!("{h:?}").contains("s3cret"), "the token never shows in Debug");
+        assert!(!serde_json::to_string(&h).unwrap().contains("s3cret"));
+    }
+}
