@@ -8,11 +8,11 @@
 use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use lipsync_stages::crop::{CropBox, CropParams};
 use lipsync_stages::face::{input_len, output_len, template_len, Blend, Compositor, FacePrep};
 use lipsync_stages::features::FRAME_AUDIO_LEN;
 use lipsync_stages::frame::BgrFrame;
 use lipsync_stages::image_io::read_image;
-use lipsync_stages::io::avatar::{CropBox, CropParams};
 use lipsync_stages::jpeg::{JpegEncoder, JpegLayout, JpegSplicer, McuRegion};
 use lipsync_stages::onnx::{ModelIo, OrtRuntime, SessionOptions};
 use lipsync_stages::resize::CubicResizer;

@@ -121,7 +121,13 @@ pub fn run(cli: &Cli, cmd: &AvatarCommand) -> Result<()> {
     }
 }
 
-fn create(cli: &Cli, out: &Path, video: PathBuf, boxes: Vec<avatar::CropBox>, m: &ModelArgs) -> Result<()> {
+fn create(
+    cli: &Cli,
+    out: &Path,
+    video: PathBuf,
+    boxes: Vec<lipsync_stages::crop::CropBox>,
+    m: &ModelArgs,
+) -> Result<()> {
     let rt = cli.runtime()?;
     let spec = CreateSpec {
         video,

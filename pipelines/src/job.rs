@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
+use lipsync_stages::crop::{CropBox, CropParams};
 use lipsync_stages::face::{output_len, template_len};
 use lipsync_stages::features::FRAME_AUDIO_LEN;
 use lipsync_stages::frame::BgrFrame;
-use lipsync_stages::io::avatar::{CropBox, CropParams};
 use lipsync_stages::jpeg::McuRegion;
 
 use crate::live::Live;

@@ -17,12 +17,12 @@ use lipsync_stages::unet::Batch;
 use serde::Serialize;
 
 use crate::deadline::ReadDeadline;
-use crate::listener::Shared;
 use crate::protocol::{
     read_message, write_parts, AudioFormat, AvatarName, Done, ErrorCode, FrameHead, Hello, Interrupted, Kind,
     OpenRequest, Opened, SpeechStart, WireError, MAX_MESSAGE, PROTOCOL_VERSION,
 };
 use crate::registry::Loaded;
+use crate::shared::Shared;
 use crate::stats::stats;
 use crate::writer::{send_error, Writer};
 

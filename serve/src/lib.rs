@@ -5,7 +5,8 @@
 //! - [`protocol`]: the wire format (docs/protocol.md) and its error codes.
 //! - [`settings`]: every setting declared once (flags and TOML), validated once.
 //! - [`registry`]: avatars (LRU cache bounded in memory) and the models they share.
-//! - [`listener`]: bind, accept, drain; [`Daemon`] runs one in-process.
+//! - [`listener`]: bind, accept, drain; [`Daemon`] runs one in-process; `shared`: what the
+//!   daemon's threads share; `error`: [`ServeError`].
 //! - `connection`: one connection's state machine.
 //! - [`stats`]: the `Stats` reply; `metrics`: the same and more for Prometheus on the `http`
 //!   listener (`--http`: Host, Origin and token checked, connections capped and timed; `fds`
@@ -25,6 +26,7 @@ pub mod client;
 pub mod client_live;
 mod connection;
 mod deadline;
+mod error;
 mod fds;
 pub mod frame_out;
 pub mod fuzzing;
@@ -34,8 +36,10 @@ mod metrics;
 pub mod protocol;
 pub mod registry;
 pub mod settings;
+mod shared;
 pub mod stats;
 mod writer;
 
-pub use listener::{run, Daemon, ServeError};
+pub use error::ServeError;
+pub use listener::{run, Daemon};
 pub use settings::{ServeOptions, Settings, SettingsError};

@@ -13,82 +13,14 @@ use std::time::{Duration, Instant};
 
 use lipsync_pipelines::graph::STAGES;
 use lipsync_pipelines::runtime::{lock, SharedStageStats};
-use lipsync_pipelines::session::SessionLive;
 use lipsync_stages::onnx::OrtRuntime;
 
 use crate::connection::connection;
+use crate::error::ServeError;
 use crate::protocol::{write_json, ErrorCode, ErrorReply, Kind, PROTOCOL_VERSION};
-use crate::registry::{Registry, RegistryError};
+use crate::registry::Registry;
 use crate::settings::Settings;
-use crate::writer::Writer;
-
-/// Everything connection threads share.
-pub(crate) struct Shared {
-    pub(crate) registry: Registry,
-    /// Every session's stage service times, by stage name.
-    pub(crate) stages: Arc<SharedStageStats>,
-    /// Frames sent by all sessions.
-    pub(crate) frames_total: AtomicU64,
-    pub(crate) sessions: Mutex<HashMap<u64, Arc<SessionLive>>>,
-    pub(crate) active: AtomicUsize,
-    pub(crate) next_id: AtomicU64,
-    pub(crate) sessions_total: AtomicU64,
-    pub(crate) started: Instant,
-    /// Open connections: the raw stream (to shut it down) and, once greeted, its writer (to
-    /// send a last error).
-    pub(crate) connections: Mutex<HashMap<u64, (UnixStream, Option<Writer>)>>,
-    pub(crate) draining: AtomicBool,
-    /// Sessions started whose last message (Done or Error) is not out yet.
-    pub(crate) finishing: AtomicUsize,
-    /// Sessions that failed.
-    pub(crate) sessions_failed: AtomicU64,
-    /// Idle frames sent by all sessions.
-    pub(crate) idle_frames_total: AtomicU64,
-    /// The HTTP listener's connections, relays and refusals.
-    pub(crate) http: crate::http::Counters,
-}
-
-impl Shared {
-    /// Sessions being opened, running, or sending their last message.
-    pub(crate) fn in_progress(&self) -> usize {
-        self.active.load(Ordering::SeqCst).max(self.finishing.load(Ordering::SeqCst))
-    }
-}
-
-/// Why the daemon could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// The socket path cannot be used.
-    #[error("{0}")]
-    Socket(String),
-    /// The socket could not be bound or set up.
-    #[error("cannot listen on {path}: {source}")]
-    Listen {
-        /// The socket path.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The HTTP listener could not start.
-    #[error("cannot serve HTTP on {addr}: {message}")]
-    Http {
-        /// The address.
-        addr: std::net::SocketAddr,
-        /// Why.
-        message: String,
-    },
-    /// A setting that this machine cannot honour (the descriptor limit).
-    #[error(transparent)]
-    Settings(#[from] crate::settings::SettingsError),
-    /// An avatar named by `preload` could not be loaded.
-    #[error("preloading avatar `{name}`: {source}")]
-    Preload {
-        /// The avatar.
-        name: String,
-        /// Why.
-        source: RegistryError,
-    },
-}
+use crate::shared::Shared;
 
 /// Runs the daemon until `stop` is set (the binary sets it on SIGTERM/SIGINT), then drains.
 pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<(), ServeError> {
@@ -294,25 +226,18 @@ fn bind(path: &Path, mode: u32) -> Result<(UnixListener, std::fs::File), ServeEr
         .map_err(|source| ServeError::Listen { path: lock_path.clone(), source })?;
     // Never a FIFO or device planted there (O_NONBLOCK kept opening one from hanging).
     if !lock_file.metadata().is_ok_and(|m| m.file_type().is_file()) {
-        return Err(ServeError::Socket(format!("{} exists and is not a regular file", lock_path.display())));
+        return Err(ServeError::LockNotAFile(lock_path));
     }
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(lock_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(ServeError::Socket(format!(
-            "another daemon is starting or running on {} (it holds {})",
-            path.display(),
-            lock_path.display()
-        )));
+        return Err(ServeError::Locked { socket: path.to_path_buf(), lock: lock_path });
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            return Err(ServeError::Socket(format!(
-                "{} exists and is not a socket: refusing to replace it",
-                path.display()
-            )));
+            return Err(ServeError::NotASocket(path.to_path_buf()));
         }
         match UnixStream::connect(path) {
-            Ok(_) => return Err(ServeError::Socket(format!("another daemon is listening on {}", path.display()))),
+            Ok(_) => return Err(ServeError::InUse(path.to_path_buf())),
             Err(_) => {
                 tracing::info!("removing stale socket {}", path.display());
                 std::fs::remove_file(path).map_err(listen)?;
@@ -354,7 +279,7 @@ impl Daemon {
                 let r = d.handle.take().expect("present").join();
                 return Err(match r {
                     Ok(Err(e)) => e,
-                    _ => ServeError::Socket("the daemon stopped during start-up".into()),
+                    _ => ServeError::StoppedAtStart,
                 });
             }
             if UnixStream::connect(&d.socket).is_ok() {
@@ -374,7 +299,7 @@ impl Daemon {
         self.stop.store(true, Ordering::SeqCst);
         match self.handle.take().map(JoinHandle::join) {
             Some(Ok(r)) => r,
-            Some(Err(_)) => Err(ServeError::Socket("the daemon panicked".into())),
+            Some(Err(_)) => Err(ServeError::Panicked),
             None => Ok(()),
         }
     }

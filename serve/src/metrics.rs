@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::listener::Shared;
+use crate::shared::Shared;
 
 /// Bucket bounds of the latency histograms, seconds.
 const SECONDS: [f64; 16] =

@@ -7,7 +7,7 @@ use lipsync_pipelines::metrics::Percentiles;
 use lipsync_pipelines::runtime::lock;
 use serde::{Deserialize, Serialize};
 
-use crate::listener::Shared;
+use crate::shared::Shared;
 
 /// The `Stats` reply.
 #[derive(Debug, Serialize, Deserialize)]

@@ -75,7 +75,7 @@ fn metrics_are_prometheus_text_with_every_stage_session_and_model() {
         avatars: Some(avatars),
         intra_threads: Some(1),
         http: Some(format!("127.0.0.1:{port}")),
-        http_token: Some("s3cret".into()),
+        http_token: Some("s3cret-0123456789".into()),
         ..Default::default()
     };
     let d = Daemon::start(options.validate().unwrap(), OrtRuntime::load(None).unwrap()).unwrap();
@@ -96,8 +96,8 @@ fn metrics_are_prometheus_text_with_every_stage_session_and_model() {
 
     assert_eq!(get(port, "/metrics", None).0, 401, "no token");
     assert_eq!(get(port, "/metrics", Some("wrong")).0, 401, "a wrong token");
-    assert_eq!(get(port, "/nothing", Some("s3cret")).0, 404);
-    let (status, text) = get(port, "/metrics", Some("s3cret"));
+    assert_eq!(get(port, "/nothing", Some("s3cret-0123456789")).0, 404);
+    let (status, text) = get(port, "/metrics", Some("s3cret-0123456789"));
     assert_eq!(status, 200, "{text}");
     let m = parse(&text);
     assert_eq!(value(&m, "lipsync_frames_total", None), out.frames as f64);
@@ -138,13 +138,14 @@ fn http_settings_that_cannot_work_are_refused() {
     let wide = ServeOptions { http: Some("0.0.0.0:9100".into()), ..base() };
     let e = wide.validate().unwrap_err().to_string();
     assert!(e.contains("not a loopback address") && e.contains("--http-token"), "{e}");
-    let no_host = || ServeOptions { http: Some("0.0.0.0:9100".into()), http_token: Some("t".into()), ..base() };
+    let no_host =
+        || ServeOptions { http: Some("0.0.0.0:9100".into()), http_token: Some("t0123456789abcdef".into()), ..base() };
     let e = no_host().validate().unwrap_err().to_string();
     assert!(e.contains("listens on every address") && e.contains("--http-host"), "{e}");
     let ok = ServeOptions { http_host: Some(vec!["avatars.example.com".into()]), ..no_host() };
     assert!(ok.validate().is_ok());
     let bad = ServeOptions { http: Some("localhost".into()), ..base() };
     assert!(bad.validate().unwrap_err().to_string().contains("IP:PORT"));
-    let lone = ServeOptions { http_token: Some("t".into()), ..base() };
+    let lone = ServeOptions { http_token: Some("t0123456789abcdef".into()), ..base() };
     assert!(lone.validate().unwrap_err().to_string().contains("without --http"));
 }

@@ -6,8 +6,8 @@
 //! truncation, goes into the 328 template, is resized back to the box and pasted (hard, or with
 //! a feathered edge).
 
+use crate::crop::{CropBox, CropParams};
 use crate::frame::BgrFrame;
-use crate::io::avatar::{CropBox, CropParams};
 use crate::resize::CubicResizer;
 
 /// How the regenerated box is written over the frame.

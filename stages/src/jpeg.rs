@@ -14,9 +14,9 @@ use std::ffi::{c_int, CStr};
 
 use turbojpeg::raw;
 
+use crate::crop::CropBox;
 use crate::frame::BgrFrame;
 use crate::image_io::ImageError;
-use crate::io::avatar::CropBox;
 
 /// The MCU of 4:2:0 JPEG: 16x16 pixels (four luma blocks and one block of each chroma).
 pub const MCU: usize = 16;

@@ -15,6 +15,7 @@
 //! - [`io`]: the avatar format, SyncTalk_2D import, `.npy`, staged outputs, video probing.
 
 pub mod audio;
+pub mod crop;
 pub mod encode;
 pub mod face;
 pub mod features;

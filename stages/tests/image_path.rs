@@ -38,10 +38,11 @@ fn cubic_resize_matches_opencv() {
     }
 }
 
+use lipsync_stages::crop::CropParams;
 use lipsync_stages::face::{input_len, output_len, template_index, template_len, Blend, Compositor, FacePrep};
 use lipsync_stages::features::{frame_audio, FRAME_AUDIO_LEN};
 use lipsync_stages::image_io::{decode_image, encode_png};
-use lipsync_stages::io::avatar::{Avatar, CropParams};
+use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::io::npy::read_f32_2d;
 use lipsync_stages::io::video::VideoError;
 use lipsync_stages::jpeg::JpegEncoder;
@@ -153,7 +154,7 @@ fn feather_blend_ramps_at_the_edge_only() {
     let crop = CropParams::default();
     let mut base = BgrFrame::new(200, 160);
     base.data.fill(10);
-    let b = lipsync_stages::io::avatar::CropBox { x1: 40, y1: 30, x2: 140, y2: 130 };
+    let b = lipsync_stages::crop::CropBox { x1: 40, y1: 30, x2: 140, y2: 130 };
     let tmpl = vec![200u8; template_len(&crop)];
     let out = vec![1.0f32; output_len(&crop)];
     let mut hard = base.clone();

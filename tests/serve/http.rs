@@ -121,14 +121,14 @@ fn ws_hello(ws: &mut Ws) {
 #[test]
 fn the_browser_page_plays_speech_in_headless_chromium() {
     let speech = fixture("golden/speech_2s.wav");
-    let (d, addr) = Daemon::start_http(&["--http-token", "page-token-5e1"], None);
+    let (d, addr) = Daemon::start_http(&["--http-token", "page-token-5e1-abcd"], None);
     assert_eq!(get(&addr, "/", &[]).status, 401, "the page needs the token");
     assert_eq!(get(&addr, "/ws", &[]).status, 401, "so does its WebSocket");
-    let login = get(&addr, "/?token=page-token-5e1", &[]);
+    let login = get(&addr, "/?token=page-token-5e1-abcd", &[]);
     assert_eq!((login.status, login.header("location")), (303, Some("/")), "{}", login.head);
     let o = Command::new(root().join(".venv/bin/python"))
         .arg(root().join("tests/browser/page_check.py"))
-        .args([&format!("http://{addr}/?token=page-token-5e1"), "golden", s(&speech), "49", "/usr/bin/chromium"])
+        .args([&format!("http://{addr}/?token=page-token-5e1-abcd"), "golden", s(&speech), "49", "/usr/bin/chromium"])
         .output()
         .expect(".venv/bin/python (run scripts/setup.sh)");
     assert!(o.status.success(), "{}\n{}", text(&o), d.log());
@@ -145,7 +145,7 @@ fn the_browser_page_plays_speech_in_headless_chromium() {
     eprintln!("browser: first frame {first:.0} ms after Open, first speech frame {speech_first:.0} ms after its audio");
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
-    assert!(!log.contains("page-token-5e1"), "the token is in the log:\n{log}");
+    assert!(!log.contains("page-token-5e1-abcd"), "the token is in the log:\n{log}");
 }
 
 /// Cross-site WebSocket hijacking, tried in a real browser: a page served from another origin
@@ -185,6 +185,12 @@ fn foreign_hosts_and_origins_are_refused_and_replies_are_hardened() {
         assert_eq!(r.status, 421, "{path}");
     }
     assert_eq!(request(&addr, "GET / HTTP/1.0\r\n").status, 400, "no Host at all");
+    let two = format!("GET /avatars HTTP/1.1\r\nHost: {addr}\r\nHost: evil.example\r\n");
+    assert_eq!(request(&addr, &two).status, 400, "two Hosts");
+    let absolute = format!("GET http://evil.example/avatars HTTP/1.1\r\nHost: {addr}\r\n");
+    assert_eq!(request(&addr, &absolute).status, 421, "an absolute-form target naming another host");
+    let bad = request(&addr, "GET / HTTP/1.1\r\nHost: evil.example\r\n");
+    assert!(!bad.body.contains("127.0.0.1") && !bad.body.contains("localhost"), "the 421 lists no names: {}", bad.body);
     for host in [format!("localhost:{port}"), format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
         assert_eq!(request(&addr, &format!("GET /avatars HTTP/1.1\r\nHost: {host}\r\n")).status, 200, "{host}");
     }
@@ -223,7 +229,7 @@ fn foreign_hosts_and_origins_are_refused_and_replies_are_hardened() {
 /// cookie get 401; the token is in no log line, even at trace level.
 #[test]
 fn the_token_goes_by_cookie_subprotocol_or_bearer_and_never_into_the_log() {
-    let token = "tok-7Hq2-secret";
+    let token = "tok-7Hq2-secret-x";
     let (d, addr) = Daemon::start_http(&["--http-token", token, "-v"], None);
     let login = get(&addr, &format!("/?token={token}"), &[]);
     assert_eq!((login.status, login.header("location")), (303, Some("/")));
@@ -232,7 +238,8 @@ fn the_token_goes_by_cookie_subprotocol_or_bearer_and_never_into_the_log() {
     let pair = cookie.split(';').next().unwrap().to_string();
     assert_eq!(get(&addr, &format!("/?token={token}x"), &[]).status, 401);
     assert_eq!(get(&addr, "/avatars", &[&format!("Cookie: {pair}")]).status, 200);
-    assert_eq!(get(&addr, "/avatars", &["Cookie: lipsync_session_1=00"]).status, 401);
+    let name = pair.split('=').next().unwrap();
+    assert_eq!(get(&addr, "/avatars", &[&format!("Cookie: {name}=00ff")]).status, 401, "a forged session id");
     let m = get(&addr, "/metrics", &[&format!("Authorization: Bearer {token}")]);
     assert!(m.status == 200 && m.body.contains("lipsync_sessions_active"), "{}", m.head);
     assert_eq!(get(&addr, &format!("/metrics?token={token}"), &[]).status, 401, "query tokens only on the page");
@@ -258,7 +265,8 @@ fn the_token_goes_by_cookie_subprotocol_or_bearer_and_never_into_the_log() {
 /// WebSocket relays are capped below the Unix socket's connection limit: with the cap reached,
 /// one more is answered 503 and a Unix-socket client still gets Welcome; a cap that would eat
 /// the socket's headroom is refused at start. A WebSocket that sends past the message rate is
-/// closed with 1008, alone: the others keep working and its slot is free again.
+/// closed with 1008, alone, and one that batches two protocol messages into one WebSocket
+/// message with 1002: the others keep working and their slots are free again.
 #[test]
 fn websocket_relays_are_capped_and_rate_bound_and_the_socket_keeps_its_slots() {
     let (d, addr) = Daemon::start_http(
@@ -299,6 +307,19 @@ fn websocket_relays_are_capped_and_rate_bound_and_the_socket_keeps_its_slots() {
         }
     };
     assert_eq!(code, Some(CloseCode::Policy), "closed with 1008");
+    // Another sends two protocol messages in one WebSocket message (the rate bound counts
+    // WebSocket messages): closed with 1002.
+    let mut batch = open.remove(0);
+    let two = [[0u8, 0, 0, 1, STATS_REQUEST], [0, 0, 0, 1, STATS_REQUEST]].concat();
+    batch.send(Message::binary(two)).unwrap();
+    let code = loop {
+        match batch.read() {
+            Ok(Message::Close(frame)) => break frame.map(|f| f.code),
+            Ok(_) => continue,
+            Err(e) => panic!("the batching WebSocket ended without a close frame: {e}"),
+        }
+    };
+    assert_eq!(code, Some(CloseCode::Protocol), "closed with 1002");
     // The others are untouched.
     for ws in &mut open {
         ws.send(protocol_message(STATS_REQUEST, b"{}")).unwrap();
@@ -320,10 +341,11 @@ fn websocket_relays_are_capped_and_rate_bound_and_the_socket_keeps_its_slots() {
     // The listener's figures: 4 relays open, the refusals counted by reason.
     let m = get(&addr, "/metrics", &[]).body;
     let value = |name: &str| m.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok());
-    assert_eq!(value("lipsync_http_websockets "), Some(4.0), "{m}");
+    assert_eq!(value("lipsync_http_websockets "), Some(3.0), "{m}");
+    assert_eq!(value("lipsync_http_refused_total{reason=\"framing\"} "), Some(1.0), "{m}");
     assert_eq!(value("lipsync_http_refused_total{reason=\"rate\"} "), Some(1.0), "{m}");
     assert_eq!(value("lipsync_http_refused_total{reason=\"websockets_busy\"} "), Some(1.0), "{m}");
-    assert!(value("lipsync_http_connections ").unwrap() >= 5.0, "the relays and this request: {m}");
+    assert!(value("lipsync_http_connections ").unwrap() >= 4.0, "the relays and this request: {m}");
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     assert!(log.contains("more than 20 messages/s (code 1008)"), "{log}");
@@ -464,12 +486,15 @@ fn an_http_flood_under_1024_descriptors_leaves_the_unix_socket_answering() {
     for c in &mut silent {
         assert_eq!(ended_within(c, Duration::from_secs(10)).0, End::Closed, "a silent connection");
     }
-    let (mut held, mut busy) = (0, 0);
+    let (mut held, mut busy, mut answered) = (0, 0, 0);
     for c in &mut flood {
         match ended_within(c, Duration::from_secs(10)) {
             (End::Closed, got) if got.is_empty() => held += 1,
             (End::Open, _) => panic!("a flood connection stayed open"),
-            _ => busy += 1,
+            (_, got) => {
+                busy += 1;
+                answered += usize::from(got.starts_with(b"HTTP/1.1 503 Service Unavailable"));
+            }
         }
     }
     let trickled = trickle.join().unwrap();
@@ -485,7 +510,7 @@ fn an_http_flood_under_1024_descriptors_leaves_the_unix_socket_answering() {
     let after = d.descriptors();
     eprintln!(
         "flood: {} connected in {flood_time:?} ({refused_connects} connects failed, {slow_connects} over 200 ms), {held} held to the idle timeout, \
-         {busy} answered 503 at once; trickle closed after {trickled:?}; descriptors {baseline} -> {after}, at most {peak}",
+         {busy} refused at once ({answered} read the 503); trickle closed after {trickled:?}; descriptors {baseline} -> {after}, at most {peak}",
         2000 - refused_connects
     );
     assert!(after <= baseline, "descriptors {baseline} before the flood, {after} after");
@@ -494,5 +519,6 @@ fn an_http_flood_under_1024_descriptors_leaves_the_unix_socket_answering() {
     let cap: usize = log.split("max_connections=").nth(1).and_then(|t| t.split(' ').next()?.parse().ok()).unwrap();
     assert!(peak <= baseline + cap + 8, "the cap is {cap}, yet {peak} descriptors were open (baseline {baseline})");
     assert!(busy > 0 && held > 0, "the cap was never reached: {held} held, {busy} refused");
+    assert!(answered > 0, "none of the {busy} refused got the 503");
     assert!(!log.contains("Too many open files"), "{log}");
 }

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use hdrhistogram::Histogram;
+use lipsync_stages::crop::CropParams;
 use lipsync_stages::face::{input_len, output_len, quantize_output, FacePrep};
 use lipsync_stages::features::FRAME_AUDIO_LEN;
-use lipsync_stages::io::avatar::CropParams;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
 use lipsync_stages::unet::{
     self, BackendInfo, Batch, BatchSetting, Provider, RemoteSettings, UnetBackend, UnetError, UnetModel,

@@ -101,33 +101,37 @@ impl Policy {
     /// The checks of the module's documentation, in order.
     pub(super) fn check(&self, uri: &Uri, headers: &HeaderMap) -> Result<Access, Refusal> {
         let path = uri.path();
-        let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        // Exactly one Host; an absolute-form target's authority must pass as well.
+        let mut given = headers.get_all(header::HOST).iter();
+        let (Some(host), None) = (given.next(), given.next()) else {
             return Err(Refusal(
                 Refused::Host,
                 StatusCode::BAD_REQUEST,
-                "bad request: a Host header is required\n".into(),
+                "bad request: exactly one Host header is required\n".into(),
             ));
         };
-        if !self.hosts.contains(&normalize_host(host)) {
-            self.log.warn(|| {
-                format!(
-                    "HTTP: refused a request to {} for host {}: not one this listener answers to",
-                    shown(path),
-                    shown(host)
-                )
-            });
-            return Err(Refusal(
-                Refused::Host,
-                StatusCode::MISDIRECTED_REQUEST,
-                format!(
-                    "misdirected request: this listener answers to {} (more with --http-host)\n",
-                    self.hosts.join(", ")
-                ),
-            ));
+        let host = host.to_str().unwrap_or("<not text>");
+        for name in std::iter::once(host).chain(uri.authority().map(|a| a.as_str())) {
+            if !normalize_host(name).is_some_and(|h| self.hosts.contains(&h)) {
+                self.log.warn(|| {
+                    format!(
+                        "HTTP: refused a request to {} for host {}: not one this listener answers to",
+                        shown(path),
+                        shown(name)
+                    )
+                });
+                return Err(Refusal(
+                    Refused::Host,
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "misdirected request: this listener does not answer to that host (see --http-host)\n".into(),
+                ));
+            }
         }
-        if let Some(origin) = headers.get(header::ORIGIN) {
+        let mut origins = headers.get_all(header::ORIGIN).iter();
+        if let Some(origin) = origins.next() {
             let text = origin.to_str().unwrap_or("<not text>");
-            if !normalize_origin(text).is_some_and(|o| self.origins.contains(&o)) {
+            let allowed = normalize_origin(text).is_some_and(|o| self.origins.contains(&o));
+            if !allowed || origins.next().is_some() {
                 self.log.warn(|| {
                     format!(
                         "HTTP: refused a request to {} from origin {}: not the listener's own nor one given with --http-allow-origin",
@@ -260,7 +264,7 @@ mod tests {
     fn policy(token: Option<&str>, allow: &[&str]) -> Policy {
         let o = crate::ServeOptions {
             http: Some("127.0.0.1:9100".into()),
-            http_token: token.map(str::to_string),
+            http_token: token.map(Into::into),
             http_allow_origin: Some(allow.iter().map(|s| s.to_string()).collect()),
             ..Default::default()
         };
@@ -289,6 +293,14 @@ mod tests {
         assert_eq!(check(&[("host", "LOCALHOST:9100")]), 200);
         assert_eq!(check(&[("host", "[::1]:9100")]), 200);
         assert_eq!(check(&[]), 400);
+        assert_eq!(check(&[("host", "127.0.0.1:9100"), ("host", "evil.example")]), 400, "two Hosts");
+        assert_eq!(check(&[("host", "127.0.0.1:9100:80")]), 421);
+        let absolute: Uri = "http://evil.example/ws".parse().unwrap();
+        assert_eq!(status(p.check(&absolute, &headers(&[("host", "127.0.0.1:9100")]))), 421, "absolute-form target");
+        let own: Uri = "http://localhost:9100/ws".parse().unwrap();
+        assert_eq!(status(p.check(&own, &headers(&[("host", "127.0.0.1:9100")]))), 200);
+        let two = [("host", "localhost:9100"), ("origin", "http://localhost:9100"), ("origin", "http://evil.example")];
+        assert_eq!(check(&two), 403, "two Origins");
         assert_eq!(check(&[("host", "evil.example")]), 421);
         assert_eq!(check(&[("host", "evil.example:9100")]), 421);
         assert_eq!(check(&[("host", "127.0.0.1:9101")]), 421);
@@ -301,7 +313,7 @@ mod tests {
 
     #[test]
     fn the_token_by_bearer_cookie_or_subprotocol_and_on_the_page_once() {
-        let p = policy(Some("tok-1"), &[]);
+        let p = policy(Some("tok-1-0123456789"), &[]);
         let host = ("host", "127.0.0.1:9100");
         let check = |uri: &str, h: &[(&'static str, &str)]| {
             let mut all = vec![host];
@@ -309,18 +321,18 @@ mod tests {
             status(p.check(&uri.parse().unwrap(), &headers(&all)))
         };
         assert_eq!(check("/", &[]), 401);
-        assert_eq!(check("/metrics", &[("authorization", "Bearer tok-1")]), 200);
-        assert_eq!(check("/metrics", &[("authorization", "Bearer tok-2")]), 401);
-        assert_eq!(check("/?token=tok-1", &[]), 303);
+        assert_eq!(check("/metrics", &[("authorization", "Bearer tok-1-0123456789")]), 200);
+        assert_eq!(check("/metrics", &[("authorization", "Bearer tok-2-0123456789")]), 401);
+        assert_eq!(check("/?token=tok-1-0123456789", &[]), 303);
         assert_eq!(check("/?token=nope", &[]), 401);
-        assert_eq!(check("/ws?token=tok-1", &[]), 401, "a query token only on the page");
-        assert_eq!(check("/ws", &[("sec-websocket-protocol", "lipsync.v2, lipsync.token.tok-1")]), 200);
+        assert_eq!(check("/ws?token=tok-1-0123456789", &[]), 401, "a query token only on the page");
+        assert_eq!(check("/ws", &[("sec-websocket-protocol", "lipsync.v2, lipsync.token.tok-1-0123456789")]), 200);
         assert_eq!(check("/ws", &[("sec-websocket-protocol", "lipsync.v2, lipsync.token.tok")]), 401);
         let r = p.login();
         assert_eq!(r.status(), 303);
         assert_eq!(r.headers()[header::LOCATION], "/");
         let set = r.headers()[header::SET_COOKIE].to_str().unwrap().to_string();
-        assert!(set.ends_with("; HttpOnly; SameSite=Strict; Path=/") && !set.contains("tok-1"), "{set}");
+        assert!(set.ends_with("; HttpOnly; SameSite=Strict; Path=/") && !set.contains("tok-1-0123456789"), "{set}");
         let pair = set.split(';').next().unwrap();
         assert!(pair.starts_with("lipsync_session_9100="));
         assert_eq!(check("/ws", &[("cookie", &format!("a=b; {pair}"))]), 200);

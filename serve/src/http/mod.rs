@@ -32,10 +32,11 @@ use axum::routing::get;
 use axum::{Extension, Router};
 use tokio::sync::Semaphore;
 
-use crate::listener::{ServeError, Shared};
+use crate::error::ServeError;
 use crate::protocol::MAX_MESSAGE;
 use crate::settings::http::WS_PROTOCOL;
 use crate::settings::HttpSettings;
+use crate::shared::Shared;
 
 /// The browser page: HTML, its script and its style, each served as a file of its own so that
 /// the Content-Security-Policy needs no `'unsafe-inline'`.
@@ -59,11 +60,20 @@ pub(crate) enum Refused {
     WebSocketsBusy,
     /// A WebSocket past its rate bound.
     Rate,
+    /// A WebSocket message that was not one protocol message.
+    Framing,
 }
 
 impl Refused {
-    pub(crate) const ALL: [Refused; 6] =
-        [Refused::Host, Refused::Origin, Refused::Token, Refused::Busy, Refused::WebSocketsBusy, Refused::Rate];
+    pub(crate) const ALL: [Refused; 7] = [
+        Refused::Host,
+        Refused::Origin,
+        Refused::Token,
+        Refused::Busy,
+        Refused::WebSocketsBusy,
+        Refused::Rate,
+        Refused::Framing,
+    ];
 
     pub(crate) fn label(self) -> &'static str {
         match self {
@@ -73,6 +83,7 @@ impl Refused {
             Refused::Busy => "busy",
             Refused::WebSocketsBusy => "websockets_busy",
             Refused::Rate => "rate",
+            Refused::Framing => "framing",
         }
     }
 }
@@ -140,7 +151,7 @@ pub(crate) fn start(
     socket: PathBuf,
 ) -> Result<HttpServer, ServeError> {
     let addr = http.addr;
-    let fail = |e: std::io::Error| ServeError::Http { addr, message: e.to_string() };
+    let fail = |source: std::io::Error| ServeError::Http { addr, source };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(fail)?;
     let listener = rt.block_on(async { bind(addr) }).map_err(fail)?;
     let send_timeout = shared.registry.settings.client_timeout;
@@ -246,11 +257,13 @@ async fn ws(
         return (StatusCode::SERVICE_UNAVAILABLE, m).into_response();
     };
     let (shared, socket, rates, send_timeout) = (st.shared.clone(), st.socket.clone(), st.rates, st.send_timeout);
-    upgrade.protocols([WS_PROTOCOL]).max_message_size(MAX_MESSAGE + 4).on_upgrade(move |ws| async move {
-        let _open = Open::new(shared.clone(), |c| &c.websockets);
-        if let Some(what) = relay::relay(ws, socket, rates, send_timeout, (connection, slot)).await {
-            tracing::warn!("WebSocket relay: closed a connection that sent {what} (code 1008)");
-            shared.http.refuse(Refused::Rate);
-        }
-    })
+    upgrade.protocols([WS_PROTOCOL]).max_message_size(MAX_MESSAGE + 4).max_frame_size(MAX_MESSAGE + 4).on_upgrade(
+        move |ws| async move {
+            let _open = Open::new(shared.clone(), |c| &c.websockets);
+            if let Some(v) = relay::relay(ws, socket, rates, send_timeout, (connection, slot)).await {
+                tracing::warn!("WebSocket relay: closed a connection that {v}");
+                shared.http.refuse(if v == relay::Violation::Framing { Refused::Framing } else { Refused::Rate });
+            }
+        },
+    )
 }

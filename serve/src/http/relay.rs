@@ -18,6 +18,32 @@ use crate::protocol::MAX_MESSAGE;
 
 /// The close code of a connection that broke the rate bound (RFC 6455: policy violation).
 const POLICY_VIOLATION: u16 = 1008;
+/// The close code of a connection whose message is not one protocol message (protocol error).
+const PROTOCOL_ERROR: u16 = 1002;
+
+/// Why the relay closed a browser's connection.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Violation {
+    /// It sent more than its rate: what.
+    Rate(String),
+    /// A binary message that is not exactly one protocol message (the daemon would read it as
+    /// several, or as part of the next: the rate bound counts messages).
+    Framing,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Violation::Rate(what) => write!(f, "sent {what} (code {POLICY_VIOLATION})"),
+            Violation::Framing => write!(f, "sent a message that is not one protocol message (code {PROTOCOL_ERROR})"),
+        }
+    }
+}
+
+/// Whether `b` is exactly one protocol message: its length field counts the rest.
+fn one_message(b: &[u8]) -> bool {
+    b.len() >= 5 && u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize == b.len() - 4 && b.len() - 4 <= MAX_MESSAGE
+}
 /// Seconds' worth of each rate that may come at once.
 const BURST_S: f64 = 2.0;
 
@@ -31,8 +57,8 @@ pub(super) struct Rates {
 }
 
 /// A token bucket: `rate` a second, [`BURST_S`] seconds' worth at most. A take is allowed when
-/// the bucket holds it; one larger than the bucket when the bucket is full, leaving a debt that
-/// the next take waits out.
+/// the bucket holds it; one larger than the bucket only when the bucket is full, leaving a
+/// debt: a take before the debt is paid back is refused (and the relay closes).
 #[derive(Debug)]
 struct Bucket {
     rate: f64,
@@ -57,15 +83,14 @@ impl Bucket {
     }
 }
 
-/// Relays until either side closes, the browser breaks a rate bound (returned: what it sent
-/// too much of), or it stops reading.
+/// Relays until either side closes, the browser breaks a bound (returned), or it stops reading.
 pub(super) async fn relay(
     ws: WebSocket,
     socket: PathBuf,
     rates: Rates,
     send_timeout: Duration,
     _slots: (ConnectionSlot, OwnedSemaphorePermit),
-) -> Option<String> {
+) -> Option<Violation> {
     let unix = match tokio::net::UnixStream::connect(&socket).await {
         Ok(u) => u,
         Err(e) => {
@@ -88,12 +113,18 @@ pub(super) async fn relay(
                 };
                 let now = Instant::now();
                 if !messages.take(1.0, now) {
-                    return Some(format!("more than {} messages/s", rates.messages));
+                    return Some(Violation::Rate(format!("more than {} messages/s", rates.messages)));
                 }
                 if !bytes.take(len as f64, now) {
-                    return Some(format!("more than {:.1} MiB/s", rates.bytes / f64::from(1u32 << 20)));
+                    return Some(Violation::Rate(format!(
+                        "more than {:.1} MiB/s",
+                        rates.bytes / f64::from(1u32 << 20)
+                    )));
                 }
                 if let Message::Binary(b) = msg {
+                    if !one_message(&b) {
+                        return Some(Violation::Framing);
+                    }
                     if to_daemon.write_all(&b).await.is_err() {
                         break;
                     }
@@ -133,10 +164,13 @@ pub(super) async fn relay(
     };
     let _ = to_daemon.shutdown().await;
     let close = match &violation {
-        Some(what) => {
-            let frame = CloseFrame { code: POLICY_VIOLATION, reason: format!("rate limit: {what}").into() };
-            Message::Close(Some(frame))
+        Some(Violation::Rate(what)) => {
+            Message::Close(Some(CloseFrame { code: POLICY_VIOLATION, reason: format!("rate limit: {what}").into() }))
         }
+        Some(Violation::Framing) => Message::Close(Some(CloseFrame {
+            code: PROTOCOL_ERROR,
+            reason: "one protocol message per WebSocket message".into(),
+        })),
         None => Message::Close(None),
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), to_browser.send(close)).await;
@@ -146,6 +180,16 @@ pub(super) async fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_binary_message_is_exactly_one_protocol_message() {
+        assert!(one_message(&[0, 0, 0, 1, 0x30]));
+        assert!(one_message(&[0, 0, 0, 3, 0x12, 1, 2]));
+        assert!(!one_message(&[0, 0, 0, 1, 0x30, 0, 0, 0, 1, 0x30]), "two Stats requests in one");
+        assert!(!one_message(&[0, 0, 0, 9, 0x12, 1]), "half of one");
+        assert!(!one_message(&[0, 0, 0, 0]), "empty");
+        assert!(!one_message(&[]));
+    }
 
     #[test]
     fn the_bucket_allows_its_burst_then_its_rate() {

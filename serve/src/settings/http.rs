@@ -30,9 +30,35 @@ pub const WS_PROTOCOL: &str = "lipsync.v2";
 /// The prefix of the subprotocol value that carries the token (`lipsync.token.TOKEN`).
 pub const WS_TOKEN_PREFIX: &str = "lipsync.token.";
 
+/// Fewest characters of an HTTP token (it may be guessed online, a few thousand a second).
+pub const MIN_TOKEN: usize = 16;
+/// Most characters of an HTTP token.
+pub const MAX_TOKEN: usize = 512;
+
 /// A secret that never shows in `Debug` output or summaries.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Secret(pub String);
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_string())
+    }
+}
+
+/// Whether `b` may stand in an HTTP token (RFC 9110 `tchar`): so that a token goes unchanged in
+/// a header, a cookie-free query and a WebSocket subprotocol.
+fn tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -73,9 +99,24 @@ fn strip_port<'a>(authority: &'a str, default: &str) -> &'a str {
     authority.strip_suffix(default).unwrap_or(authority)
 }
 
-/// A `Host` header value as compared: lower case, `:80` dropped.
-pub fn normalize_host(host: &str) -> String {
-    strip_port(&host.to_ascii_lowercase(), ":80").to_string()
+/// A `Host` header value (or a request target's authority) as compared: its host in lower
+/// case and its port unless that is 80; `None` if it is not `HOST[:PORT]` (a user part, two
+/// ports, a stray character).
+pub fn normalize_host(host: &str) -> Option<String> {
+    if host.contains('@') {
+        return None;
+    }
+    let a: axum::http::uri::Authority = host.parse().ok()?;
+    let name = a.host().to_ascii_lowercase();
+    let rest = &a.as_str()[a.host().len()..];
+    let port_ok = rest.is_empty() || rest.strip_prefix(':').and_then(|p| p.parse::<u16>().ok()).is_some_and(|p| p > 0);
+    if !valid_authority(&name) || !port_ok {
+        return None;
+    }
+    Some(match a.port_u16() {
+        None | Some(80) => name,
+        Some(p) => format!("{name}:{p}"),
+    })
 }
 
 /// A DNS name or an IPv4 address: dot-separated labels of letters, digits and `-`.
@@ -155,17 +196,18 @@ pub(super) fn resolve(o: &ServeOptions, unix_connections: usize) -> Result<Optio
     let addr: SocketAddr = a.parse().map_err(|_| {
         SettingsError::Http(format!("--http {a} is not an address: expected IP:PORT, e.g. 127.0.0.1:9100"))
     })?;
-    let token = o.http_token.clone().filter(|t| !t.is_empty());
+    let token = o.http_token.clone().map(|t| t.0).filter(|t| !t.is_empty());
     if !addr.ip().is_loopback() && token.is_none() {
         return Err(SettingsError::Http(format!(
             "--http {addr} is not a loopback address: give --http-token too, which every request must carry"
         )));
     }
     if let Some(t) = &token {
-        if !t.bytes().all(|b| b.is_ascii_graphic()) || t.len() > 512 {
-            return Err(SettingsError::Http(
-                "--http-token must be 1 to 512 printable ASCII characters without spaces".into(),
-            ));
+        if !(MIN_TOKEN..=MAX_TOKEN).contains(&t.len()) || !t.bytes().all(tchar) {
+            return Err(SettingsError::Http(format!(
+                "--http-token must be {MIN_TOKEN} to {MAX_TOKEN} characters, each a letter, a digit or one of                  !#$%&'*+-.^_`|~ (it has {} characters; the token is not shown)",
+                t.len()
+            )));
         }
     }
     let port = addr.port();
@@ -215,7 +257,7 @@ pub(super) fn resolve(o: &ServeOptions, unix_connections: usize) -> Result<Optio
         })?;
         origins.push(normalized);
     }
-    hosts = hosts.iter().map(|h| normalize_host(h)).collect();
+    hosts = hosts.iter().filter_map(|h| normalize_host(h)).collect();
     hosts.sort();
     hosts.dedup();
     origins.sort();
@@ -307,10 +349,10 @@ mod tests {
 
     #[test]
     fn host_names_add_their_hosts_and_origins() {
-        let e = http("0.0.0.0:9100", |o| o.http_token = Some("t".into())).unwrap_err().to_string();
+        let e = http("0.0.0.0:9100", |o| o.http_token = Some("t0123456789abcdef".into())).unwrap_err().to_string();
         assert!(e.contains("--http-host"), "{e}");
         let h = http("0.0.0.0:9100", |o| {
-            o.http_token = Some("t".into());
+            o.http_token = Some("t0123456789abcdef".into());
             o.http_host = Some(vec!["Avatars.Example.com".into(), "10.0.0.5:8443".into()]);
             o.http_allow_origin = Some(vec!["https://app.example.com:443/".into()]);
         })
@@ -341,8 +383,11 @@ mod tests {
         assert_eq!(e, "HTTP idle timeout (s) 0 is out of range: expected 0.1..=3600");
         let o = ServeOptions { http_allow_origin: Some(vec!["http://a".into()]), ..Default::default() };
         assert_eq!(resolve(&o, 80).unwrap_err().to_string(), "--http-allow-origin without --http");
-        let e = http("127.0.0.1:1", |o| o.http_token = Some("has space".into())).unwrap_err().to_string();
-        assert!(e.contains("printable"), "{e}");
+        for bad in ["has space 0123456789", "short-token", "comma,0123456789abc", "quote\"0123456789ab"] {
+            let e = http("127.0.0.1:1", |o| o.http_token = Some(bad.into())).unwrap_err().to_string();
+            assert!(e.contains("16 to 512 characters") && !e.contains(bad), "{e}");
+        }
+        assert!(http("127.0.0.1:1", |o| o.http_token = Some("A-Za_z0.9~!#$%&'*+^`|".into())).is_ok());
     }
 
     #[test]
@@ -352,10 +397,17 @@ mod tests {
         assert_eq!(normalize_origin("https://a.example:8443").as_deref(), Some("https://a.example:8443"));
         assert_eq!(normalize_origin("http://[::1]:9100").as_deref(), Some("http://[::1]:9100"));
         assert_eq!(normalize_origin("null"), None);
-        assert_eq!(normalize_host("LOCALHOST:80"), "localhost");
-        assert_eq!(normalize_host("localhost:8080"), "localhost:8080");
-        let h = http("127.0.0.1:9100", |o| o.http_token = Some("s3cret".into())).unwrap();
-        assert!(!format!("{h:?}").contains("s3cret"), "the token never shows in Debug");
-        assert!(!serde_json::to_string(&h).unwrap().contains("s3cret"));
+        assert_eq!(normalize_host("LOCALHOST:80").as_deref(), Some("localhost"));
+        assert_eq!(normalize_host("localhost:8080").as_deref(), Some("localhost:8080"));
+        assert_eq!(normalize_host("[::1]:9100").as_deref(), Some("[::1]:9100"));
+        for bad in ["127.0.0.1:9100:80", "user@127.0.0.1:9100", "a b:1", "", "127.0.0.1:x", "evil.example/x"] {
+            assert_eq!(normalize_host(bad), None, "{bad}");
+        }
+        let mut options = ServeOptions { http: Some("127.0.0.1:9100".into()), ..Default::default() };
+        options.http_token = Some("s3cret-0123456789".into());
+        assert!(!format!("{options:?}").contains("s3cret"), "the token never shows in Debug");
+        let h = resolve(&options, 80).unwrap().unwrap();
+        assert!(!format!("{h:?}").contains("s3cret"), "nor here");
+        assert!(!serde_json::to_string(&h).unwrap().contains("s3cret"), "nor in summaries");
     }
 }

@@ -121,12 +121,13 @@ pub struct ServeOptions {
     /// --http-token; a wildcard one (0.0.0.0) needs --http-host too.
     #[arg(long, value_name = "ADDR")]
     pub http: Option<String>,
-    /// The token every HTTP request must carry: `Authorization: Bearer TOKEN`; a browser loads
+    /// The token every HTTP request must carry (16..=512 letters, digits or
+    /// !#$%&'*+-.^_`|~): `Authorization: Bearer TOKEN`; a browser loads
     /// `/?token=TOKEN` once and gets a cookie; a WebSocket client may offer the subprotocol
     /// `lipsync.token.TOKEN`. Required to bind a non-loopback address. The command line is
     /// visible to other users (ps): prefer `http_token` in a --config file only you can read.
     #[arg(long, value_name = "TOKEN")]
-    pub http_token: Option<String>,
+    pub http_token: Option<Secret>,
     /// A host name (NAME or NAME:PORT) the HTTP listener answers to besides its own address
     /// (repeatable); requests naming any other `Host` get 421 (DNS rebinding). Its http and
     /// https origins may use the WebSocket.
@@ -191,6 +192,16 @@ pub enum SettingsError {
         path: PathBuf,
         /// What is wrong.
         source: toml::de::Error,
+    },
+    /// The config file is not valid TOML, on a line that holds the token (not quoted).
+    #[error("invalid config {path}{}: {message} (the line holds http_token: not shown)", line.map(|l| format!(" at line {l}")).unwrap_or_default())]
+    ParseSecret {
+        /// The file.
+        path: PathBuf,
+        /// Where.
+        line: Option<usize>,
+        /// What is wrong, without the line.
+        message: String,
     },
     /// The avatars directory does not exist.
     #[error("avatars directory {0} does not exist")]
@@ -336,7 +347,20 @@ impl ServeOptions {
     /// Reads a config file's settings.
     pub fn from_file(path: &std::path::Path) -> Result<Self, SettingsError> {
         let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read { path: path.into(), source })?;
-        toml::from_str(&text).map_err(|source| SettingsError::Parse { path: path.into(), source })
+        toml::from_str(&text).map_err(|source| {
+            // The error quotes the line it points at: never one that holds the token.
+            let shown = source.to_string();
+            let quotes_token = text.lines().filter(|l| l.contains("http_token")).any(|l| {
+                let value = l.split_once('=').map_or("", |(_, v)| v.trim());
+                !value.is_empty() && shown.contains(value)
+            });
+            if quotes_token {
+                let line = source.span().map(|r| text[..r.start.min(text.len())].matches('\n').count() + 1);
+                SettingsError::ParseSecret { path: path.into(), line, message: source.message().to_string() }
+            } else {
+                SettingsError::Parse { path: path.into(), source }
+            }
+        })
     }
 
     /// These options over `base` (each setting given here wins).
@@ -539,6 +563,18 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_error_never_quotes_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("serve.toml");
+        std::fs::write(&file, "max_sessions = 4\nhttp_token = sekrit-unquoted-0123\n").unwrap();
+        let e = ServeOptions::from_file(&file).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("http_token: not shown") && !e.contains("sekrit"), "{e}");
+        std::fs::write(&file, "http_token = \"fine-0123456789abc\"\nmax_sessions = many\n").unwrap();
+        let e = ServeOptions::from_file(&file).unwrap_err().to_string();
+        assert!(e.contains("max_sessions") && !e.contains("fine-0123"), "other errors are shown whole: {e}");
+    }
 
     #[test]
     fn the_documented_example_config_parses() {

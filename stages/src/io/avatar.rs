@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::crop::{CropBox, CropError, CropParams};
 use crate::io::video::{probe, VideoError, VideoInfo};
 use crate::onnx::{check_signature, ModelIo, OnnxError, OrtRuntime, SessionOptions};
 use crate::unet::{Precision, PrecisionSetting, Provider, UnetModel};
@@ -63,6 +64,9 @@ pub enum AvatarError {
         /// What is wrong and what is expected.
         message: String,
     },
+    /// The crop geometry does not fit.
+    #[error("invalid avatar setting crop: {0}")]
+    Crop(#[from] CropError),
     /// The template source is unusable.
     #[error(transparent)]
     Video(#[from] VideoError),
@@ -96,96 +100,6 @@ pub enum AvatarError {
     /// The output directory exists already.
     #[error("{0} exists already: choose a new directory or remove it first")]
     OutputExists(PathBuf),
-}
-
-/// A crop box `[x1, y1, x2, y2]` in pixels, x2/y2 exclusive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "[i64; 4]", into = "[i64; 4]")]
-pub struct CropBox {
-    /// Left edge (inclusive).
-    pub x1: i64,
-    /// Top edge (inclusive).
-    pub y1: i64,
-    /// Right edge (exclusive).
-    pub x2: i64,
-    /// Bottom edge (exclusive).
-    pub y2: i64,
-}
-
-impl From<[i64; 4]> for CropBox {
-    fn from([x1, y1, x2, y2]: [i64; 4]) -> Self {
-        Self { x1, y1, x2, y2 }
-    }
-}
-
-impl From<CropBox> for [i64; 4] {
-    fn from(b: CropBox) -> Self {
-        [b.x1, b.y1, b.x2, b.y2]
-    }
-}
-
-impl CropBox {
-    /// Width in pixels.
-    pub fn width(&self) -> i64 {
-        self.x2 - self.x1
-    }
-
-    /// Height in pixels.
-    pub fn height(&self) -> i64 {
-        self.y2 - self.y1
-    }
-
-    /// Why this box cannot be used on a `width` x `height` frame, if it cannot.
-    pub fn problem(&self, width: u32, height: u32) -> Option<&'static str> {
-        if self.x2 <= self.x1 || self.y2 <= self.y1 {
-            Some("is empty")
-        } else if self.x1 < 0 || self.y1 < 0 {
-            Some("starts outside the frame")
-        } else if self.x2 > i64::from(width) || self.y2 > i64::from(height) {
-            Some("extends past the frame")
-        } else {
-            None
-        }
-    }
-}
-
-/// Crop geometry of the model family (docs/spec.md section 4: 328 template, inner 320 at offset 4,
-/// mask rectangle x 5..=314, y 5..=309).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CropParams {
-    /// Side of the square template the crop is resized to.
-    pub template_size: u32,
-    /// Offset of the model's inner square inside the template.
-    pub inner_offset: u32,
-    /// Side of the model's square input.
-    pub model_size: u32,
-    /// Masked rectangle inside the model input, `[x1, y1, x2, y2]` inclusive.
-    pub mask: [u32; 4],
-}
-
-impl Default for CropParams {
-    fn default() -> Self {
-        Self { template_size: 328, inner_offset: 4, model_size: 320, mask: [5, 5, 314, 309] }
-    }
-}
-
-impl CropParams {
-    /// Checks that the inner square and the mask fit.
-    pub fn validate(&self) -> Result<(), AvatarError> {
-        let bad = |message: String| AvatarError::Setting { field: "crop", message };
-        if self.model_size == 0 || self.inner_offset + self.model_size > self.template_size {
-            return Err(bad(format!(
-                "inner square {}+{} does not fit the {} template",
-                self.inner_offset, self.model_size, self.template_size
-            )));
-        }
-        let [x1, y1, x2, y2] = self.mask;
-        if x1 > x2 || y1 > y2 || x2 >= self.model_size || y2 >= self.model_size {
-            return Err(bad(format!("mask {:?} must lie inside the {} model input", self.mask, self.model_size)));
-        }
-        Ok(())
-    }
 }
 
 /// Paths of the avatar's two models and their I/O names.
@@ -322,7 +236,7 @@ impl AvatarConfig {
                 message: format!("{} is outside 1..=100", self.jpeg_quality),
             });
         }
-        self.crop.validate()
+        Ok(self.crop.validate()?)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::io::avatar::CropBox;
+use crate::crop::CropBox;
 
 /// Errors reading a SyncTalk_2D dataset directory.
 #[derive(Debug, thiserror::Error)]

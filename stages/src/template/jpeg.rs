@@ -4,9 +4,9 @@
 //! prep and paste-back read). A speech frame is that region composited and spliced into the
 //! frame's JPEG ([`crate::jpeg`]); an idle frame is the frame's JPEG as it is.
 
+use crate::crop::CropBox;
 use crate::frame::BgrFrame;
 use crate::image_io::ImageError;
-use crate::io::avatar::CropBox;
 use crate::jpeg::{JpegEncoder, JpegLayout, McuRegion};
 
 /// One template frame, ready for JPEG output.

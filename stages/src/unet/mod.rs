@@ -9,8 +9,8 @@ pub mod remote;
 
 use std::path::PathBuf;
 
+use crate::crop::CropParams;
 use crate::features::FRAME_AUDIO_LEN;
-use crate::io::avatar::CropParams;
 use crate::onnx::{ModelIo, OnnxError, OrtRuntime, SessionOptions};
 
 pub use ort_backend::OrtUnet;
