@@ -183,7 +183,7 @@ impl Signals {
 pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
     let signals = Signals::install()?;
     for path in [&args.report, &args.report_svg, &args.report_hlog].into_iter().flatten() {
-        check_new_file(path).map_err(anyhow::Error::msg).context("report path")?;
+        check_new_file(path).context("report path")?;
     }
     let avatar = load_avatar(args)?;
     let rt = cli.runtime()?;

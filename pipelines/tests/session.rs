@@ -239,7 +239,7 @@ fn failures_are_reported_not_hung() {
     struct Broken;
     impl FrameSink for Broken {
         fn frame(&mut self, _: &FrameJob) -> Result<(), SinkError> {
-            Err(SinkError::Output("client went away".into()))
+            Err(SinkError::Client(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away")))
         }
     }
     let (tx, rx) = std::sync::mpsc::channel();

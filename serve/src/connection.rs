@@ -44,7 +44,7 @@ impl FrameSink for SocketSink {
             pts_ms: ((job.index as f64) * 1000.0 / self.fps).round() as u32,
             idle,
         };
-        let fail = |e: std::io::Error| SinkError::Output(format!("cannot send frame to the client: {e}"));
+        let fail = SinkError::Client;
         if !idle && job.mark.frame == 0 {
             let start = SpeechStart { utterance: job.mark.utterance, frame: job.index as u32 };
             self.writer.json(Kind::Speech, &start).map_err(fail)?;

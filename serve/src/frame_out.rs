@@ -11,9 +11,9 @@ use crate::client::ClientError;
 /// A frame output that cannot be made or completed.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameOutError {
-    /// The path cannot be used (named in the message).
-    #[error("{0}")]
-    Path(String),
+    /// The path cannot be used, or the output not moved into place.
+    #[error(transparent)]
+    Path(#[from] lipsync_stages::io::staged::StagedError),
     /// Writing or renaming failed.
     #[error("cannot write {path}: {source}")]
     Io {

@@ -64,7 +64,7 @@ impl VideoWriter {
         init_ffmpeg();
         let err = |message: String| EncodeError { path: path.to_path_buf(), message };
         // An exclusive, unpredictable temporary beside the output; FFmpeg reopens it by name.
-        let tmp = crate::io::staged::StagedFile::create(path).map_err(err)?;
+        let tmp = crate::io::staged::StagedFile::create(path).map_err(|e| err(e.to_string()))?;
         let mut octx =
             ff::format::output(&tmp.tmp_path()).map_err(|e| err(format!("cannot create the container: {e}")))?;
         let global = octx.format().flags().contains(ff::format::Flags::GLOBAL_HEADER);
@@ -240,7 +240,7 @@ impl VideoWriter {
         self.drain_audio()?;
         self.octx.write_trailer().map_err(|e| self.err(format!("trailer: {e}")))?;
         let tmp = self.tmp.take().expect("present until finished");
-        tmp.commit().map_err(|e| self.err(e))?;
+        tmp.commit().map_err(|e| self.err(e.to_string()))?;
         Ok(self.frames as usize)
     }
 }

@@ -19,9 +19,12 @@ pub enum SinkError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The output could not be completed (named in the message).
-    #[error("{0}")]
-    Output(String),
+    /// A frame could not be sent to the session's client.
+    #[error("cannot send frame to the client: {0}")]
+    Client(#[source] std::io::Error),
+    /// The output could not be staged or moved into place.
+    #[error(transparent)]
+    Output(#[from] lipsync_stages::io::staged::StagedError),
 }
 
 /// Where a graph's frames go.

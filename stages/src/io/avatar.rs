@@ -19,13 +19,13 @@ pub const AVATAR_TOML: &str = "avatar.toml";
 /// Errors from loading, validating or writing an avatar.
 #[derive(Debug, thiserror::Error)]
 pub enum AvatarError {
-    /// An output could not be written whole (the message says which step failed).
-    #[error("could not write {path}: {message}")]
+    /// An output could not be written whole.
+    #[error("could not write {path}: {source}")]
     Write {
         /// The output.
         path: PathBuf,
-        /// What failed.
-        message: String,
+        /// Which step failed.
+        source: crate::io::staged::StagedError,
     },
     /// The avatar directory or its `avatar.toml` is missing.
     #[error("not an avatar directory: {0} (expected a directory holding avatar.toml, see docs/avatar.md)")]
@@ -378,7 +378,7 @@ pub fn check_model_pair(
 /// Writes `bytes` to `path` whole or not at all (temporary file in the same directory, then rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AvatarError> {
     crate::io::staged::write_atomic(path, bytes)
-        .map_err(|message| AvatarError::Write { path: path.to_path_buf(), message })
+        .map_err(|source| AvatarError::Write { path: path.to_path_buf(), source })
 }
 
 /// How [`create`] handles the models.
@@ -430,7 +430,7 @@ pub fn create(out: &Path, spec: &CreateSpec, rt: &OrtRuntime) -> Result<Avatar, 
         path: parent.to_path_buf(),
         source,
     })?;
-    let write = |message| AvatarError::Write { path: out.to_path_buf(), message };
+    let write = |source| AvatarError::Write { path: out.to_path_buf(), source };
     let mut staged = crate::io::staged::StagedDir::create(out).map_err(write)?;
     write_avatar_dir(staged.dir(), spec, &crop)?;
     staged.commit().map_err(write)?;

@@ -7,6 +7,37 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+/// Why an output cannot be staged or committed.
+#[derive(Debug, thiserror::Error)]
+pub enum StagedError {
+    /// The output directory exists with files in it.
+    #[error("output directory {0} exists and is not empty")]
+    DirNotEmpty(PathBuf),
+    /// The output file's directory is missing.
+    #[error("directory {0} does not exist")]
+    NoParent(PathBuf),
+    /// The output path ends in `..` or `/`.
+    #[error("output path {0} has no file name")]
+    NoFileName(PathBuf),
+    /// The output file's path is a directory.
+    #[error("output {0} is an existing directory")]
+    IsDir(PathBuf),
+    /// A file system call failed.
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        /// What was being done (`create`, `move the output into`...).
+        action: &'static str,
+        /// The path it was done to.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StagedError + 'a {
+    move |source| StagedError::Io { action, path: path.to_path_buf(), source }
+}
+
 /// The directory `path` lives in (`.` for a bare name).
 pub fn parent_dir(path: &Path) -> &Path {
     path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
@@ -17,24 +48,24 @@ fn prefix(path: &Path) -> String {
 }
 
 /// Refuses an output directory that exists and is not empty (an empty one is replaced).
-pub fn check_new_dir(path: &Path) -> Result<(), String> {
+pub fn check_new_dir(path: &Path) -> Result<(), StagedError> {
     if path.exists() && std::fs::read_dir(path).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        return Err(format!("output directory {} exists and is not empty", path.display()));
+        return Err(StagedError::DirNotEmpty(path.to_path_buf()));
     }
     Ok(())
 }
 
 /// Refuses an output file path whose directory is missing or that names a directory.
-pub fn check_new_file(path: &Path) -> Result<(), String> {
+pub fn check_new_file(path: &Path) -> Result<(), StagedError> {
     let parent = parent_dir(path);
     if !parent.is_dir() {
-        return Err(format!("directory {} does not exist", parent.display()));
+        return Err(StagedError::NoParent(parent.to_path_buf()));
     }
     if path.file_name().is_none() {
-        return Err(format!("output path {} has no file name", path.display()));
+        return Err(StagedError::NoFileName(path.to_path_buf()));
     }
     if path.is_dir() {
-        return Err(format!("output {} is an existing directory", path.display()));
+        return Err(StagedError::IsDir(path.to_path_buf()));
     }
     Ok(())
 }
@@ -49,16 +80,16 @@ pub struct StagedDir {
 
 impl StagedDir {
     /// Creates the temporary directory for `path` (and `path`'s parent directories).
-    pub fn create(path: &Path) -> Result<Self, String> {
+    pub fn create(path: &Path) -> Result<Self, StagedError> {
         let parent = parent_dir(path);
-        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        std::fs::create_dir_all(parent).map_err(io("create", parent))?;
         let tmp = tempfile::Builder::new()
             .prefix(&prefix(path))
             .suffix(".tmp")
             // The usual mode of a new directory (the umask still applies), not a temporary's 0700.
             .permissions(std::fs::Permissions::from_mode(0o755))
             .tempdir_in(parent)
-            .map_err(|e| format!("cannot create a temporary directory in {}: {e}", parent.display()))?;
+            .map_err(io("create a temporary directory in", parent))?;
         Ok(Self { tmp: Some(tmp), path: path.to_path_buf() })
     }
 
@@ -68,16 +99,15 @@ impl StagedDir {
     }
 
     /// Moves the directory into place (replacing an empty directory there).
-    pub fn commit(&mut self) -> Result<(), String> {
+    pub fn commit(&mut self) -> Result<(), StagedError> {
         let Some(tmp) = self.tmp.take() else { return Ok(()) };
         if self.path.is_dir() {
-            std::fs::remove_dir(&self.path)
-                .map_err(|e| format!("cannot replace empty {}: {e}", self.path.display()))?;
+            std::fs::remove_dir(&self.path).map_err(io("replace empty", &self.path))?;
         }
         let tmp = tmp.keep();
         std::fs::rename(&tmp, &self.path).map_err(|e| {
             let _ = std::fs::remove_dir_all(&tmp);
-            format!("cannot move the output into {}: {e}", self.path.display())
+            io("move the output into", &self.path)(e)
         })
     }
 }
@@ -93,7 +123,7 @@ pub struct StagedFile {
 impl StagedFile {
     /// Creates the temporary file for `path` (its name ends like `path`'s, so tools that
     /// guess the format from the extension still can).
-    pub fn create(path: &Path) -> Result<Self, String> {
+    pub fn create(path: &Path) -> Result<Self, StagedError> {
         check_new_file(path)?;
         let ext = path.extension().and_then(|e| e.to_str()).map(|e| format!(".{e}")).unwrap_or_default();
         let tmp = tempfile::Builder::new()
@@ -102,7 +132,7 @@ impl StagedFile {
             // The usual mode of a new file (the umask still applies), not a temporary's 0600.
             .permissions(std::fs::Permissions::from_mode(0o644))
             .tempfile_in(parent_dir(path))
-            .map_err(|e| format!("cannot create a temporary file beside {}: {e}", path.display()))?;
+            .map_err(io("create a temporary file beside", path))?;
         Ok(Self { tmp, path: path.to_path_buf() })
     }
 
@@ -118,16 +148,17 @@ impl StagedFile {
 
     /// Renames the file into place (replacing a file or link at `path`, never writing through
     /// it).
-    pub fn commit(self) -> Result<(), String> {
+    pub fn commit(self) -> Result<(), StagedError> {
         let path = self.path;
-        self.tmp.persist(&path).map(drop).map_err(|e| format!("cannot move the output into {}: {e}", path.display()))
+        self.tmp.persist(&path).map(drop).map_err(|e| io("move the output into", &path)(e.error))
     }
 }
 
 /// Writes `bytes` to `path` whole or not at all.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StagedError> {
     let mut f = StagedFile::create(path)?;
-    f.file().write_all(bytes).map_err(|e| format!("cannot write {}: {e}", f.tmp_path().display()))?;
+    let tmp = f.tmp_path().to_path_buf();
+    f.file().write_all(bytes).map_err(io("write", &tmp))?;
     f.commit()
 }
 
@@ -144,7 +175,7 @@ mod tests {
         assert!(!out.exists());
         d.commit().unwrap();
         assert!(out.join("a").is_file());
-        assert!(check_new_dir(&out).unwrap_err().contains("not empty"));
+        assert!(matches!(check_new_dir(&out), Err(StagedError::DirNotEmpty(p)) if p == out));
 
         let other = root.path().join("sub/other");
         let d = StagedDir::create(&other).unwrap();
@@ -168,7 +199,7 @@ mod tests {
         drop(f);
         assert!(!tmp.exists() && !file.exists());
         std::fs::create_dir(&file).unwrap();
-        assert!(check_new_file(&file).unwrap_err().contains("is an existing directory"));
+        assert!(matches!(check_new_file(&file), Err(StagedError::IsDir(_))));
     }
 
     /// The process's umask (read from /proc, without changing it).
