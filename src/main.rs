@@ -99,15 +99,8 @@ fn main() -> ExitCode {
     if std::env::var_os("ORT_DISABLE_TELEMETRY").is_none() {
         std::env::set_var("ORT_DISABLE_TELEMETRY", "1");
     }
-    // glibc raises its mmap threshold as large blocks are freed, after which ONNX Runtime's
-    // model-load buffers (freed, but below the new threshold) stay in the heap: a fixed 128 KiB
-    // threshold returns them to the system (about 90 MB less RSS for the full UNet; same speed,
-    // as ORT's arena keeps its own blocks). docs/architecture.md, "Memory".
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes a malloc parameter; no other thread exists yet.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
-    }
+    // One allocator setting for the whole process (lipsync_pipelines::allocator says why).
+    lipsync_pipelines::allocator::fix_mmap_threshold();
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.quiet);
     let result = match &cli.command {

@@ -11,6 +11,7 @@
 //! - [`session`]: socket source -> graph -> socket sink, for `lipsync serve`.
 //! - [`metrics`]: HDR histograms, reports.
 
+pub mod allocator;
 pub mod file_sink;
 pub mod graph;
 pub mod job;

@@ -24,7 +24,8 @@ use crate::shared::Shared;
 
 /// Runs the daemon until `stop` is set (the binary sets it on SIGTERM/SIGINT), then drains.
 pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<(), ServeError> {
-    release_big_buffers();
+    // The binary has done this already; an in-process daemon has not.
+    lipsync_pipelines::allocator::fix_mmap_threshold();
     let nofile = crate::fds::raise_limit();
     let (listener, lock_file) = bind(&settings.socket, settings.socket_mode)?;
     let socket = settings.socket.clone();
@@ -148,19 +149,6 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
     }
     tracing::info!(frames = shared.frames_total.load(Ordering::SeqCst), "stopped");
     Ok(())
-}
-
-/// Makes glibc hand big buffers (a session's frame jobs and tensors: 0.3 to 2.5 MiB each,
-/// allocated when it opens, freed when it closes) straight back to the OS. By default glibc
-/// raises its mmap threshold after the first such free and keeps later ones in its heaps, so the
-/// daemon's resident memory would follow the peak of concurrent sessions instead of the sessions
-/// open now.
-fn release_big_buffers() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tunables; called before the daemon's threads start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
-    }
 }
 
 /// The socket file this daemon created: removed once, and only if it is still the same file
