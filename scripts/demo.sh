@@ -5,7 +5,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-./scripts/setup.sh
+./scripts/setup.sh --demo
 echo "== building lipsync (release)" >&2
 cargo build --release --quiet
 ./scripts/make_sample.sh
