@@ -31,6 +31,7 @@ mod fds;
 pub mod frame_out;
 pub mod fuzzing;
 mod http;
+mod http_stats;
 pub mod listener;
 mod metrics;
 pub mod protocol;

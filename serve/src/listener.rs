@@ -45,7 +45,7 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
         finishing: AtomicUsize::new(0),
         sessions_failed: AtomicU64::new(0),
         idle_frames_total: AtomicU64::new(0),
-        http: crate::http::Counters::default(),
+        http: crate::http_stats::Counters::default(),
     });
     let preload: Vec<String> = if settings.preload.iter().any(|p| p == "all") {
         shared.registry.list().into_iter().map(|a| a.name).collect()

@@ -126,7 +126,7 @@ impl Collector for DaemonCollector {
             None,
             MetricType::Counter,
         )?;
-        for why in crate::http::Refused::ALL {
+        for why in crate::http_stats::Refused::ALL {
             ConstCounter::new(sh.http.refused(why)).encode(m.encode_family(&[("reason", why.label())])?)?;
         }
 

@@ -36,7 +36,7 @@ pub(crate) struct Shared {
     /// Idle frames sent by all sessions.
     pub(crate) idle_frames_total: AtomicU64,
     /// The HTTP listener's connections, relays and refusals.
-    pub(crate) http: crate::http::Counters,
+    pub(crate) http: crate::http_stats::Counters,
 }
 
 impl Shared {

@@ -1,0 +1,63 @@
+//! The settings: the example config, merging, ranges, config errors.
+
+use super::*;
+
+#[test]
+fn a_config_error_never_quotes_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("serve.toml");
+    std::fs::write(&file, "max_sessions = 4\nhttp_token = sekrit-unquoted-0123\n").unwrap();
+    let e = ServeOptions::from_file(&file).unwrap_err().to_string();
+    assert!(e.contains("line 2") && e.contains("http_token: not shown") && !e.contains("sekrit"), "{e}");
+    std::fs::write(&file, "http_token = \"fine-0123456789abc\"\nmax_sessions = many\n").unwrap();
+    let e = ServeOptions::from_file(&file).unwrap_err().to_string();
+    assert!(e.contains("max_sessions") && !e.contains("fine-0123"), "other errors are shown whole: {e}");
+}
+
+#[test]
+fn the_documented_example_config_parses() {
+    let file: ServeOptions = toml::from_str(include_str!("../../../docs/serve.example.toml")).unwrap();
+    assert_eq!(file.max_sessions, Some(16));
+    assert_eq!(file.preload, Some(vec!["alice".to_string()]));
+    assert_eq!(file.client_timeout, Some(30.0));
+}
+
+#[test]
+fn flags_win_over_the_file_and_ranges_are_checked_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = ServeOptions {
+        avatars: Some(dir.path().into()),
+        max_sessions: Some(3),
+        session_queue: Some(5),
+        ..Default::default()
+    };
+    let flags = ServeOptions { socket: Some("/tmp/x.sock".into()), max_sessions: Some(7), ..Default::default() };
+    let s = flags.over(file).validate().unwrap();
+    assert_eq!((s.max_sessions, s.session_queue, s.max_batch), (7, 5, BatchSetting::Auto));
+    assert_eq!(s.summary()["socket_mode"], "0600");
+
+    let bad = ServeOptions {
+        max_wait_ms: Some(5000.0),
+        ..ServeOptions { socket: Some("s".into()), avatars: Some(dir.path().into()), ..Default::default() }
+    };
+    let e = bad.validate().unwrap_err().to_string();
+    assert_eq!(e, "max wait (ms) 5000 is out of range: expected 0..=1000");
+    let e: Result<ServeOptions, _> = toml::from_str("max_batch = 64");
+    assert!(e.unwrap_err().to_string().contains("expected 1..=32"));
+    let o: ServeOptions = toml::from_str("max_batch = \"auto\"\ntemplate_cache_mb = 16").unwrap();
+    assert_eq!((o.max_batch, o.template_cache_mb), (Some(BatchSetting::Auto), Some(16)));
+    let o: ServeOptions = toml::from_str("max_batch = 4").unwrap();
+    assert_eq!(o.max_batch.unwrap().to_string(), "4");
+    let zero = ServeOptions {
+        template_cache_mb: Some(0),
+        ..ServeOptions { socket: Some("s".into()), avatars: Some(dir.path().into()), ..Default::default() }
+    };
+    let e = zero.validate().unwrap_err().to_string();
+    assert_eq!(e, "template cache (MiB) 0 is out of range: expected 1..=4096");
+    let big = ServeOptions {
+        jpeg_template_mb: Some(16385),
+        ..ServeOptions { socket: Some("s".into()), avatars: Some(dir.path().into()), ..Default::default() }
+    };
+    let e = big.validate().unwrap_err().to_string();
+    assert_eq!(e, "JPEG template (MiB) 16385 is out of range: expected 0..=16384");
+}
