@@ -7,7 +7,7 @@
 # the audio decoder entry, avatar.toml / boxes.json, and whole client byte streams through a
 # daemon's connection state machine), seeded from fuzz/corpus (scripts/
 # make_fuzz_corpus.py). Prints executions, edges and bitmap coverage per target; inputs that
-# crash or hang are copied to fuzz/regressions/TARGET/ (replayed by tests/fuzz_corpus.rs) and
+# crash or hang are copied to fuzz/regressions/TARGET/ (replayed by tests/it/fuzz_corpus.rs) and
 # the script fails.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

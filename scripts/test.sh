@@ -5,17 +5,23 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+START=$SECONDS
+# Each stage's banner says when it began (seconds since the start), so a slow stage shows.
+stage() { echo "== [$((SECONDS - START)) s] $*" >&2; }
+stage "setup"
 ./scripts/setup.sh
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-echo "== cargo fmt --check" >&2
+stage "cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy" >&2
+stage "cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-echo "== cargo clippy --features cuda (the CUDA backend builds without a GPU)" >&2
-cargo clippy --workspace --all-targets --features cuda --quiet -- -D warnings
-echo "== cargo test" >&2
+# Only lipsync-stages has CUDA code: checking it alone does not rebuild the crates above it.
+stage "cargo clippy -p lipsync-stages --features cuda (the CUDA backend builds without a GPU)"
+cargo clippy -p lipsync-stages --all-targets --features cuda --quiet -- -D warnings
+stage "cargo test"
 cargo test --workspace --all-targets
-echo "== python tests" >&2
+stage "python tests"
 .venv/bin/python -m unittest discover -s tests/python -v
-echo "== fuzzing (AFL++, 15 s per target; scripts/fuzz.sh 150 is the 10-minute run)" >&2
+stage "fuzzing (AFL++, 15 s per target; scripts/fuzz.sh 150 is the 10-minute run)"
 ./scripts/fuzz.sh 15
+stage "done"

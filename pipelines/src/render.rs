@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::unbounded;
 use lipsync_stages::audio::{AudioError, AudioFile16k, SAMPLE_RATE};
-use lipsync_stages::encode::track_samples;
 use lipsync_stages::face::Blend;
 use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::io::avatar::Avatar;
@@ -20,6 +19,7 @@ use lipsync_stages::jpeg::MCU;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
 use lipsync_stages::template::SharedTemplate;
 use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider, RemoteSettings};
+use lipsync_stages::video_writer::track_samples;
 
 pub use crate::file_sink::{ImageFormat, Output};
 use crate::graph::{build, GraphConfig, Layout};
@@ -53,7 +53,7 @@ const CACHE_MARGIN: usize = 40 << 20;
 const JPEG_MARGIN: usize = 20 << 20;
 
 /// What an H.264 output's encoder holds (libx264 at the settings of
-/// `lipsync_stages::encode`, 720p: measured 22 MB).
+/// `lipsync_stages::video_writer`, 720p: measured 22 MB).
 const VIDEO_ENCODER_BYTES: usize = 24 << 20;
 
 /// The template cache that keeps the process within `budget`: every decoded frame when they

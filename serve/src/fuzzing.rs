@@ -1,6 +1,6 @@
 //! Entry points for fuzzing: each takes arbitrary bytes and must never panic, hang or allocate
 //! without bound, whatever they hold. `fuzz/` drives them with AFL++ (coverage-guided,
-//! `scripts/fuzz.sh`); `tests/fuzz_corpus.rs` replays the committed corpus through them.
+//! `scripts/fuzz.sh`); `tests/it/fuzz_corpus.rs` replays the committed corpus through them.
 
 use std::path::Path;
 

@@ -16,7 +16,6 @@
 
 pub mod audio;
 pub mod crop;
-pub mod encode;
 pub mod face;
 pub mod features;
 pub mod frame;
@@ -29,6 +28,7 @@ pub mod quantize;
 pub mod resize;
 pub mod template;
 pub mod unet;
+pub mod video_writer;
 
 /// The text of a caught panic (its `&str` or `String` payload).
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

@@ -8,10 +8,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
-use lipsync_stages::encode::VideoWriter;
 use lipsync_stages::image_io::encode_png;
 use lipsync_stages::jpeg::{max_len, JpegEncoder, JpegSplicer};
 use lipsync_stages::template::JpegTemplate;
+use lipsync_stages::video_writer::VideoWriter;
 
 use crate::job::{reserve_total, FrameJob, FrameStats};
 use crate::runtime::{Out, Stage, StageError};

@@ -3,8 +3,8 @@
 //!
 //! Samples are made by the engine's own path: the avatar's template frames in ping-pong order,
 //! cropped and prepared like a render, and the per-frame audio tensors of a speech file. Most
-//! go to ONNX Runtime's quantizer (a Python tool, `scripts/quantize_unet.py`, carried inside
-//! the binary); evenly spaced held-out samples run through the fp32 and the int8 model in turn,
+//! go to ONNX Runtime's quantizer (a Python tool, `quantize_unet.py` beside this file, carried
+//! inside the binary); evenly spaced held-out samples run through the fp32 and the int8 model in turn,
 //! and their predictions (as paste-back's bytes) are compared inside the mouth box (the crop's
 //! mask): PSNR over all of them, the worst frame's PSNR, and mean SSIM, with frames/s of both.
 //! Below the PSNR gate the int8 model is not kept.
@@ -27,7 +27,7 @@ use crate::template::{SharedTemplate, DEFAULT_CACHE};
 use crate::unet::{run_slices, Batch, OrtUnet, Precision, UnetBackend, UnetModel};
 
 /// The quantizer, as the binary carries it.
-const SCRIPT: &str = include_str!("../../../scripts/quantize_unet.py");
+const SCRIPT: &str = include_str!("quantize_unet.py");
 
 /// Errors of `lipsync model quantize`.
 #[derive(Debug, thiserror::Error)]

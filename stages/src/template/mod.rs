@@ -18,7 +18,7 @@
 //! decoded again the plain way, so a served frame is always the sequential decode's.
 
 mod decode;
-mod jpeg;
+mod jpeg_store;
 mod reader;
 
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ use crate::frame::BgrFrame;
 use crate::io::video::{frame_files, open_video, OpenedVideo, VideoError};
 
 pub use decode::VideoReader;
-pub use jpeg::{JpegFrame, JpegTemplate, JpegTemplateBuilder, RegionReader};
+pub use jpeg_store::{JpegFrame, JpegTemplate, JpegTemplateBuilder, RegionReader};
 pub use reader::TemplateReader;
 
 /// Default byte budget of a reader's ring of decoded frames (and of the raw frames a frames

@@ -2,11 +2,9 @@
 //! found to fail (`fuzz/regressions/`) replayed through the fuzz entry points: none panics.
 //! The coverage-guided runs themselves are `scripts/fuzz.sh` (AFL++).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::root;
+use crate::common::root;
 use lipsync_serve::fuzzing;
 
 #[test]

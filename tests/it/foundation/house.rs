@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use super::common::root;
+use crate::common::root;
 
 const MAX_LINES: usize = 600;
 

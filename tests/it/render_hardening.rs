@@ -2,13 +2,11 @@
 //! leave no output; an output path that is a directory, and NaN/Inf audio, are refused before
 //! any work, naming the problem.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// A 16 kHz mono WAV of `samples` in the given sample format (1 = PCM16, 3 = float32).
 fn write_wav(path: &Path, format: u16, data: &[u8]) {

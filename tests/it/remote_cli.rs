@@ -4,14 +4,12 @@
 //! tensors, a server past the deadline and a server killed mid-run each get a clear error and
 //! leave no output.
 
-mod common;
-
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// A running server, killed when dropped.
 struct Server {

@@ -1,11 +1,9 @@
 //! Foundation: CLI surface, ONNX Runtime discovery, model signatures, avatars; the house's
 //! rules on the source tree (`foundation/house.rs`).
 
-mod common;
-#[path = "foundation/house.rs"]
 mod house;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn help_lists_subcommands() {

@@ -1,9 +1,7 @@
 //! `lipsync mel` and `lipsync features` through the CLI: parity with the Python reference's
 //! fixtures and clear errors for bad input.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use lipsync_stages::io::npy::read_f32_2d;
 
 fn max_diff(a: &ndarray::Array2<f32>, b: &ndarray::Array2<f32>) -> f32 {

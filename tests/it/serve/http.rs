@@ -107,7 +107,7 @@ fn protocol_message(kind: u8, payload: &[u8]) -> Message {
 
 /// Hello over the WebSocket; Welcome expected.
 fn ws_hello(ws: &mut Ws) {
-    ws.send(protocol_message(HELLO, br#"{"protocol": 2, "client": "tests/serve/http.rs"}"#)).unwrap();
+    ws.send(protocol_message(HELLO, br#"{"protocol": 2, "client": "tests/it/serve/http.rs"}"#)).unwrap();
     match ws.read().unwrap() {
         Message::Binary(b) => assert_eq!(b[4], WELCOME, "{b:?}"),
         other => panic!("expected Welcome, got {other:?}"),

@@ -5,16 +5,10 @@
 //! `admin` (avatars, the config file, stats) and `http` (the browser page and the HTTP side's
 //! security).
 
-#[path = "serve/admin.rs"]
 mod admin;
-mod common;
-#[path = "serve/hostile.rs"]
 mod hostile;
-#[path = "serve/http.rs"]
 mod http;
-#[path = "serve/lifecycle.rs"]
 mod lifecycle;
-#[path = "serve/sessions.rs"]
 mod sessions;
 
 use std::io::{Read, Write};
@@ -26,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const HELLO: u8 = 0x01;
 const WELCOME: u8 = 0x02;
@@ -216,7 +210,7 @@ fn recv(c: &mut UnixStream) -> std::io::Result<(u8, Vec<u8>)> {
 }
 
 fn hello(c: &mut UnixStream) -> std::io::Result<()> {
-    let body = br#"{"protocol": 2, "client": "tests/serve.rs"}"#;
+    let body = br#"{"protocol": 2, "client": "tests/it/serve.rs"}"#;
     let mut m = ((body.len() + 1) as u32).to_be_bytes().to_vec();
     m.push(HELLO);
     m.extend_from_slice(body);

@@ -1,12 +1,10 @@
 //! `lipsync render` end to end through the CLI on the golden avatar (tiny model): frame count,
 //! order, parity with the Python reference, MP4 validity, MJPEG on stdout, reports, failures.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 fn render(out: &Path, extra: &[&str]) -> String {
     let avatar = fixture("golden/avatar");

@@ -2,11 +2,9 @@
 //! refuses the int8 model, the avatar names a kept one, render and doctor use and show it, and
 //! bad input gets clear errors.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 /// A copy of the golden avatar in `dir` with absolute model paths (so it can be changed).
 fn avatar_copy(dir: &Path) -> PathBuf {
