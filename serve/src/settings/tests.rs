@@ -61,3 +61,21 @@ fn flags_win_over_the_file_and_ranges_are_checked_once() {
     let e = big.validate().unwrap_err().to_string();
     assert_eq!(e, "JPEG template (MiB) 16385 is out of range: expected 0..=16384");
 }
+
+#[test]
+fn the_http_settings_come_from_the_config_file_too() {
+    let o: ServeOptions = toml::from_str(
+        "http = \"0.0.0.0:9100\"\nhttp_token = \"config-token-0123456789\"\nhttp_host = [\"avatars.example.com\"]\n\
+         http_allow_origin = [\"https://app.example.com\"]\nhttp_max_websockets = 10\nhttp_idle_timeout = 2.5\n",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServeOptions { socket: Some("s".into()), avatars: Some(dir.path().into()), ..o }.validate().unwrap();
+    let h = s.http.unwrap();
+    assert!(
+        h.hosts.contains(&"avatars.example.com".to_string())
+            && h.origins.contains(&"https://app.example.com".to_string())
+    );
+    assert_eq!((h.max_websockets, h.idle_timeout.as_secs_f64()), (10, 2.5));
+    assert_eq!(h.token.map(|t| t.0).as_deref(), Some("config-token-0123456789"));
+}
