@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lipsync_serve::bench;
+use lipsync_serve::client::bench;
 use lipsync_serve::client::{stream, Connection, StreamSpec};
 use lipsync_stages::audio::decode_file;
 use lipsync_stages::unet::Batch;

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use lipsync_serve::client::frame_out::FrameOut;
+use lipsync_serve::client::live::{stream_live, LiveSpec};
 use lipsync_serve::client::{stream, Connection, StreamSpec};
-use lipsync_serve::client_live::{stream_live, LiveSpec};
-use lipsync_serve::frame_out::FrameOut;
 use lipsync_serve::protocol::Kind;
 use lipsync_stages::audio::decode_file;
 

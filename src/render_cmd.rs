@@ -9,12 +9,23 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use lipsync_pipelines::render::{render, ImageFormat, Output, ProgressFn, RenderConfig};
 use lipsync_pipelines::runtime::PinPolicy;
+use lipsync_serve::settings::{InferenceOptions, RemoteOptions, TemplateOptions};
 use lipsync_stages::face::Blend;
 use lipsync_stages::io::avatar::{read_boxes, Avatar};
 use lipsync_stages::io::staged::check_new_file;
-use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider, RemoteSettings};
 
 use crate::Cli;
+
+/// The frame format of a directory output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FrameFormat {
+    /// JPEG at `--jpeg-quality`.
+    Jpeg,
+    /// PNG (lossless).
+    Png,
+    /// Raw BGR24 with a JSON header (`frames.json`).
+    Raw,
+}
 
 /// Arguments of `lipsync render`.
 #[derive(Debug, Args)]
@@ -41,46 +52,23 @@ pub struct RenderArgs {
     #[arg(short, long, value_name = "OUT")]
     pub output: PathBuf,
     /// Frame format of a directory output.
-    #[arg(long, default_value = "jpeg", value_parser = ["jpeg", "png", "raw"])]
-    pub format: String,
-    /// UNet batch: auto (1 on the CPU, measured on a GPU) or a size (1..=32).
-    #[arg(long, default_value_t = BatchSetting::Auto)]
-    pub batch: BatchSetting,
+    #[arg(long, value_enum, default_value_t = FrameFormat::Jpeg)]
+    pub format: FrameFormat,
     /// Audio encoder batch size.
     #[arg(long, default_value_t = lipsync_stages::features::DEFAULT_ENCODER_BATCH as u16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub encoder_batch: u16,
     /// Capacity of each inter-stage channel (items).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub capacity: u16,
-    /// ONNX Runtime intra-op threads for the UNet (default: all CPUs).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Let ONNX Runtime's threads spin while idle.
-    #[arg(long)]
-    pub spin: bool,
-    /// Pin stage threads: auto, none, or a core list (0,1,2).
+    /// Pin stage threads: auto, none, or a core list (0,1,2) (a daemon's sessions: none).
     #[arg(long, default_value = "auto")]
     pub pin: String,
-    /// Execution provider for the UNet: cpu, cuda, or remote (an Open Inference Protocol server).
-    #[arg(long, default_value = "cpu")]
-    pub provider: Provider,
-    /// Inference server of `--provider remote`: grpc://HOST:PORT (Open Inference Protocol:
-    /// Triton, KServe, MLServer).
-    #[arg(long)]
-    pub remote_url: Option<String>,
-    /// The UNet's model name on the remote server.
-    #[arg(long)]
-    pub remote_model: Option<String>,
-    /// Deadline of each remote request, ms (1..=600000) [default: 10000].
-    #[arg(long)]
-    pub remote_timeout_ms: Option<u64>,
-    /// Retries of a request the remote server could not take (0..=10) [default: 3].
-    #[arg(long)]
-    pub remote_retries: Option<u32>,
-    /// Which of the avatar's UNets to run: auto (its int8 model on the CPU when it names one,
-    /// made by `lipsync model quantize`), fp32 or int8.
-    #[arg(long, default_value_t = PrecisionSetting::Auto)]
-    pub precision: PrecisionSetting,
+    #[command(flatten)]
+    pub inference: InferenceOptions,
+    #[command(flatten)]
+    pub remote: RemoteOptions,
+    #[command(flatten)]
+    pub template: TemplateOptions,
     /// JPEG quality (default: the avatar's, else 90).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub jpeg_quality: Option<u8>,
@@ -94,12 +82,6 @@ pub struct RenderArgs {
     /// Paste-back: hard (the reference) or feather=PX.
     #[arg(long, default_value = "hard")]
     pub blend: Blend,
-    /// MiB of decoded template frames kept for the ping-pong's backward pass (a frames
-    /// directory: raw frames held, the rest compressed), and for JPEG output the most the
-    /// template's JPEG frames and face regions may take (held when they fit: then nothing is
-    /// decoded); default: what `--memory-mb` leaves after the models, up to the whole template.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
-    pub template_cache_mb: Option<u32>,
     /// Resident memory (MB, 10^6 bytes) the default template cache (or JPEG frames) keeps the
     /// render within.
     #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(64..=1_000_000))]
@@ -200,17 +182,16 @@ pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
             }
             _ => Output::Dir {
                 path: args.output.clone(),
-                format: match args.format.as_str() {
-                    "png" => ImageFormat::Png,
-                    "raw" => ImageFormat::Raw,
-                    _ => ImageFormat::Jpeg,
+                format: match args.format {
+                    FrameFormat::Png => ImageFormat::Png,
+                    FrameFormat::Raw => ImageFormat::Raw,
+                    FrameFormat::Jpeg => ImageFormat::Jpeg,
                 },
             },
         }
     };
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let threads = args.threads.unwrap_or(cpus).max(1);
-    let pin = PinPolicy::parse(&args.pin, threads).map_err(anyhow::Error::msg)?;
+    let inference = args.inference.resolve(&args.remote)?;
+    let pin = PinPolicy::parse(&args.pin, inference.threads).map_err(anyhow::Error::msg)?;
     let progress = (std::io::stderr().is_terminal() && !cli.quiet).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -234,26 +215,20 @@ pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
         avatar,
         audio: args.audio.clone(),
         output: output.clone(),
-        batch: args.batch,
+        batch: inference.max_batch,
         encoder_batch: args.encoder_batch as usize,
         capacity: args.capacity as usize,
-        intra_threads: threads,
-        spinning: args.spin,
-        provider: args.provider,
-        precision: args.precision,
-        remote: RemoteSettings::from_flags(
-            args.provider,
-            args.remote_url.as_deref(),
-            args.remote_model.as_deref(),
-            args.remote_timeout_ms,
-            args.remote_retries,
-        )
-        .map_err(anyhow::Error::msg)?,
+        intra_threads: inference.threads,
+        spinning: inference.spin,
+        provider: inference.provider,
+        precision: inference.precision,
+        remote: inference.remote,
         pin,
         max_frames: args.max_frames,
         first_index: args.first_index,
         blend: args.blend,
-        template_cache: args.template_cache_mb.map(|mb| (mb as usize) << 20),
+        template_cache: args.template.template_cache()?,
+        jpeg_template: args.template.jpeg_template()?,
         memory_budget: args.memory_mb as usize * 1_000_000,
         progress: cb,
         cancel: Some(signals.stop.clone()),

@@ -36,9 +36,60 @@ use crate::stages::prep::PrepStage;
 use crate::stages::sink::{FrameSink, ProgressFn, SinkStage};
 use crate::stages::unet::{UnetReply, UnetService};
 
-/// The graph's stage names, in order (threads are `ls-NAME`; metrics use these names; the
-/// UNet batcher, shared between graphs, reports as `unet`).
-pub const STAGES: [&str; 6] = ["audio", "frames", "prep", "composite", "encode", "sink"];
+/// A stage of the graph, in graph order. Its [`name`](StageId::name) names its thread
+/// (`ls-NAME`) and its metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StageId {
+    /// 16 kHz audio -> mel -> windows -> audio encoder -> per-frame features.
+    Audio,
+    /// The template frame and the audio of each frame.
+    Frames,
+    /// The UNet's input.
+    Prep,
+    /// The UNet batcher (shared between graphs: not one of a graph's threads).
+    Unet,
+    /// Paste-back.
+    Composite,
+    /// JPEG, PNG, raw or H.264.
+    Encode,
+    /// Files, stdout or the socket.
+    Sink,
+}
+
+impl StageId {
+    /// The stages each graph runs on threads of its own, in order.
+    pub const THREADS: [StageId; 6] =
+        [StageId::Audio, StageId::Frames, StageId::Prep, StageId::Composite, StageId::Encode, StageId::Sink];
+
+    /// Its name in metrics, reports and thread names.
+    pub const fn name(self) -> &'static str {
+        match self {
+            StageId::Audio => "audio",
+            StageId::Frames => "frames",
+            StageId::Prep => "prep",
+            StageId::Unet => "unet",
+            StageId::Composite => "composite",
+            StageId::Encode => "encode",
+            StageId::Sink => "sink",
+        }
+    }
+
+    /// The names of [`StageId::THREADS`], in order.
+    pub fn thread_names() -> [&'static str; 6] {
+        StageId::THREADS.map(StageId::name)
+    }
+}
+
+impl std::fmt::Display for StageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The name of one thread running `parts` fused in order (`frames+prep`).
+fn fused_name(parts: &[StageId]) -> String {
+    parts.iter().map(|p| p.name()).collect::<Vec<_>>().join("+")
+}
 
 /// How the graph's stages map to threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -207,7 +258,7 @@ pub fn build(p: &mut Pipeline, cfg: GraphConfig, sink: Box<dyn FrameSink>) -> Re
     if let Some(l) = &cfg.live {
         audio = audio.live(l.clone(), (cfg.input_rate != SAMPLE_RATE).then_some(cfg.input_rate));
     }
-    p.stage(STAGES[0], Placement::Worker, audio, audio_rx, tensor_tx)?;
+    p.stage(StageId::Audio.name(), Placement::Worker, audio, audio_rx, tensor_tx)?;
     let boxes = cfg.avatar.boxes.len();
     let start = (cfg.start_frame, cfg.first_index);
     let store = cfg.template.jpeg.clone();
@@ -221,7 +272,7 @@ pub fn build(p: &mut Pipeline, cfg: GraphConfig, sink: Box<dyn FrameSink>) -> Re
     if let Some(l) = cfg.live {
         sink = sink.live(l);
     }
-    let [_, f, pr, c, e, s] = STAGES;
+    let [_, f, pr, c, e, s] = StageId::thread_names();
     match cfg.layout {
         Layout::Staged => {
             let (frames_tx, frames_rx) = bounded::<FrameJob>(cap);
@@ -235,7 +286,8 @@ pub fn build(p: &mut Pipeline, cfg: GraphConfig, sink: Box<dyn FrameSink>) -> Re
         }
         Layout::Compact => {
             let front = move || Chain::new(f, frames(), Some(pr), prep);
-            p.stage_built("frames+prep", Placement::Worker, front, tensor_rx, port)?;
+            let name = fused_name(&[StageId::Frames, StageId::Prep]);
+            p.stage_built(&name, Placement::Worker, front, tensor_rx, port)?;
             let back = move || {
                 Chain::new(
                     c,
@@ -244,7 +296,8 @@ pub fn build(p: &mut Pipeline, cfg: GraphConfig, sink: Box<dyn FrameSink>) -> Re
                     Chain::new(e, EncodeStage::new(encoding, enc_stats, store), Some(s), sink),
                 )
             };
-            p.stage_built("composite+encode+sink", Placement::Worker, back, reply_rx, Discard)?;
+            let name = fused_name(&[StageId::Composite, StageId::Encode, StageId::Sink]);
+            p.stage_built(&name, Placement::Worker, back, reply_rx, Discard)?;
         }
     }
     Ok(Graph { input: audio_tx, recycle: recycle_rx, stats })

@@ -18,6 +18,7 @@ pub mod job;
 pub mod live;
 pub mod metrics;
 pub mod render;
+pub mod resources;
 pub mod runtime;
 pub mod session;
 pub mod stages;

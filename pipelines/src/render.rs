@@ -5,86 +5,38 @@
 //! or stdout (the encode stage writes a video file). Frames come out in order, exactly
 //! `L + 2` of them (or `max_frames`), and the output is complete or absent.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::unbounded;
+use crossbeam_channel::{unbounded, Receiver, Sender};
 use lipsync_stages::audio::{AudioError, AudioFile16k, SAMPLE_RATE};
 use lipsync_stages::face::Blend;
-use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::jpeg::MCU;
-use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
-use lipsync_stages::template::SharedTemplate;
+use lipsync_stages::onnx::OrtRuntime;
 use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider, RemoteSettings};
 use lipsync_stages::video_writer::track_samples;
 
 pub use crate::file_sink::{ImageFormat, Output};
-use crate::graph::{build, GraphConfig, Layout};
+use crate::graph::{build, GraphConfig, Layout, StageId};
 use crate::job::{AudioIn, FrameJob};
 use crate::metrics::{rss_bytes, Clock, LatencyRecorder, Percentiles, RunReport, StageMetrics, StageSummary};
-use crate::runtime::{lock, PinPolicy, Pipeline, PipelineError, StageError};
+pub use crate::resources::DEFAULT_MEMORY_BUDGET;
+use crate::resources::{
+    auto_cache, jpeg_template_limit, AvatarModels, AvatarResources, ModelCache, ModelSettings, TemplatePlan,
+    VIDEO_ENCODER_BYTES,
+};
+use crate::runtime::{lock, Out, PinPolicy, Pipeline, PipelineError, StageError};
 use crate::stages::encode::Encoding;
-use crate::stages::frames::{open_template, Template};
+use crate::stages::frames::Template;
 pub use crate::stages::sink::ProgressFn;
 use crate::stages::unet::{UnetService, UnetServiceConfig};
 
 /// How long the batcher waits for a full batch from render's one producer (which fills a
 /// batch in a few ms per frame): a bound, not a pace.
 const MAX_WAIT: Duration = Duration::from_secs(1);
-
-/// The memory budget `render` sizes its template cache to by default (400 MB).
-pub const DEFAULT_MEMORY_BUDGET: usize = 400_000_000;
-
-/// The smallest template cache [`auto_cache`] picks.
-pub const MIN_TEMPLATE_CACHE: usize = 16 << 20;
-
-/// What [`auto_cache`] leaves for what it cannot see yet: the audio encoder's working memory,
-/// the template decoder's own frames, image encoders, allocator slack. Measured on the sample
-/// (720p): without it renders peaked 12-20 MiB over the budget.
-const CACHE_MARGIN: usize = 40 << 20;
-
-/// [`CACHE_MARGIN`] for a render from a [`lipsync_stages::template::JpegTemplate`], which has no
-/// decoder at work once it is open and no whole frames in its jobs: the audio encoder's working
-/// memory, the JPEG encoders, the frame in flight while the template opens, allocator slack. Measured on the sample (720p, full model): peaks came 16 MiB over the models, the
-/// JPEG template and the frame jobs.
-const JPEG_MARGIN: usize = 20 << 20;
-
-/// What an H.264 output's encoder holds (libx264 at the settings of
-/// `lipsync_stages::video_writer`, 720p: measured 22 MB).
-const VIDEO_ENCODER_BYTES: usize = 24 << 20;
-
-/// The template cache that keeps the process within `budget`: every decoded frame when they
-/// fit in what is left after the memory in use now and `reserve` (what the run will add:
-/// frame jobs, an encoder), else what is left, at least [`MIN_TEMPLATE_CACHE`]. Without a
-/// resident-memory reading (not Linux), the default cache.
-pub fn auto_cache(template: &SharedTemplate, budget: usize, reserve: usize) -> usize {
-    match rss_bytes() {
-        Some(rss) => fit_cache(template.len() * template.decoded_frame_bytes(), budget, rss + reserve),
-        None => lipsync_stages::template::DEFAULT_CACHE,
-    }
-}
-
-/// [`auto_cache`]'s rule: `whole` (every decoded frame) if it fits in `budget` less `used` and
-/// the margin, else what is left, at least [`MIN_TEMPLATE_CACHE`].
-pub fn fit_cache(whole: usize, budget: usize, used: usize) -> usize {
-    budget.saturating_sub(used + CACHE_MARGIN).min(whole).max(MIN_TEMPLATE_CACHE)
-}
-
-/// The bytes a [`JpegTemplate`] may hold within `budget` with `used` in use now and `reserve`
-/// still to come and [`JPEG_MARGIN`]; without a resident-memory reading, the default template
-/// cache.
-pub fn jpeg_template_limit(budget: usize, reserve: usize) -> usize {
-    let rss = rss_bytes();
-    let limit = match rss {
-        Some(rss) => budget.saturating_sub(rss + reserve + JPEG_MARGIN),
-        None => lipsync_stages::template::DEFAULT_CACHE,
-    };
-    tracing::debug!(rss, limit, "JPEG template limit");
-    limit
-}
 
 /// Samples per chunk the source sends (200 ms).
 const CHUNK: usize = SAMPLE_RATE as usize / 5;
@@ -128,6 +80,9 @@ pub struct RenderConfig {
     /// directory: raw frames held, the rest compressed); `None`: sized by [`auto_cache`] to
     /// what `memory_budget` leaves.
     pub template_cache: Option<usize>,
+    /// The most the template's JPEG frames may take (JPEG output); `None`: `template_cache`, else
+    /// what `memory_budget` leaves.
+    pub jpeg_template: Option<usize>,
     /// Resident memory the render aims to stay within when it sizes the template cache.
     pub memory_budget: usize,
     /// Called by the sink after each frame with (frames done, total when known).
@@ -160,6 +115,7 @@ impl RenderConfig {
             first_index: 0,
             blend: Blend::Hard,
             template_cache: None,
+            jpeg_template: None,
             memory_budget: DEFAULT_MEMORY_BUDGET,
             progress: None,
             cancel: None,
@@ -179,50 +135,14 @@ pub struct RenderOutcome {
     pub e2e: LatencyRecorder,
 }
 
-/// Runs the render and returns when every frame is written (or the first error).
+/// Runs the render and returns when every frame is written (or the first error): the avatar's
+/// resources, then its graph fed by the audio file, then the report.
 pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, PipelineError> {
     cfg.output.check().map_err(|e| PipelineError::setup("sink", e))?;
-    let io = cfg.avatar.config.models.io.clone();
-    let crop = cfg.avatar.config.crop;
-    let unet_cfg = UnetServiceConfig {
-        max_batch: cfg.batch,
-        max_wait: MAX_WAIT,
-        intra_threads: cfg.intra_threads.max(1),
-        spinning: cfg.spinning,
-        provider: cfg.provider,
-        remote: cfg.remote.clone(),
-    };
-    let model = cfg.avatar.unet_model(cfg.precision, cfg.provider).map_err(|e| PipelineError::setup("unet", e))?;
-    let unet = UnetService::start(rt, &model, &unet_cfg).map_err(|e| PipelineError::setup("unet", e))?;
-    tracing::info!(backend = %unet.backend(), batch = unet.max_batch().get(), "UNet");
-    let unet = Arc::new(unet);
-    let enc_opts = SessionOptions { intra_threads: 1, spinning: false };
-    let encoder = AudioEncoder::open(rt, &cfg.avatar.encoder, &io, cfg.encoder_batch, &enc_opts)
-        .map_err(|e| PipelineError::setup("encoder", e))?;
+    let opened = open(rt, &cfg)?;
     let sink = cfg.output.sink().map_err(|e| PipelineError::setup("sink", e))?;
-    let n = unet.max_batch().get();
-    let cap = cfg.capacity.max(1);
-    // Room for a batch being filled, one in the UNet, and a channel's worth beside them: more
-    // only holds frames (3 MiB each at 720p) without feeding the UNet faster.
-    let jobs = 2 * n + cap + 2;
-    // The template opens after the models, so that its memory is sized to what they left. JPEG
-    // output keeps it as JPEGs and face regions when they fit (jobs then hold a region each).
-    let open_budget = cfg.template_cache.unwrap_or(lipsync_stages::template::DEFAULT_CACHE);
-    let jpeg = matches!(cfg.output, Output::Dir { format: ImageFormat::Jpeg, .. } | Output::Stdout).then(|| {
-        // A job's region: the box widened to whole restart intervals (up to 8 MCUs a side).
-        let (w, h) =
-            cfg.avatar.boxes.iter().fold((0, 0), |(w, h), b| {
-                (w.max(b.width() as usize + 2 * 8 * MCU), h.max(b.height() as usize + 2 * MCU))
-            });
-        // The template's own packets stay held beside it (about the video file's size).
-        let packets = std::fs::metadata(&cfg.avatar.video).ok().filter(|m| m.is_file()).map_or(0, |m| m.len());
-        let reserve = jobs * FrameJob::bytes(&crop, w, h) + packets as usize;
-        let limit = cfg.template_cache.unwrap_or_else(|| jpeg_template_limit(cfg.memory_budget, reserve));
-        (cfg.jpeg_quality, limit)
-    });
-    let (template, store) =
-        open_template(&cfg.avatar, open_budget, jpeg).map_err(|e| PipelineError::setup("template", e))?;
-    let (template, store) = (Arc::new(template), store.map(Arc::new));
+    let settings = settings_json(&cfg, &opened);
+    let unet = opened.resources.models.unet.clone();
 
     let clock = Clock::new();
     let started = Instant::now();
@@ -235,16 +155,143 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
     // far the source runs ahead of the encoder.
     let (track_tx, track_rx) = unbounded::<Vec<f32>>();
     let fps = cfg.avatar.config.fps.round().max(1.0) as i32;
-    let encoding = match &cfg.output {
-        Output::Dir { format: ImageFormat::Png, .. } => Encoding::Png,
-        Output::Dir { format: ImageFormat::Raw, .. } => Encoding::Raw,
-        Output::Dir { format: ImageFormat::Jpeg, .. } | Output::Stdout => Encoding::Jpeg(cfg.jpeg_quality),
-        Output::Video(path) => Encoding::H264 { path: path.clone(), fps, audio: track_rx },
+    let track = Track::new(&cfg, fps, track_tx);
+    let graph = graph_config(&cfg, opened, encoding(&cfg, fps, track_rx));
+    let g = build(&mut p, graph, sink).map_err(|e| PipelineError::setup("graph", e))?;
+    let (input, recycle) = (g.input, g.recycle);
+    let audio = cfg.audio.clone();
+    p.source("source", input, move |out| feed(&audio, track, &recycle, out))?;
+    let reports = p.join()?;
+
+    let frames = g.stats.frames() as usize;
+    let wall = started.elapsed();
+    let (steady, first) = match *lock(&g.stats.span) {
+        Some((a, b)) if frames > 1 => {
+            ((frames - 1) as f64 / b.duration_since(a).as_secs_f64().max(1e-9), a.duration_since(t0).as_secs_f64())
+        }
+        _ => (0.0, wall.as_secs_f64()),
     };
-    let mut track = matches!(cfg.output, Output::Video(_)).then_some(track_tx);
-    // With `max_frames` the sound track stops with the video (the graph still reads the rest).
-    let mut track_left = cfg.max_frames.map_or(usize::MAX, |m| track_samples(m, fps));
-    let mut settings = serde_json::json!({
+    let mut histograms: Vec<StageRun> = reports
+        .into_iter()
+        .map(|r| StageRun { name: r.name, metrics: r.metrics, cpu: r.cpu_seconds, core: r.core })
+        .collect();
+    // The UNet batcher is not one of the graph's threads: its figures go after `prep`, where
+    // it runs in the graph.
+    let at = histograms.iter().position(|h| h.name == StageId::Prep.name()).map_or(histograms.len(), |i| i + 1);
+    histograms.insert(at, unet_run(&unet));
+    let e2e = lock(&g.stats.e2e).clone();
+    let report = RunReport {
+        kind: "render".into(),
+        frames: frames as u64,
+        wall_seconds: wall.as_secs_f64(),
+        frames_per_second: frames as f64 / wall.as_secs_f64().max(1e-9),
+        steady_frames_per_second: steady,
+        first_frame_seconds: first,
+        end_to_end_ms: Percentiles::of(&e2e.e2e),
+        stages: histograms.iter().map(StageRun::summary).collect(),
+        settings,
+    };
+    let histograms = histograms.into_iter().map(|h| (h.name, h.metrics)).collect();
+    Ok(RenderOutcome { frames, report, histograms, e2e })
+}
+
+/// A render's resources, and the sizes it chose for them.
+struct Opened {
+    resources: AvatarResources,
+    /// Frame jobs in flight.
+    jobs: usize,
+    /// Bytes of decoded template frames its reader keeps (0 with JPEG frames: no reader).
+    template_cache: usize,
+}
+
+/// Frame jobs for a UNet batch of `batch` and channels of `capacity`: room for a batch being
+/// filled, one in the UNet, and a channel's worth beside them (more only holds frames, 3 MiB
+/// each at 720p, without feeding the UNet faster).
+fn jobs_for(batch: usize, capacity: usize) -> usize {
+    2 * batch + capacity + 2
+}
+
+/// Opens the avatar's models (a cache of the render's own), then its template sized to the
+/// memory the models left; JPEG output keeps it as JPEGs and face regions when they fit.
+fn open(rt: &OrtRuntime, cfg: &RenderConfig) -> Result<Opened, PipelineError> {
+    let settings = ModelSettings {
+        unet: UnetServiceConfig {
+            max_batch: cfg.batch,
+            max_wait: MAX_WAIT,
+            intra_threads: cfg.intra_threads.max(1),
+            spinning: cfg.spinning,
+            provider: cfg.provider,
+            remote: cfg.remote.clone(),
+        },
+        precision: cfg.precision,
+        encoder_batch: cfg.encoder_batch,
+    };
+    let cap = cfg.capacity.max(1);
+    let plan = |models: &AvatarModels| TemplatePlan {
+        budget: cfg.template_cache.unwrap_or(lipsync_stages::template::DEFAULT_CACHE),
+        jpeg: (jpeg_output(&cfg.output) && cfg.jpeg_template != Some(0))
+            .then(|| (cfg.jpeg_quality, jpeg_limit(cfg, jobs_for(models.unet.max_batch().get(), cap)))),
+    };
+    let resources = AvatarResources::open(rt, &ModelCache::default(), cfg.avatar.clone(), &settings, plan)
+        .map_err(|e| PipelineError::setup(e.stage(), e))?;
+    let jobs = jobs_for(resources.models.unet.max_batch().get(), cap);
+    let template = &resources.template;
+    let template_cache = match &template.jpeg {
+        // The reader is not used.
+        Some(_) => 0,
+        None => cfg.template_cache.unwrap_or_else(|| {
+            let (w, h) = template.template.size();
+            let video = if matches!(cfg.output, Output::Video(_)) { VIDEO_ENCODER_BYTES } else { 0 };
+            let frames = jobs * FrameJob::bytes(&cfg.avatar.config.crop, w, h);
+            auto_cache(&template.template, cfg.memory_budget, frames + video)
+        }),
+    };
+    tracing::debug!(
+        template_cache_mib = template_cache >> 20,
+        jpeg_template = template.jpeg.is_some(),
+        "template cache"
+    );
+    if template.jpeg.is_none() {
+        template.template.warn_if_slow_backward(template_cache);
+    }
+    if let Some(rss) = rss_bytes().filter(|&r| r > cfg.memory_budget) {
+        tracing::warn!(
+            rss_mb = rss / 1_000_000,
+            template_mb = template.template.memory_bytes() / 1_000_000,
+            budget_mb = cfg.memory_budget / 1_000_000,
+            "over the memory budget before the first frame (the models and the template's packets)"
+        );
+    }
+    Ok(Opened { resources, jobs, template_cache })
+}
+
+/// Whether the output is JPEG frames (then the template may be held as JPEGs).
+fn jpeg_output(output: &Output) -> bool {
+    matches!(output, Output::Dir { format: ImageFormat::Jpeg, .. } | Output::Stdout)
+}
+
+/// The bytes the template's JPEG frames may take: `--jpeg-template-mb` or `--template-cache-mb`
+/// when given, else what
+/// the memory budget leaves after the memory in use, the `jobs` frame jobs (a face region each:
+/// the box widened to whole restart intervals, up to 8 MCUs a side) and the template's own
+/// packets, held beside it (about the video file's size).
+fn jpeg_limit(cfg: &RenderConfig, jobs: usize) -> usize {
+    cfg.jpeg_template.or(cfg.template_cache).unwrap_or_else(|| {
+        let (w, h) =
+            cfg.avatar.boxes.iter().fold((0, 0), |(w, h), b| {
+                (w.max(b.width() as usize + 2 * 8 * MCU), h.max(b.height() as usize + 2 * MCU))
+            });
+        let packets = std::fs::metadata(&cfg.avatar.video).ok().filter(|m| m.is_file()).map_or(0, |m| m.len());
+        let reserve = jobs * FrameJob::bytes(&cfg.avatar.config.crop, w, h) + packets as usize;
+        jpeg_template_limit(cfg.memory_budget, reserve)
+    })
+}
+
+/// The settings the render ran with, for its report.
+fn settings_json(cfg: &RenderConfig, opened: &Opened) -> serde_json::Value {
+    let unet = &opened.resources.models.unet;
+    let template = &opened.resources.template;
+    serde_json::json!({
         "avatar": cfg.avatar.root.display().to_string(),
         "audio": cfg.audio.display().to_string(),
         "batch": unet.max_batch(),
@@ -257,129 +304,137 @@ pub fn render(rt: &OrtRuntime, cfg: RenderConfig) -> Result<RenderOutcome, Pipel
         "precision": unet.backend().precision,
         "unet_model": unet.backend().model.display().to_string(),
         "pin": format!("{:?}", cfg.pin),
-    });
-    let template_cache = match &store {
-        // The reader is not used.
-        Some(_) => 0,
-        None => cfg.template_cache.unwrap_or_else(|| {
-            let (w, h) = template.size();
-            let video = if matches!(cfg.output, Output::Video(_)) { VIDEO_ENCODER_BYTES } else { 0 };
-            auto_cache(&template, cfg.memory_budget, jobs * FrameJob::bytes(&crop, w, h) + video)
-        }),
-    };
-    tracing::debug!(template_cache_mib = template_cache >> 20, jpeg_template = store.is_some(), "template cache");
-    if store.is_none() {
-        template.warn_if_slow_backward(template_cache);
+        "template_cache_bytes": opened.template_cache,
+        "template_store": if template.jpeg.is_some() { "jpeg" } else { "decoder" },
+        "template_store_bytes": template.memory_bytes(),
+    })
+}
+
+/// What the encode stage makes of the output.
+fn encoding(cfg: &RenderConfig, fps: i32, track: Receiver<Vec<f32>>) -> Encoding {
+    match &cfg.output {
+        Output::Dir { format: ImageFormat::Png, .. } => Encoding::Png,
+        Output::Dir { format: ImageFormat::Raw, .. } => Encoding::Raw,
+        Output::Dir { format: ImageFormat::Jpeg, .. } | Output::Stdout => Encoding::Jpeg(cfg.jpeg_quality),
+        Output::Video(path) => Encoding::H264 { path: path.clone(), fps, audio: track },
     }
-    if let Some(rss) = rss_bytes().filter(|&r| r > cfg.memory_budget) {
-        tracing::warn!(
-            rss_mb = rss / 1_000_000,
-            template_mb = template.memory_bytes() / 1_000_000,
-            budget_mb = cfg.memory_budget / 1_000_000,
-            "over the memory budget before the first frame (the models and the template's packets)"
-        );
-    }
-    settings["template_cache_bytes"] = template_cache.into();
-    settings["template_store"] = if store.is_some() { "jpeg" } else { "decoder" }.into();
-    settings["template_store_bytes"] =
-        (template.memory_bytes() + store.as_ref().map_or(0, |s| s.memory_bytes())).into();
-    let avatar = Arc::new(cfg.avatar);
-    let graph = GraphConfig {
+}
+
+/// The render's one graph.
+fn graph_config(cfg: &RenderConfig, opened: Opened, encoding: Encoding) -> GraphConfig {
+    let AvatarResources { avatar, models, template } = opened.resources;
+    let cap = cfg.capacity.max(1);
+    let batch = models.unet.max_batch();
+    GraphConfig {
         id: 0,
-        template: Template { template, cache: template_cache, jpeg: store },
+        template: Template { template: template.template, cache: opened.template_cache, jpeg: template.jpeg },
         start_frame: avatar.config.start_frame,
         first_index: cfg.first_index,
         live: None,
         avatar,
-        encoder: Arc::new(Mutex::new(encoder)),
-        unet: unet.clone(),
+        encoder: models.encoder,
+        unet: models.unet,
         input_rate: SAMPLE_RATE,
         encoding,
         blend: cfg.blend,
-        batch: unet.max_batch(),
-        jobs,
+        batch,
+        jobs: opened.jobs,
         capacity: cap,
-        audio_ahead: cap.max(n),
+        audio_ahead: cap.max(batch.get()),
         max_frames: cfg.max_frames,
-        progress: cfg.progress,
+        progress: cfg.progress.clone(),
         layout: Layout::Staged,
-    };
-    let g = build(&mut p, graph, sink).map_err(|e| PipelineError::setup("graph", e))?;
-    let (input, recycle) = (g.input, g.recycle);
-    let audio = cfg.audio.clone();
-    p.source("source", input, move |out| {
-        // Decoded and resampled packet by packet: memory is flat in the audio's length.
-        let fail = |e: AudioError| StageError::failed(None, e);
-        let mut file = AudioFile16k::open(&audio).map_err(fail)?;
-        let mut pending = Vec::new();
-        let mut more = true;
-        while more {
-            more = file.read(&mut pending).map_err(fail)?;
-            // Whole chunks go out as they fill (the rest with the end), so the graph sees the
-            // same chunks whatever the file's packet size.
-            let whole = if more { pending.len() - pending.len() % CHUNK } else { pending.len() };
-            for chunk in pending[..whole].chunks(CHUNK) {
-                // The track first, so the encoder has each frame's audio by the time the frame comes.
-                if let Some(tx) = &track {
-                    let n = chunk.len().min(track_left);
-                    let _ = tx.send(chunk[..n].to_vec());
-                    track_left -= n;
-                    if track_left == 0 {
-                        // The track is complete: the encoder need not wait for the rest.
-                        track = None;
-                    }
-                }
-                let mut buf = recycle.try_recv().unwrap_or_default();
-                buf.clear();
-                buf.extend_from_slice(chunk);
-                let now = out.clock().now();
-                out.send(AudioIn::Samples(buf, now))?;
-            }
-            pending.drain(..whole);
-        }
-        drop(track);
-        let now = out.clock().now();
-        out.send(AudioIn::End(now))
-    })?;
-    let reports = p.join()?;
+    }
+}
 
-    let stats = g.stats;
-    let frames = stats.frames() as usize;
-    let wall = started.elapsed();
-    let (steady, first) = match *lock(&stats.span) {
-        Some((a, b)) if frames > 1 => {
-            ((frames - 1) as f64 / b.duration_since(a).as_secs_f64().max(1e-9), a.duration_since(t0).as_secs_f64())
+/// The sound track of an H.264 output, sent to its encoder as the source reads it.
+struct Track {
+    tx: Option<Sender<Vec<f32>>>,
+    /// Samples still to send: with `max_frames` the track stops with the video (the graph still
+    /// reads the rest).
+    left: usize,
+}
+
+impl Track {
+    fn new(cfg: &RenderConfig, fps: i32, tx: Sender<Vec<f32>>) -> Self {
+        Self {
+            tx: matches!(cfg.output, Output::Video(_)).then_some(tx),
+            left: cfg.max_frames.map_or(usize::MAX, |m| track_samples(m, fps)),
         }
-        _ => (0.0, wall.as_secs_f64()),
-    };
-    let ust = unet.stats();
-    let unet_metrics = StageMetrics { service: lock(&ust.service).clone(), wait: lock(&ust.wait).clone() };
-    let unet_cpu = ust.cpu_us.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-6;
-    let mut histograms: Vec<(String, StageMetrics, f64, Option<usize>)> =
-        reports.into_iter().map(|r| (r.name, r.metrics, r.cpu_seconds, r.core)).collect();
-    let at = histograms.iter().position(|h| h.0 == "prep").map_or(histograms.len(), |i| i + 1);
-    histograms.insert(at, ("unet".into(), unet_metrics, unet_cpu, None));
-    let e2e = lock(&stats.e2e).clone();
-    let report = RunReport {
-        kind: "render".into(),
-        frames: frames as u64,
-        wall_seconds: wall.as_secs_f64(),
-        frames_per_second: frames as f64 / wall.as_secs_f64().max(1e-9),
-        steady_frames_per_second: steady,
-        first_frame_seconds: first,
-        end_to_end_ms: Percentiles::of(&e2e.e2e),
-        stages: histograms
-            .iter()
-            .map(|(name, m, cpu, core)| StageSummary {
-                name: name.clone(),
-                service_ms: Percentiles::of(&m.service),
-                wait_ms: Percentiles::of(&m.wait),
-                cpu_seconds: *cpu,
-                core: *core,
-            })
-            .collect(),
-        settings,
-    };
-    let histograms = histograms.into_iter().map(|(n, m, _, _)| (n, m)).collect();
-    Ok(RenderOutcome { frames, report, histograms, e2e })
+    }
+
+    fn send(&mut self, chunk: &[f32]) {
+        if let Some(tx) = &self.tx {
+            let n = chunk.len().min(self.left);
+            let _ = tx.send(chunk[..n].to_vec());
+            self.left -= n;
+            if self.left == 0 {
+                // The track is complete: the encoder need not wait for the rest.
+                self.tx = None;
+            }
+        }
+    }
+}
+
+/// The source: the audio file decoded and resampled packet by packet (memory flat in its
+/// length) and sent in whole chunks of [`CHUNK`] samples as they fill (the rest with the end),
+/// so the graph sees the same chunks whatever the file's packet size.
+fn feed(
+    audio: &Path,
+    mut track: Track,
+    recycle: &Receiver<Vec<f32>>,
+    out: &mut Out<AudioIn>,
+) -> Result<(), StageError> {
+    let fail = |e: AudioError| StageError::failed(None, e);
+    let mut file = AudioFile16k::open(audio).map_err(fail)?;
+    let mut pending = Vec::new();
+    let mut more = true;
+    while more {
+        more = file.read(&mut pending).map_err(fail)?;
+        let whole = if more { pending.len() - pending.len() % CHUNK } else { pending.len() };
+        for chunk in pending[..whole].chunks(CHUNK) {
+            // The track first, so the encoder has each frame's audio by the time the frame comes.
+            track.send(chunk);
+            let mut buf = recycle.try_recv().unwrap_or_default();
+            buf.clear();
+            buf.extend_from_slice(chunk);
+            let now = out.clock().now();
+            out.send(AudioIn::Samples(buf, now))?;
+        }
+        pending.drain(..whole);
+    }
+    drop(track);
+    let now = out.clock().now();
+    out.send(AudioIn::End(now))
+}
+
+/// One stage's figures for the report.
+struct StageRun {
+    name: String,
+    metrics: StageMetrics,
+    cpu: f64,
+    core: Option<usize>,
+}
+
+impl StageRun {
+    fn summary(&self) -> StageSummary {
+        StageSummary {
+            name: self.name.clone(),
+            service_ms: Percentiles::of(&self.metrics.service),
+            wait_ms: Percentiles::of(&self.metrics.wait),
+            cpu_seconds: self.cpu,
+            core: self.core,
+        }
+    }
+}
+
+/// The UNet batcher's figures.
+fn unet_run(unet: &UnetService) -> StageRun {
+    let st = unet.stats();
+    StageRun {
+        name: StageId::Unet.name().into(),
+        metrics: StageMetrics { service: lock(&st.service).clone(), wait: lock(&st.wait).clone() },
+        cpu: st.cpu_us.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-6,
+        core: None,
+    }
 }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use lipsync_pipelines::render::{auto_cache, fit_cache, MIN_TEMPLATE_CACHE};
+use lipsync_pipelines::resources::{auto_cache, fit_cache, MIN_TEMPLATE_CACHE};
 use lipsync_stages::template::SharedTemplate;
 
 const MB: usize = 1 << 20;

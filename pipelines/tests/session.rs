@@ -9,10 +9,10 @@ use std::time::Duration;
 use lipsync_pipelines::graph::Layout;
 use lipsync_pipelines::job::FrameJob;
 use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
+use lipsync_pipelines::resources::{open_template, TemplatePlan};
 use lipsync_pipelines::runtime::PinPolicy;
 use lipsync_pipelines::runtime::SharedStageStats;
 use lipsync_pipelines::session::{Session, SessionConfig, SessionError};
-use lipsync_pipelines::stages::frames::open_template;
 use lipsync_pipelines::stages::sink::{FrameSink, SinkError};
 use lipsync_pipelines::stages::unet::{UnetService, UnetServiceConfig};
 use lipsync_stages::audio::{decode_file, load_16k};
@@ -73,7 +73,8 @@ struct Shared {
 
 fn shared(rt: &OrtRuntime, max_batch: usize, max_wait: Duration) -> Shared {
     let avatar = Avatar::open(&fixture("golden/avatar")).unwrap();
-    let (template, jpeg) = open_template(&avatar, 1 << 30, Some((90, usize::MAX))).unwrap();
+    let opened = open_template(&avatar, TemplatePlan { budget: 1 << 30, jpeg: Some((90, usize::MAX)) }).unwrap();
+    let (template, jpeg) = (opened.template, opened.jpeg);
     let io = avatar.config.models.io.clone();
     let encoder = AudioEncoder::open(rt, &avatar.encoder, &io, 64, &SessionOptions::default()).unwrap();
     let max_batch = BatchSetting::Fixed(Batch::new(max_batch).unwrap());
@@ -88,8 +89,8 @@ fn shared(rt: &OrtRuntime, max_batch: usize, max_wait: Duration) -> Shared {
     let unet = UnetService::start(rt, &avatar.unet_model(Default::default(), Provider::Cpu).unwrap(), &cfg).unwrap();
     Shared {
         avatar: Arc::new(avatar),
-        template: Arc::new(template),
-        jpeg: Arc::new(jpeg.expect("within the limit")),
+        template,
+        jpeg: jpeg.expect("within the limit"),
         encoder: Arc::new(Mutex::new(encoder)),
         unet: Arc::new(unet),
         shared: Arc::new(SharedStageStats::default()),

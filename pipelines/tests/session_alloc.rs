@@ -13,9 +13,9 @@ use std::time::Duration;
 use lipsync_pipelines::graph::Layout;
 use lipsync_pipelines::job::FrameJob;
 use lipsync_pipelines::live::LiveConfig;
+use lipsync_pipelines::resources::{open_template, TemplatePlan};
 use lipsync_pipelines::runtime::{PinPolicy, SharedStageStats};
 use lipsync_pipelines::session::{Session, SessionConfig};
-use lipsync_pipelines::stages::frames::open_template;
 use lipsync_pipelines::stages::sink::{FrameSink, SinkError};
 use lipsync_pipelines::stages::unet::{UnetService, UnetServiceConfig};
 use lipsync_stages::audio::load_16k;
@@ -165,7 +165,8 @@ fn realtime_idle_frames_allocate_nothing_per_frame() {
 fn fixture_models() -> Fixture {
     let rt = OrtRuntime::load(None).expect("ONNX Runtime (run scripts/setup.sh)");
     let avatar = Avatar::open(&fixture("golden/avatar")).unwrap();
-    let (template, jpeg) = open_template(&avatar, 1 << 30, Some((90, usize::MAX))).unwrap();
+    let opened = open_template(&avatar, TemplatePlan { budget: 1 << 30, jpeg: Some((90, usize::MAX)) }).unwrap();
+    let (template, jpeg) = (opened.template, opened.jpeg);
     let io = avatar.config.models.io.clone();
     let mut encoder = AudioEncoder::open(&rt, &avatar.encoder, &io, 64, &SessionOptions::default()).unwrap();
     // What one encoder run of one window allocates inside ONNX Runtime's API (warm).
@@ -188,8 +189,8 @@ fn fixture_models() -> Fixture {
     let unet = UnetService::start(&rt, &avatar.unet_model(Default::default(), Provider::Cpu).unwrap(), &cfg).unwrap();
     Fixture {
         avatar: Arc::new(avatar),
-        template: Arc::new(template),
-        jpeg: Arc::new(jpeg.expect("within the limit")),
+        template,
+        jpeg: jpeg.expect("within the limit"),
         encoder: Arc::new(Mutex::new(encoder)),
         unet: Arc::new(unet),
         shared: Arc::new(SharedStageStats::default()),

@@ -110,7 +110,7 @@ fn daemon() -> Option<&'static std::path::Path> {
                 avatars: Some(avatars),
                 preload: Some(vec!["golden".into()]),
                 max_sessions: Some(4),
-                intra_threads: Some(1),
+                inference: crate::settings::InferenceOptions { threads: Some(1), ..Default::default() },
                 handshake_timeout: Some(1.0),
                 idle_timeout: Some(1.0),
                 message_timeout: Some(1.0),

@@ -4,14 +4,10 @@
 //!
 //! - [`protocol`]: the wire format (docs/protocol.md) and its error codes.
 //! - [`settings`]: every setting declared once (flags and TOML), validated once.
-//! - [`registry`]: avatars (LRU cache bounded in memory) and the models they share.
-//! - [`listener`]: bind, accept, drain; [`Daemon`] runs one in-process; `shared`: what the
-//!   daemon's threads share; `error`: [`ServeError`].
-//! - `connection`: one connection's state machine.
-//! - [`stats`]: the `Stats` reply; `metrics`: the same and more for Prometheus on the `http`
-//!   listener (`--http`: Host, Origin and token checked, connections capped and timed; `fds`
-//!   sizes its cap so that the Unix socket always has descriptors; docs/security.md).
-//! - [`client`]: the client library ([`client_live`]: real-time sessions); [`bench`]: rounds of concurrent sessions, measured.
+//! - [`daemon`]: the daemon itself: listener, connections, avatar registry, stats, the HTTP
+//!   side; [`Daemon`] runs one in-process.
+//! - [`client`]: the client library (streamed and real-time sessions, `bench` rounds, frame
+//!   outputs).
 //! - [`fuzzing`]: entry points for the fuzzer (protocol, audio decoder, avatar formats).
 //!
 //! Threads: a daemon runs one thread per connection (at most `4 * max_sessions + 16`), six
@@ -21,26 +17,11 @@
 //! load. Stage threads are pinned as
 //! `--pin` says (none by default).
 
-pub mod bench;
 pub mod client;
-pub mod client_live;
-mod connection;
-mod deadline;
-mod error;
-mod fds;
-pub mod frame_out;
+pub mod daemon;
 pub mod fuzzing;
-mod http;
-mod http_stats;
-pub mod listener;
-mod metrics;
 pub mod protocol;
-pub mod registry;
 pub mod settings;
-mod shared;
-pub mod stats;
-mod writer;
 
-pub use error::ServeError;
-pub use listener::{run, Daemon};
+pub use daemon::{run, Daemon, ServeError};
 pub use settings::{ServeOptions, Settings, SettingsError};

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
 use lipsync_serve::client::{stream, ClientError, Connection, StreamSpec};
 use lipsync_serve::protocol::ErrorCode;
+use lipsync_serve::settings::{InferenceOptions, TemplateOptions};
 use lipsync_serve::{Daemon, ServeError, ServeOptions};
 use lipsync_stages::audio::decode_file;
 use lipsync_stages::io::avatar::Avatar;
@@ -45,7 +46,7 @@ fn an_in_process_daemon_serves_the_render_frames_and_drains() {
     let options = ServeOptions {
         socket: Some(socket.clone()),
         avatars: Some(avatars),
-        intra_threads: Some(1),
+        inference: InferenceOptions { threads: Some(1), ..Default::default() },
         ..Default::default()
     };
     let daemon = Daemon::start(options.clone().validate().unwrap(), runtime()).unwrap();
@@ -97,7 +98,8 @@ fn an_in_process_daemon_serves_the_render_frames_and_drains() {
 
     // Without JPEG frames (sessions decode the template and encode whole frames): the same
     // bytes, and the template holds less.
-    let options = ServeOptions { jpeg_template_mb: Some(0), ..options };
+    let options =
+        ServeOptions { template: TemplateOptions { jpeg_template_mb: Some(0), ..Default::default() }, ..options };
     let daemon = Daemon::start(options.validate().unwrap(), runtime()).unwrap();
     let spec = StreamSpec { avatar: "golden".into(), ..spec };
     let mut again = Vec::new();

@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
+use lipsync_serve::client::live::{stream_live, LiveOutcome, LiveSpec};
 use lipsync_serve::client::{ClientError, Connection};
-use lipsync_serve::client_live::{stream_live, LiveOutcome, LiveSpec};
 use lipsync_serve::protocol::{write_parts, ErrorCode, Kind};
+use lipsync_serve::settings::InferenceOptions;
 use lipsync_serve::{Daemon, ServeOptions};
 use lipsync_stages::audio::decode_file;
 use lipsync_stages::io::avatar::Avatar;
@@ -33,7 +34,7 @@ fn daemon_with(tmp: &Path, delay_ms: Option<f64>) -> Daemon {
     let options = ServeOptions {
         socket: Some(tmp.join("d.sock")),
         avatars: Some(avatars),
-        intra_threads: Some(1),
+        inference: InferenceOptions { threads: Some(1), ..Default::default() },
         realtime_delay_ms: delay_ms,
         ..Default::default()
     };

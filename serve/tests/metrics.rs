@@ -5,7 +5,9 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use lipsync_serve::client_live::{stream_live, LiveSpec};
+use lipsync_serve::client::live::{stream_live, LiveSpec};
+use lipsync_serve::settings::http::HttpOptions;
+use lipsync_serve::settings::InferenceOptions;
 use lipsync_serve::{Daemon, ServeOptions};
 use lipsync_stages::audio::decode_file;
 use lipsync_stages::onnx::OrtRuntime;
@@ -73,9 +75,12 @@ fn metrics_are_prometheus_text_with_every_stage_session_and_model() {
     let options = ServeOptions {
         socket: Some(tmp.path().join("d.sock")),
         avatars: Some(avatars),
-        intra_threads: Some(1),
-        http: Some(format!("127.0.0.1:{port}")),
-        http_token: Some("s3cret-0123456789".into()),
+        inference: InferenceOptions { threads: Some(1), ..Default::default() },
+        http: HttpOptions {
+            addr: Some(format!("127.0.0.1:{port}")),
+            http_token: Some("s3cret-0123456789".into()),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let d = Daemon::start(options.validate().unwrap(), OrtRuntime::load(None).unwrap()).unwrap();
@@ -135,17 +140,27 @@ fn http_settings_that_cannot_work_are_refused() {
         avatars: Some(tmp.path().into()),
         ..Default::default()
     };
-    let wide = ServeOptions { http: Some("0.0.0.0:9100".into()), ..base() };
+    let wide = ServeOptions { http: HttpOptions { addr: Some("0.0.0.0:9100".into()), ..Default::default() }, ..base() };
     let e = wide.validate().unwrap_err().to_string();
     assert!(e.contains("not a loopback address") && e.contains("--http-token"), "{e}");
-    let no_host =
-        || ServeOptions { http: Some("0.0.0.0:9100".into()), http_token: Some("t0123456789abcdef".into()), ..base() };
+    let no_host = || ServeOptions {
+        http: HttpOptions {
+            addr: Some("0.0.0.0:9100".into()),
+            http_token: Some("t0123456789abcdef".into()),
+            ..Default::default()
+        },
+        ..base()
+    };
     let e = no_host().validate().unwrap_err().to_string();
     assert!(e.contains("listens on every address") && e.contains("--http-host"), "{e}");
-    let ok = ServeOptions { http_host: Some(vec!["avatars.example.com".into()]), ..no_host() };
+    let mut ok = no_host();
+    ok.http.http_host = Some(vec!["avatars.example.com".into()]);
     assert!(ok.validate().is_ok());
-    let bad = ServeOptions { http: Some("localhost".into()), ..base() };
+    let bad = ServeOptions { http: HttpOptions { addr: Some("localhost".into()), ..Default::default() }, ..base() };
     assert!(bad.validate().unwrap_err().to_string().contains("IP:PORT"));
-    let lone = ServeOptions { http_token: Some("t0123456789abcdef".into()), ..base() };
+    let lone = ServeOptions {
+        http: HttpOptions { http_token: Some("t0123456789abcdef".into()), ..Default::default() },
+        ..base()
+    };
     assert!(lone.validate().unwrap_err().to_string().contains("without --http"));
 }

@@ -97,6 +97,10 @@ where
         self.run_first(out, |a, o| a.process(item, o))
     }
 
+    fn fused_first(&self) -> Option<&'static str> {
+        Some(self.first_name)
+    }
+
     fn finish(&mut self, out: &mut Out<'_, B::Out>) -> Result<(), StageError> {
         self.run_first(out, |a, o| a.finish(o))?;
         let (t, blocked) = (out.ctx.clock.now(), out.blocked);

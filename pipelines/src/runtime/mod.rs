@@ -145,6 +145,15 @@ pub struct StageCtx {
 }
 
 impl StageCtx {
+    /// Joins the pipeline's shared statistics: service time under the stage's name and queue
+    /// wait likewise, or, for a fused thread whose first part is `fused_first`, its queue wait
+    /// under that part's name (its parts record their own service times).
+    fn attach(&mut self, fused_first: Option<&str>) {
+        let Some(stats) = &self.registry else { return };
+        self.shared = fused_first.is_none().then(|| stats.histogram(&self.name));
+        self.shared_wait = Some(stats.wait_histogram(fused_first.unwrap_or(&self.name)));
+    }
+
     /// The stage's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -297,6 +306,13 @@ pub trait Stage: 'static {
     fn finish(&mut self, _out: &mut Out<'_, Self::Out>) -> Result<(), StageError> {
         Ok(())
     }
+
+    /// For several stages fused on one thread ([`Chain`]): the first part's name. Each part
+    /// then records its own service time in the shared statistics, and the thread records its
+    /// queue wait under that part's name, nothing under its own.
+    fn fused_first(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Result of one finished stage.
@@ -390,6 +406,7 @@ impl Pipeline {
     ) -> Result<(), PipelineError> {
         self.spawn_keep(name, placement, output, move |ctx, output| {
             let mut stage = make();
+            ctx.attach(stage.fused_first());
             while let Some(item) = ctx.recv(&input)? {
                 run_step(ctx, output, |out| stage.process(item, out))?;
             }
@@ -404,7 +421,10 @@ impl Pipeline {
         output: impl Outlet<T> + 'static,
         body: impl FnOnce(&mut Out<'_, T>) -> Result<(), StageError> + Send + 'static,
     ) -> Result<(), PipelineError> {
-        self.spawn_keep(name, Placement::Worker, output, move |ctx, output| run_step(ctx, output, body))
+        self.spawn_keep(name, Placement::Worker, output, move |ctx, output| {
+            ctx.attach(None);
+            run_step(ctx, output, body)
+        })
     }
 
     /// Spawns a thread running `body` as stage `name`. The first failure or panic of any
@@ -413,7 +433,10 @@ impl Pipeline {
     where
         F: FnOnce(&mut StageCtx) -> Result<(), StageError> + Send + 'static,
     {
-        self.spawn_keep(name, placement, (), move |ctx, _| body(ctx))
+        self.spawn_keep(name, placement, (), move |ctx, _| {
+            ctx.attach(None);
+            body(ctx)
+        })
     }
 
     /// [`Pipeline::spawn`] for a body that sends through `keep` (its output): the thread owns
@@ -430,10 +453,9 @@ impl Pipeline {
         let mut ctx = StageCtx {
             name: name.to_string(),
             cancel: self.cancel.clone(),
-            // A fused thread (`a+b`) records its parts under their own names instead.
-            shared: self.shared.as_ref().filter(|_| !name.contains('+')).map(|s| s.histogram(name)),
-            // A fused thread's input is its first part's.
-            shared_wait: self.shared.as_ref().map(|s| s.wait_histogram(name.split('+').next().unwrap_or(name))),
+            // Attached by the thread once it knows whether its stage is fused.
+            shared: None,
+            shared_wait: None,
             registry: self.shared.clone(),
             metrics: StageMetrics::new(),
             clock: self.clock.clone(),

@@ -7,11 +7,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use lipsync_stages::face::template_index;
-use lipsync_stages::frame::BgrFrame;
-use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::io::video::VideoError;
 use lipsync_stages::jpeg::McuRegion;
-use lipsync_stages::template::{JpegTemplate, JpegTemplateBuilder, RegionReader, SharedTemplate, TemplateReader};
+use lipsync_stages::template::{JpegTemplate, RegionReader, SharedTemplate, TemplateReader};
 
 use crate::job::{reserve_total, AudioTensor, FrameJob, FrameKind, FrameStats};
 use crate::runtime::{Out, Pool, Stage, StageError};
@@ -25,66 +23,6 @@ pub struct Template {
     /// For JPEG output at its quality: the template's frames ready for compositing in the JPEG
     /// domain (then the reader is not used).
     pub jpeg: Option<Arc<JpegTemplate>>,
-}
-
-/// Opens the avatar's template; for JPEG output at `quality`, builds its [`JpegTemplate`] in
-/// the same decode when it fits in `limit` bytes (else frames are decoded as they are needed).
-/// The JPEG frames are made on a second thread while the next frame decodes.
-pub fn open_template(
-    avatar: &Avatar,
-    budget: usize,
-    jpeg: Option<(u8, usize)>,
-) -> Result<(SharedTemplate, Option<JpegTemplate>), String> {
-    let Some((quality, limit)) = jpeg else {
-        return SharedTemplate::open(&avatar.video, budget).map(|t| (t, None)).map_err(|e| e.to_string());
-    };
-    let mut builder = JpegTemplateBuilder::new(quality, &avatar.boxes, limit).map_err(|e| e.to_string())?;
-    let boxes = avatar.boxes.len();
-    // Set once the builder is over its limit: the decode then sends it nothing more.
-    let over = &std::sync::atomic::AtomicBool::new(false);
-    // One frame goes to the builder and comes back: it is made into a JPEG while the decoder
-    // makes the next frame in its own buffer (a second copy would cost 2.8 MB at 720p and
-    // gain little: the copy is short).
-    let (frames_tx, frames_rx) = crossbeam_channel::bounded::<(usize, BgrFrame)>(1);
-    let (spare_tx, spare_rx) = crossbeam_channel::bounded::<BgrFrame>(1);
-    spare_tx.send(BgrFrame::default()).expect("room for one");
-    let (opened, built) = std::thread::scope(|s| {
-        let worker = std::thread::Builder::new().name("ls-template".into()).spawn_scoped(s, move || {
-            for (i, frame) in frames_rx {
-                builder.push(i, &frame)?;
-                over.store(builder.over_limit(), Ordering::Relaxed);
-                let _ = spare_tx.send(frame);
-            }
-            Ok::<_, lipsync_stages::image_io::ImageError>(builder)
-        });
-        let worker = match worker {
-            Ok(w) => w,
-            Err(e) => return (Err(format!("could not start a thread: {e}")), None),
-        };
-        let mut visit = |i: usize, f: &BgrFrame| {
-            if i >= boxes || over.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            // A closed channel means the builder stopped with an error, reported below.
-            let mut buf = spare_rx.recv().map_err(|_| "the JPEG frames builder stopped".to_string())?;
-            buf.copy_from(f);
-            frames_tx.send((i, buf)).map_err(|_| "the JPEG frames builder stopped".to_string())
-        };
-        let opened = SharedTemplate::open_with(&avatar.video, budget, &mut visit).map_err(|e| e.to_string());
-        drop(frames_tx);
-        (opened, Some(worker.join()))
-    });
-    let builder = match built {
-        Some(Ok(Ok(b))) => b,
-        Some(Ok(Err(e))) => return Err(format!("making the template's JPEG frames: {e}")),
-        Some(Err(_)) => return Err("the JPEG frames builder panicked".into()),
-        None => return opened.map(|t| (t, None)),
-    };
-    let template = opened?;
-    if builder.over_limit() {
-        tracing::info!("the template's JPEG frames would not fit in memory: decoding frames as needed");
-    }
-    Ok((template, builder.finish()))
 }
 
 /// Audio tensor in, job with the template frame and the audio out. The template's reader (its

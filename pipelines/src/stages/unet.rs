@@ -222,23 +222,108 @@ impl Outlet<FrameJob> for UnetPort {
     }
 }
 
-/// Sends back the frames that need no UNet run (idle, or made stale by an interrupt) at once,
-/// each after its producer's earlier frames (which have been run, or are still waiting, in
-/// which case it waits too): a producer's replies stay in order.
-fn release_skipped(pending: &mut VecDeque<Request>) {
+/// What the batcher's choices read of a waiting frame.
+trait Waiting {
+    /// The graph it comes from.
+    fn producer(&self) -> u64;
+    /// At most this many of its producer's frames per run.
+    fn limit(&self) -> usize;
+    /// Whether it goes back without a run (idle, or made stale by an interrupt).
+    fn skips(&self) -> bool;
+    /// Whether it is its producer's last (nothing more will come from it).
+    fn last(&self) -> bool;
+}
+
+impl Waiting for Request {
+    fn producer(&self) -> u64 {
+        self.producer
+    }
+    fn limit(&self) -> usize {
+        self.limit
+    }
+    fn skips(&self) -> bool {
+        self.job.skips_unet()
+    }
+    fn last(&self) -> bool {
+        self.job.last
+    }
+}
+
+/// Takes out of `pending`, in order, the frames that need no UNet run and can go back at once:
+/// those with none of their producer's frames before them (which have been run, or are still
+/// waiting, in which case they wait too), so that a producer's replies stay in order.
+fn take_skipped<W: Waiting>(pending: &mut VecDeque<W>, mut back: impl FnMut(W)) {
     let mut k = 0;
     while k < pending.len() {
         let r = &pending[k];
-        if r.job.skips_unet() && !pending.iter().take(k).any(|q| q.producer == r.producer) {
-            let r = pending.remove(k).expect("index in range");
-            // Room for every job of the producer: never blocks. A gone producer drops it.
-            let _ = r.reply.try_send(Ok(r.job));
+        if r.skips() && !pending.iter().take(k).any(|q| q.producer() == r.producer()) {
+            back(pending.remove(k).expect("index in range"));
         } else {
             k += 1;
         }
     }
 }
 
+/// Whether the batcher should wait for more frames before a run: the batch is not full, more
+/// may come, and no waiting frame must go now (a producer's last, or one that skips the UNet).
+fn should_wait<W: Waiting>(pending: &VecDeque<W>, max_batch: usize, open: bool) -> bool {
+    open && pending.len() < max_batch && !pending.iter().any(|r| r.last() || r.skips())
+}
+
+/// Moves the next run's frames from `pending` into `batch`: oldest first, at most `max_batch`,
+/// at most each producer's `limit`; a frame that skips the UNet holds its producer's later
+/// frames back (they go after it). `counts` is scratch (frames per producer).
+fn select<W: Waiting>(pending: &mut VecDeque<W>, batch: &mut Vec<W>, counts: &mut Vec<(u64, usize)>, max_batch: usize) {
+    counts.clear();
+    let mut k = 0;
+    while k < pending.len() && batch.len() < max_batch {
+        let r = &pending[k];
+        let n = match counts.iter_mut().find(|(s, _)| *s == r.producer()) {
+            Some((_, n)) => n,
+            None => {
+                counts.push((r.producer(), 0));
+                &mut counts.last_mut().expect("just pushed").1
+            }
+        };
+        if r.skips() {
+            *n = usize::MAX;
+            k += 1;
+        } else if *n < r.limit() {
+            *n += 1;
+            batch.push(pending.remove(k).expect("index in range"));
+        } else {
+            k += 1;
+        }
+    }
+}
+
+/// Runs `batch` on the backend, filling each job's prediction; a panic inside the backend fails
+/// this batch's frames, not the service.
+fn run_batch(
+    unet: &mut dyn UnetBackend,
+    crop: &CropParams,
+    prep: &FacePrep,
+    batch: &mut [Request],
+) -> Result<(), UnetError> {
+    let n = batch.len();
+    let (slot, out_len) = (input_len(crop), output_len(crop));
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let inputs = unet.inputs(n)?;
+        for (j, r) in batch.iter().enumerate() {
+            prep.tensor(&r.job.c328, crop, &mut inputs.images[j * slot..(j + 1) * slot]);
+            inputs.audio[j * FRAME_AUDIO_LEN..(j + 1) * FRAME_AUDIO_LEN].copy_from_slice(&r.job.audio);
+        }
+        let out = unet.run(n)?;
+        for (j, r) in batch.iter_mut().enumerate() {
+            quantize_output(&out[j * out_len..(j + 1) * out_len], &mut r.job.pred);
+        }
+        Ok(())
+    }))
+    .unwrap_or_else(|panic| Err(UnetError::Run { batch: n, message: format!("panicked: {}", panic_message(&*panic)) }))
+}
+
+/// The batcher's thread: waits for frames, picks each run ([`select`]), runs it and replies on
+/// each frame's producer's channel, until every port is gone and nothing waits.
 fn batch_loop(
     unet: &mut dyn UnetBackend,
     crop: &CropParams,
@@ -247,17 +332,17 @@ fn batch_loop(
     max_wait: Duration,
     stats: &UnetStats,
 ) {
-    let slot = input_len(crop);
-    let out_len = output_len(crop);
     let prep = FacePrep::new();
     let mut pending: VecDeque<Request> = VecDeque::with_capacity(max_batch * 8);
     let mut batch: Vec<Request> = Vec::with_capacity(max_batch);
     let mut counts: Vec<(u64, usize)> = Vec::with_capacity(max_batch);
     let mut open = true;
+    // Room for every job of the producer: never blocks. A gone producer drops it.
+    let back = |r: Request| drop(r.reply.try_send(Ok(r.job)));
     loop {
         // Drop the frames of producers that were cancelled.
         pending.retain(|r| !r.cancel.load(Ordering::Relaxed));
-        release_skipped(&mut pending);
+        take_skipped(&mut pending, back);
         if pending.is_empty() {
             if !open {
                 return;
@@ -268,7 +353,7 @@ fn batch_loop(
             }
         }
         let deadline = pending.front().map(|r| r.arrived + max_wait).unwrap_or_else(Instant::now);
-        while open && pending.len() < max_batch && !pending.iter().any(|r| r.job.last || r.job.skips_unet()) {
+        while should_wait(&pending, max_batch, open) {
             match rx.recv_deadline(deadline) {
                 Ok(r) => pending.push_back(r),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => break,
@@ -278,51 +363,14 @@ fn batch_loop(
         while let Ok(r) = rx.try_recv() {
             pending.push_back(r);
         }
-        // Oldest first, at most `limit` frames of one producer per run.
-        counts.clear();
-        let mut k = 0;
-        while k < pending.len() && batch.len() < max_batch {
-            let r = &pending[k];
-            let n = match counts.iter_mut().find(|(s, _)| *s == r.producer) {
-                Some((_, n)) => n,
-                None => {
-                    counts.push((r.producer, 0));
-                    &mut counts.last_mut().expect("just pushed").1
-                }
-            };
-            if r.job.skips_unet() {
-                // It goes back without a run, before the producer's later frames.
-                *n = usize::MAX;
-                k += 1;
-            } else if *n < r.limit {
-                *n += 1;
-                batch.push(pending.remove(k).expect("index in range"));
-            } else {
-                k += 1;
-            }
-        }
+        select(&mut pending, &mut batch, &mut counts, max_batch);
         let n = batch.len();
         if n == 0 {
             continue;
         }
         let t = Instant::now();
         record(&stats.wait, t.duration_since(batch[0].arrived));
-        // A panic inside the backend fails this batch's frames, not the service.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let inputs = unet.inputs(n)?;
-            for (j, r) in batch.iter().enumerate() {
-                prep.tensor(&r.job.c328, crop, &mut inputs.images[j * slot..(j + 1) * slot]);
-                inputs.audio[j * FRAME_AUDIO_LEN..(j + 1) * FRAME_AUDIO_LEN].copy_from_slice(&r.job.audio);
-            }
-            let out = unet.run(n)?;
-            for (j, r) in batch.iter_mut().enumerate() {
-                quantize_output(&out[j * out_len..(j + 1) * out_len], &mut r.job.pred);
-            }
-            Ok(())
-        }))
-        .unwrap_or_else(|panic| {
-            Err(UnetError::Run { batch: n, message: format!("panicked: {}", panic_message(&*panic)) })
-        });
+        let result = run_batch(unet, crop, &prep, &mut batch);
         record(&stats.service, t.elapsed());
         stats.sizes[n].fetch_add(1, Ordering::Relaxed);
         if result.is_err() {
@@ -337,5 +385,85 @@ fn batch_loop(
             // Room for every job of the producer: never blocks. A gone producer drops it.
             let _ = r.reply.try_send(reply);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A waiting frame: (producer, limit, skips, last), and its number to follow it by.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct W(u64, usize, bool, bool, u32);
+
+    impl Waiting for W {
+        fn producer(&self) -> u64 {
+            self.0
+        }
+        fn limit(&self) -> usize {
+            self.1
+        }
+        fn skips(&self) -> bool {
+            self.2
+        }
+        fn last(&self) -> bool {
+            self.3
+        }
+    }
+
+    fn frame(producer: u64, limit: usize, id: u32) -> W {
+        W(producer, limit, false, false, id)
+    }
+
+    fn pick(pending: &mut VecDeque<W>, max_batch: usize) -> Vec<u32> {
+        let (mut batch, mut counts) = (Vec::new(), Vec::new());
+        select(pending, &mut batch, &mut counts, max_batch);
+        batch.iter().map(|w| w.4).collect()
+    }
+
+    #[test]
+    fn a_run_takes_the_oldest_frames_up_to_the_batch() {
+        let mut pending: VecDeque<W> = (0..5).map(|i| frame(i % 2, 8, i as u32)).collect();
+        assert_eq!(pick(&mut pending, 3), [0, 1, 2]);
+        assert_eq!(pending.iter().map(|w| w.4).collect::<Vec<_>>(), [3, 4], "the rest wait, in order");
+    }
+
+    #[test]
+    fn a_producer_gets_at_most_its_limit_per_run_and_others_fill_the_rest() {
+        let mut pending: VecDeque<W> =
+            [frame(1, 2, 0), frame(1, 2, 1), frame(1, 2, 2), frame(2, 8, 3), frame(1, 2, 4), frame(2, 8, 5)].into();
+        assert_eq!(pick(&mut pending, 8), [0, 1, 3, 5]);
+        assert_eq!(pick(&mut pending, 8), [2, 4], "its next frames go in the next run");
+    }
+
+    #[test]
+    fn a_frame_that_skips_the_unet_holds_back_its_producers_later_frames() {
+        let mut pending: VecDeque<W> = [frame(1, 8, 0), W(1, 8, true, false, 1), frame(1, 8, 2), frame(2, 8, 3)].into();
+        assert_eq!(pick(&mut pending, 8), [0, 3]);
+        let mut back = Vec::new();
+        take_skipped(&mut pending, |w| back.push(w.4));
+        assert_eq!(back, [1], "the skipped frame goes back once the frames before it have run");
+        assert_eq!(pick(&mut pending, 8), [2]);
+    }
+
+    #[test]
+    fn a_skipped_frame_waits_for_its_producers_earlier_frames_only() {
+        let mut pending: VecDeque<W> = [frame(1, 8, 0), W(1, 8, true, false, 1), W(2, 8, true, false, 2)].into();
+        let mut back = Vec::new();
+        take_skipped(&mut pending, |w| back.push(w.4));
+        assert_eq!(back, [2], "producer 2's frame goes at once; producer 1's waits behind frame 0");
+        assert_eq!(pending.iter().map(|w| w.4).collect::<Vec<_>>(), [0, 1]);
+    }
+
+    #[test]
+    fn the_batcher_waits_only_while_a_fuller_batch_can_come() {
+        let some: VecDeque<W> = [frame(1, 8, 0)].into();
+        assert!(should_wait(&some, 4, true));
+        assert!(!should_wait(&some, 4, false), "every port is gone: nothing more comes");
+        assert!(!should_wait(&some, 1, true), "the batch is full");
+        let last: VecDeque<W> = [frame(1, 8, 0), W(2, 8, false, true, 1)].into();
+        assert!(!should_wait(&last, 4, true), "a producer's last frame goes now");
+        let idle: VecDeque<W> = [W(1, 8, true, false, 0)].into();
+        assert!(!should_wait(&idle, 4, true), "an idle frame goes now");
     }
 }

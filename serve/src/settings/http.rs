@@ -7,21 +7,23 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{in_range, ServeOptions, SettingsError};
+use clap::Args;
+use serde::Deserialize;
 
-/// Most HTTP connections at once when `--http-max-connections` is not given (fewer when the
-/// descriptor limit leaves less: see `crate::fds`).
-pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
-/// The largest `--http-max-connections` accepted before the descriptor limit is known.
-pub const MAX_CONNECTIONS: usize = 65_536;
-/// Seconds a request's head may take to arrive whole [`--http-header-timeout`].
-pub const DEFAULT_HEADER_TIMEOUT_S: f64 = 10.0;
-/// Seconds a connection may move no bytes before it is closed [`--http-idle-timeout`].
-pub const DEFAULT_IDLE_TIMEOUT_S: f64 = 5.0;
+use super::{Limit, SettingsError};
+
+/// Most HTTP connections at once: the default applies when the descriptor limit leaves room
+/// for it (else what it leaves: see `crate::daemon::fds`); the maximum is checked before the
+/// descriptor limit is known.
+pub const MAX_CONNECTIONS: Limit<usize> = Limit::new("HTTP max connections", 1, 65_536, 256);
+/// Seconds a request's head may take to arrive whole.
+pub const HEADER_TIMEOUT_S: Limit<f64> = Limit::new("HTTP header timeout (s)", 0.1, 300.0, 10.0);
+/// Seconds a connection may move no bytes before it is closed.
+pub const IDLE_TIMEOUT_S: Limit<f64> = Limit::new("HTTP idle timeout (s)", 0.1, 3600.0, 5.0);
 /// Messages per second a WebSocket may send, on average over two seconds.
-pub const DEFAULT_WS_MESSAGE_RATE: f64 = 200.0;
+pub const WS_MESSAGE_RATE: Limit<f64> = Limit::new("WebSocket message rate (1/s)", 1.0, 100_000.0, 200.0);
 /// MiB per second a WebSocket may send, on average over two seconds.
-pub const DEFAULT_WS_MIB_RATE: f64 = 16.0;
+pub const WS_MIB_RATE: Limit<f64> = Limit::new("WebSocket byte rate (MiB/s)", 0.1, 4096.0, 16.0);
 /// Unix-socket connections that WebSocket relays can never take (the relays are capped at the
 /// daemon's connection limit less these).
 pub const UNIX_HEADROOM: usize = 16;
@@ -63,6 +65,89 @@ fn tchar(b: u8) -> bool {
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("<redacted>")
+    }
+}
+
+/// The HTTP listener's flags and config-file keys.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+pub struct HttpOptions {
+    #[arg(
+        long = "http",
+        value_name = "ADDR",
+        help = "Also serve HTTP on this address, e.g. 127.0.0.1:9100: the browser page (`/`), its WebSocket (`/ws`) and `/metrics` (Prometheus text). A non-loopback address needs --http-token; a wildcard one (0.0.0.0) needs --http-host too"
+    )]
+    #[serde(rename = "http")]
+    pub addr: Option<String>,
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        help = "The token every HTTP request must carry (16..=512 letters, digits or !#$%&'*+-.^_`|~): `Authorization: Bearer TOKEN`; a browser loads `/?token=TOKEN` once and gets a cookie; a WebSocket client may offer the subprotocol `lipsync.token.TOKEN`. Required to bind a non-loopback address. The command line is visible to other users (ps): prefer `http_token` in a --config file only you can read"
+    )]
+    pub http_token: Option<Secret>,
+    #[arg(
+        long,
+        value_name = "NAME",
+        help = "A host name (NAME or NAME:PORT) the HTTP listener answers to besides its own address (repeatable); requests naming any other `Host` get 421 (DNS rebinding). Its http and https origins may use the WebSocket"
+    )]
+    pub http_host: Option<Vec<String>>,
+    #[arg(
+        long,
+        value_name = "ORIGIN",
+        help = "An origin (http://HOST[:PORT] or https://...) whose pages may open the WebSocket (repeatable); pages of any origin other than the listener's own get 403"
+    )]
+    pub http_allow_origin: Option<Vec<String>>,
+    #[arg(
+        long,
+        value_name = "N",
+        help = MAX_CONNECTIONS.help_with(
+            "Most HTTP connections open at once, and no more than the descriptor limit leaves after the Unix socket's connections; one more is answered 503 and closed",
+            &format!("{}, or what that leaves", MAX_CONNECTIONS.default),
+        )
+    )]
+    pub http_max_connections: Option<usize>,
+    #[arg(
+        long,
+        value_name = "N",
+        help = "Most WebSocket relays open at once (1..=4 x max sessions: each takes one of the Unix socket's connections, and 16 always stay for Unix-socket clients) [default: 2 x max sessions + 8]; one more is answered 503"
+    )]
+    pub http_max_websockets: Option<usize>,
+    #[arg(
+        long,
+        value_name = "S",
+        help = HEADER_TIMEOUT_S.help("Seconds a request's head may take to arrive whole, counted from the connection's open or the end of its previous response")
+    )]
+    pub http_header_timeout: Option<f64>,
+    #[arg(
+        long,
+        value_name = "S",
+        help = IDLE_TIMEOUT_S.help("Seconds an HTTP connection may move no bytes (an idle keep-alive connection, one that sends nothing) before it is closed")
+    )]
+    pub http_idle_timeout: Option<f64>,
+    #[arg(
+        long,
+        value_name = "N",
+        help = WS_MESSAGE_RATE.help("WebSocket messages per second one browser connection may send, two seconds' worth at once; past it that connection alone is closed (code 1008)")
+    )]
+    pub http_ws_message_rate: Option<f64>,
+    #[arg(long, value_name = "MIB", help = WS_MIB_RATE.help("WebSocket MiB per second one browser connection may send, likewise"))]
+    pub http_ws_mib_rate: Option<f64>,
+}
+
+impl HttpOptions {
+    /// These options over `base` (each one given here wins).
+    pub fn over(self, base: HttpOptions) -> HttpOptions {
+        HttpOptions {
+            addr: self.addr.or(base.addr),
+            http_token: self.http_token.or(base.http_token),
+            http_host: self.http_host.or(base.http_host),
+            http_allow_origin: self.http_allow_origin.or(base.http_allow_origin),
+            http_max_connections: self.http_max_connections.or(base.http_max_connections),
+            http_max_websockets: self.http_max_websockets.or(base.http_max_websockets),
+            http_header_timeout: self.http_header_timeout.or(base.http_header_timeout),
+            http_idle_timeout: self.http_idle_timeout.or(base.http_idle_timeout),
+            http_ws_message_rate: self.http_ws_message_rate.or(base.http_ws_message_rate),
+            http_ws_mib_rate: self.http_ws_mib_rate.or(base.http_ws_mib_rate),
+        }
     }
 }
 
@@ -175,8 +260,8 @@ fn authority(ip: IpAddr, port: u16) -> String {
 
 /// The HTTP settings of `o` (`None` without `--http`), for a daemon whose Unix socket takes
 /// `unix_connections` connections.
-pub(super) fn resolve(o: &ServeOptions, unix_connections: usize) -> Result<Option<HttpSettings>, SettingsError> {
-    let Some(a) = &o.http else {
+pub(super) fn resolve(o: &HttpOptions, unix_connections: usize) -> Result<Option<HttpSettings>, SettingsError> {
+    let Some(a) = &o.addr else {
         let given = [
             ("--http-token", o.http_token.is_some()),
             ("--http-host", o.http_host.is_some()),
@@ -262,16 +347,8 @@ pub(super) fn resolve(o: &ServeOptions, unix_connections: usize) -> Result<Optio
     hosts.dedup();
     origins.sort();
     origins.dedup();
-    let max_connections = match o.http_max_connections {
-        Some(n) if !(1..=MAX_CONNECTIONS).contains(&n) => {
-            return Err(SettingsError::Range {
-                name: "HTTP max connections",
-                value: n.to_string(),
-                allowed: "1..=65536 (and what the descriptor limit leaves: checked at start)",
-            })
-        }
-        n => n,
-    };
+    // The default is applied at start, where the descriptor limit is known.
+    let max_connections = o.http_max_connections.map(|n| MAX_CONNECTIONS.check(Some(n))).transpose()?;
     let ws_cap = unix_connections.saturating_sub(UNIX_HEADROOM).max(1);
     let max_websockets = o.http_max_websockets.unwrap_or((unix_connections / 2).min(ws_cap));
     if !(1..=ws_cap).contains(&max_websockets) {
@@ -285,34 +362,10 @@ pub(super) fn resolve(o: &ServeOptions, unix_connections: usize) -> Result<Optio
             ),
         });
     }
-    let header = in_range(
-        "HTTP header timeout (s)",
-        o.http_header_timeout.unwrap_or(DEFAULT_HEADER_TIMEOUT_S),
-        0.1,
-        300.0,
-        "0.1..=300",
-    )?;
-    let idle = in_range(
-        "HTTP idle timeout (s)",
-        o.http_idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT_S),
-        0.1,
-        3600.0,
-        "0.1..=3600",
-    )?;
-    let rate = in_range(
-        "WebSocket message rate (1/s)",
-        o.http_ws_message_rate.unwrap_or(DEFAULT_WS_MESSAGE_RATE),
-        1.0,
-        100_000.0,
-        "1..=100000",
-    )?;
-    let mib = in_range(
-        "WebSocket byte rate (MiB/s)",
-        o.http_ws_mib_rate.unwrap_or(DEFAULT_WS_MIB_RATE),
-        0.1,
-        4096.0,
-        "0.1..=4096",
-    )?;
+    let header = HEADER_TIMEOUT_S.check(o.http_header_timeout)?;
+    let idle = IDLE_TIMEOUT_S.check(o.http_idle_timeout)?;
+    let rate = WS_MESSAGE_RATE.check(o.http_ws_message_rate)?;
+    let mib = WS_MIB_RATE.check(o.http_ws_mib_rate)?;
     Ok(Some(HttpSettings {
         addr,
         token: token.map(Secret),
@@ -331,8 +384,8 @@ pub(super) fn resolve(o: &ServeOptions, unix_connections: usize) -> Result<Optio
 mod tests {
     use super::*;
 
-    fn http(addr: &str, f: impl FnOnce(&mut ServeOptions)) -> Result<HttpSettings, SettingsError> {
-        let mut o = ServeOptions { http: Some(addr.into()), ..Default::default() };
+    fn http(addr: &str, f: impl FnOnce(&mut HttpOptions)) -> Result<HttpSettings, SettingsError> {
+        let mut o = HttpOptions { addr: Some(addr.into()), ..Default::default() };
         f(&mut o);
         resolve(&o, 80).map(|h| h.expect("--http given"))
     }
@@ -381,7 +434,7 @@ mod tests {
         assert!(e.contains("expected 1..=65536"), "{e}");
         let e = http("127.0.0.1:1", |o| o.http_idle_timeout = Some(0.0)).unwrap_err().to_string();
         assert_eq!(e, "HTTP idle timeout (s) 0 is out of range: expected 0.1..=3600");
-        let o = ServeOptions { http_allow_origin: Some(vec!["http://a".into()]), ..Default::default() };
+        let o = HttpOptions { http_allow_origin: Some(vec!["http://a".into()]), ..Default::default() };
         assert_eq!(resolve(&o, 80).unwrap_err().to_string(), "--http-allow-origin without --http");
         for bad in ["has space 0123456789", "short-token", "comma,0123456789abc", "quote\"0123456789ab"] {
             let e = http("127.0.0.1:1", |o| o.http_token = Some(bad.into())).unwrap_err().to_string();
@@ -403,7 +456,7 @@ mod tests {
         for bad in ["127.0.0.1:9100:80", "user@127.0.0.1:9100", "a b:1", "", "127.0.0.1:x", "evil.example/x"] {
             assert_eq!(normalize_host(bad), None, "{bad}");
         }
-        let mut options = ServeOptions { http: Some("127.0.0.1:9100".into()), ..Default::default() };
+        let mut options = HttpOptions { addr: Some("127.0.0.1:9100".into()), ..Default::default() };
         options.http_token = Some("s3cret-0123456789".into());
         assert!(!format!("{options:?}").contains("s3cret"), "the token never shows in Debug");
         let h = resolve(&options, 80).unwrap().unwrap();

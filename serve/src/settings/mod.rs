@@ -2,7 +2,9 @@
 //! (flags over the file over the defaults) and validated once into [`Settings`]; the HTTP
 //! listener's in [`http`].
 
+mod groups;
 pub mod http;
+mod limits;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,167 +12,136 @@ use std::time::Duration;
 use clap::Args;
 use lipsync_pipelines::graph::Layout;
 use lipsync_pipelines::runtime::PinPolicy;
-use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider, RemoteSettings};
+use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider, RemoteSettings, RemoteUrlError};
 use serde::{Deserialize, Serialize};
 
+pub use groups::{
+    cpus, Inference, InferenceOptions, RemoteOptions, TemplateOptions, JPEG_TEMPLATE_MB, REMOTE_RETRIES,
+    REMOTE_TIMEOUT_MS, TEMPLATE_CACHE_MB, THREADS,
+};
 pub use http::{HttpSettings, Secret};
+pub use limits::Limit;
+
+/// Most sessions open at once.
+pub const MAX_SESSIONS: Limit<usize> = Limit::new("max sessions", 1, 4096, 16);
+/// The avatar cache's bound, MiB.
+pub const CACHE_MB: Limit<usize> = Limit::new("avatar cache (MiB)", 1, 1 << 20, 2048);
+/// Longest a frame waits for its UNet batch to fill, ms.
+pub const MAX_WAIT_MS: Limit<f64> = Limit::new("max wait (ms)", 0.0, 1000.0, 2.0);
+/// Frames a session may have in flight.
+pub const SESSION_QUEUE: Limit<usize> = Limit::new("session queue", 1, 1024, 8);
+/// Real-time sessions: a frame's delay after its slot on the clock, ms.
+pub const REALTIME_DELAY_MS: Limit<f64> = Limit::new("real-time delay (ms)", 0.0, 5000.0, 200.0);
+/// Seconds open sessions have to finish after SIGTERM/SIGINT.
+pub const DRAIN_TIMEOUT_S: Limit<f64> = Limit::new("drain timeout (s)", 0.0, 3600.0, 30.0);
+/// Seconds a client may leave its frames unread.
+pub const CLIENT_TIMEOUT_S: Limit<f64> = Limit::new("client timeout (s)", 0.1, 3600.0, 30.0);
+/// Seconds a new connection has to send its whole Hello.
+pub const HANDSHAKE_TIMEOUT_S: Limit<f64> = Limit::new("handshake timeout (s)", 0.1, 60.0, 10.0);
+/// Seconds a connection without a streaming session may send nothing.
+pub const IDLE_TIMEOUT_S: Limit<f64> = Limit::new("idle timeout (s)", 1.0, 86400.0, 120.0);
+/// Seconds a begun message has to arrive whole.
+pub const MESSAGE_TIMEOUT_S: Limit<f64> = Limit::new("message timeout (s)", 0.1, 3600.0, 30.0);
+
+/// Threads of each session, as a setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LayoutSetting {
+    /// Staged with at least 4 cores, else compact ([`auto_layout`]).
+    #[default]
+    Auto,
+    /// One thread per stage.
+    Staged,
+    /// Three threads.
+    Compact,
+}
 
 /// `lipsync serve` settings: each is a flag and a key of the `--config` TOML file (flags win).
+/// Help texts name each range and default from the constants the checks read.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServeOptions {
-    /// TOML file with any of the settings below (flags override it).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help = "TOML file with any of the settings below (flags override it)")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Unix socket path to listen on.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help = "Unix socket path to listen on")]
     pub socket: Option<PathBuf>,
-    /// Directory whose subdirectories are avatars (the name is the subdirectory's).
-    #[arg(long, value_name = "DIR")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        help = "Directory whose subdirectories are avatars (the name is the subdirectory's)"
+    )]
     pub avatars: Option<PathBuf>,
-    /// Most sessions open at once (more get a `busy` error) [default: 16].
-    #[arg(long)]
+    #[arg(long, value_name = "N", help = MAX_SESSIONS.help("Most sessions open at once (more get a `busy` error)"))]
     pub max_sessions: Option<usize>,
-    /// Permissions of the socket file, octal [default: 0600]; a mode that lets others write
-    /// (connect) needs --allow-shared-socket.
-    #[arg(long, value_name = "MODE")]
+    #[arg(
+        long,
+        value_name = "MODE",
+        help = "Permissions of the socket file, octal [default: 0600]; a mode that lets others write (connect) needs --allow-shared-socket"
+    )]
     pub socket_mode: Option<String>,
-    /// Allow a --socket-mode that gives others (not just the group) write access.
-    #[arg(long)]
+    #[arg(long, help = "Allow a --socket-mode that gives others (not just the group) write access")]
     #[serde(default)]
     pub allow_shared_socket: bool,
-    /// Avatars to load at start (comma-separated names, or `all`).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', help = "Avatars to load at start (comma-separated names, or `all`)")]
     pub preload: Option<Vec<String>>,
-    /// Memory bound of the avatar cache (loaded templates), MiB [default: 2048].
-    #[arg(long)]
+    #[arg(long, value_name = "MIB", help = CACHE_MB.help("Memory bound of the avatar cache (loaded templates), MiB"))]
     pub cache_mb: Option<usize>,
-    /// Decoded template frames each session keeps for the ping-pong's backward pass, MiB
-    /// (1..=4096) [default: 24].
-    #[arg(long)]
-    pub template_cache_mb: Option<usize>,
-    /// Most an avatar's JPEG frames may take, MiB (0..=16384; 0: none) [default: 256]: each
-    /// template frame's JPEG at the avatar's quality and its face region, shared by the
-    /// avatar's sessions at that quality, which then decode nothing and encode only the mouth
-    /// region. A template too large for it is decoded by each session instead.
-    #[arg(long)]
-    pub jpeg_template_mb: Option<usize>,
-    /// Most frames per UNet run, across sessions: auto (1 on the CPU, measured on a GPU) or
-    /// 1..=32 [default: auto].
-    #[arg(long)]
-    pub max_batch: Option<BatchSetting>,
-    /// Longest a frame waits for its UNet batch to fill, ms (0..=1000) [default: 2].
-    #[arg(long)]
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub template: TemplateOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub inference: InferenceOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub remote: RemoteOptions,
+    #[arg(long, value_name = "MS", help = MAX_WAIT_MS.help("Longest a frame waits for its UNet batch to fill, ms"))]
     pub max_wait_ms: Option<f64>,
-    /// Frames a session may have in flight before its audio intake blocks [default: 8].
-    #[arg(long)]
+    #[arg(long, value_name = "N", help = SESSION_QUEUE.help("Frames a session may have in flight before its audio intake blocks"))]
     pub session_queue: Option<usize>,
-    /// Real-time sessions: how long after its slot on the session's clock a frame is sent,
-    /// ms (0..=5000): room for a speech frame's image work and UNet batch [default: 200].
-    #[arg(long)]
+    #[arg(
+        long,
+        value_name = "MS",
+        help = REALTIME_DELAY_MS.help("Real-time sessions: how long after its slot on the session's clock a frame is sent, ms: room for a speech frame's image work and UNet batch")
+    )]
     pub realtime_delay_ms: Option<f64>,
-    /// ONNX Runtime intra-op threads of each UNet [default: 2].
-    #[arg(long)]
-    pub intra_threads: Option<usize>,
-    /// UNet execution provider: cpu or cuda [default: cpu].
-    #[arg(long)]
-    pub provider: Option<String>,
-    /// Inference server of `--provider remote`, grpc://HOST:PORT (Open Inference Protocol).
-    #[arg(long)]
-    pub remote_url: Option<String>,
-    /// The UNet's model name on the remote server.
-    #[arg(long)]
-    pub remote_model: Option<String>,
-    /// Deadline of each remote request, ms (1..=600000) [default: 10000].
-    #[arg(long)]
-    pub remote_timeout_ms: Option<u64>,
-    /// Retries of a request the remote server could not take (0..=10) [default: 3].
-    #[arg(long)]
-    pub remote_retries: Option<u32>,
-    /// Which of each avatar's UNets to run: auto (its int8 model on the CPU when it names one,
-    /// made by `lipsync model quantize`), fp32 or int8 [default: auto].
-    #[arg(long)]
-    pub precision: Option<PrecisionSetting>,
-    /// Pinning of each session's stage threads: none, auto or a core list [default: none].
-    #[arg(long)]
+    #[arg(long, help = "Pinning of each session's stage threads: none, auto or a core list (0,1,2) [default: none]")]
     pub pin: Option<String>,
-    /// Threads of each session: staged (one per stage), compact (three) or auto (staged with
-    /// at least 4 cores, else compact) [default: auto].
-    #[arg(long)]
-    pub session_layout: Option<String>,
-    /// Seconds to let open sessions finish after SIGTERM/SIGINT (0..=3600) [default: 30].
-    #[arg(long)]
+    #[arg(
+        long,
+        value_enum,
+        help = "Threads of each session: staged (one per stage), compact (three) or auto (staged with at least 4 cores, else compact) [default: auto]"
+    )]
+    pub session_layout: Option<LayoutSetting>,
+    #[arg(long, value_name = "S", help = DRAIN_TIMEOUT_S.help("Seconds to let open sessions finish after SIGTERM/SIGINT"))]
     pub drain_timeout: Option<f64>,
-    /// Seconds a client may leave its frames unread (socket full) before its session is
-    /// dropped (0.1..=3600) [default: 30].
-    #[arg(long)]
+    #[arg(
+        long,
+        value_name = "S",
+        help = CLIENT_TIMEOUT_S.help("Seconds a client may leave its frames unread (socket full) before its session is dropped")
+    )]
     pub client_timeout: Option<f64>,
-    /// Seconds a new connection has to send its whole Hello (0.1..=60) [default: 10].
-    #[arg(long)]
+    #[arg(long, value_name = "S", help = HANDSHAKE_TIMEOUT_S.help("Seconds a new connection has to send its whole Hello"))]
     pub handshake_timeout: Option<f64>,
-    /// Seconds a connection without a streaming session may send nothing (1..=86400)
-    /// [default: 120].
-    #[arg(long)]
+    #[arg(long, value_name = "S", help = IDLE_TIMEOUT_S.help("Seconds a connection without a streaming session may send nothing"))]
     pub idle_timeout: Option<f64>,
-    /// Seconds a message may take to arrive whole once it has begun (0.1..=3600) [default: 30].
-    #[arg(long)]
+    #[arg(long, value_name = "S", help = MESSAGE_TIMEOUT_S.help("Seconds a message may take to arrive whole once it has begun"))]
     pub message_timeout: Option<f64>,
-    /// Also serve HTTP on this address, e.g. 127.0.0.1:9100: the browser page (`/`), its
-    /// WebSocket (`/ws`) and `/metrics` (Prometheus text). A non-loopback address needs
-    /// --http-token; a wildcard one (0.0.0.0) needs --http-host too.
-    #[arg(long, value_name = "ADDR")]
-    pub http: Option<String>,
-    /// The token every HTTP request must carry (16..=512 letters, digits or
-    /// !#$%&'*+-.^_`|~): `Authorization: Bearer TOKEN`; a browser loads
-    /// `/?token=TOKEN` once and gets a cookie; a WebSocket client may offer the subprotocol
-    /// `lipsync.token.TOKEN`. Required to bind a non-loopback address. The command line is
-    /// visible to other users (ps): prefer `http_token` in a --config file only you can read.
-    #[arg(long, value_name = "TOKEN")]
-    pub http_token: Option<Secret>,
-    /// A host name (NAME or NAME:PORT) the HTTP listener answers to besides its own address
-    /// (repeatable); requests naming any other `Host` get 421 (DNS rebinding). Its http and
-    /// https origins may use the WebSocket.
-    #[arg(long, value_name = "NAME")]
-    pub http_host: Option<Vec<String>>,
-    /// An origin (http://HOST[:PORT] or https://...) whose pages may open the WebSocket
-    /// (repeatable); pages of any origin other than the listener's own get 403.
-    #[arg(long, value_name = "ORIGIN")]
-    pub http_allow_origin: Option<Vec<String>>,
-    /// Most HTTP connections open at once (1..=65536, and no more than the descriptor limit
-    /// leaves after the Unix socket's connections) [default: 256, or what that leaves]; one
-    /// more is answered 503 and closed.
-    #[arg(long, value_name = "N")]
-    pub http_max_connections: Option<usize>,
-    /// Most WebSocket relays open at once (1..=4 x max sessions: each takes one of the Unix
-    /// socket's connections, and 16 always stay for Unix-socket clients)
-    /// [default: 2 x max sessions + 8]; one more is answered 503.
-    #[arg(long, value_name = "N")]
-    pub http_max_websockets: Option<usize>,
-    /// Seconds a request's head may take to arrive whole, counted from the connection's open
-    /// or the end of its previous response (0.1..=300) [default: 10].
-    #[arg(long, value_name = "S")]
-    pub http_header_timeout: Option<f64>,
-    /// Seconds an HTTP connection may move no bytes (an idle keep-alive connection, one that
-    /// sends nothing) before it is closed (0.1..=3600) [default: 5].
-    #[arg(long, value_name = "S")]
-    pub http_idle_timeout: Option<f64>,
-    /// WebSocket messages per second one browser connection may send, two seconds' worth at
-    /// once (1..=100000) [default: 200]; past it that connection alone is closed (code 1008).
-    #[arg(long, value_name = "N")]
-    pub http_ws_message_rate: Option<f64>,
-    /// WebSocket MiB per second one browser connection may send, likewise (0.1..=4096)
-    /// [default: 16].
-    #[arg(long, value_name = "MIB")]
-    pub http_ws_mib_rate: Option<f64>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub http: http::HttpOptions,
 }
 
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
-    /// The remote inference server's settings are missing or out of range.
-    #[error("{0}")]
-    Remote(String),
+    /// `--provider remote` without its server.
+    #[error("--provider remote needs --remote-url grpc://HOST:PORT and --remote-model NAME")]
+    NoRemote,
+    /// The remote inference server's URL cannot be used.
+    #[error(transparent)]
+    Remote(#[from] RemoteUrlError),
     /// The HTTP listener's address or token cannot be used.
     #[error("{0}")]
     Http(String),
@@ -214,7 +185,7 @@ pub enum SettingsError {
         /// The value given.
         value: String,
         /// The allowed range.
-        allowed: &'static str,
+        allowed: String,
     },
     /// A value outside the range that this machine or the other settings allow.
     #[error("{name} {value} is out of range: expected {allowed} ({why})")]
@@ -275,6 +246,8 @@ pub struct Settings {
     pub realtime_delay: Duration,
     /// ORT intra-op threads per UNet.
     pub intra_threads: usize,
+    /// Whether ORT's threads spin.
+    pub spinning: bool,
     /// UNet execution provider.
     #[serde(serialize_with = "debug_lower")]
     pub provider: Provider,
@@ -327,22 +300,6 @@ fn debug_lower<T: std::fmt::Debug, S: serde::Serializer>(v: &T, s: S) -> Result<
     s.serialize_str(&format!("{v:?}").to_lowercase())
 }
 
-fn in_range(name: &'static str, v: f64, lo: f64, hi: f64, allowed: &'static str) -> Result<f64, SettingsError> {
-    if (lo..=hi).contains(&v) {
-        Ok(v)
-    } else {
-        Err(SettingsError::Range { name, value: v.to_string(), allowed })
-    }
-}
-
-fn at_least_one(name: &'static str, v: usize) -> Result<usize, SettingsError> {
-    if v >= 1 {
-        Ok(v)
-    } else {
-        Err(SettingsError::Range { name, value: v.to_string(), allowed: "at least 1" })
-    }
-}
-
 impl ServeOptions {
     /// Reads a config file's settings.
     pub fn from_file(path: &std::path::Path) -> Result<Self, SettingsError> {
@@ -370,6 +327,10 @@ impl ServeOptions {
                 ServeOptions {
                     config: self.config,
                     allow_shared_socket: self.allow_shared_socket || base.allow_shared_socket,
+                    template: self.template.over(base.template),
+                    inference: self.inference.over(base.inference),
+                    remote: self.remote.over(base.remote),
+                    http: self.http.over(base.http),
                     $($f: self.$f.or(base.$f)),*
                 }
             };
@@ -381,36 +342,16 @@ impl ServeOptions {
             socket_mode,
             preload,
             cache_mb,
-            template_cache_mb,
-            jpeg_template_mb,
-            max_batch,
             max_wait_ms,
             session_queue,
             realtime_delay_ms,
-            intra_threads,
-            provider,
-            remote_url,
-            remote_model,
-            remote_timeout_ms,
-            remote_retries,
-            precision,
             pin,
             session_layout,
             drain_timeout,
             client_timeout,
             handshake_timeout,
             idle_timeout,
-            message_timeout,
-            http,
-            http_token,
-            http_host,
-            http_allow_origin,
-            http_max_connections,
-            http_max_websockets,
-            http_header_timeout,
-            http_idle_timeout,
-            http_ws_message_rate,
-            http_ws_mib_rate
+            message_timeout
         )
     }
 
@@ -428,108 +369,72 @@ impl ServeOptions {
 
     /// Fills in the defaults and checks every setting.
     pub fn validate(self) -> Result<Settings, SettingsError> {
-        let max_sessions = at_least_one("max sessions", self.max_sessions.unwrap_or(16))?;
-        let http = http::resolve(&self, max_connections(max_sessions))?;
+        let max_sessions = MAX_SESSIONS.check(self.max_sessions)?;
+        let http = http::resolve(&self.http, max_connections(max_sessions))?;
         let socket = self.socket.ok_or(SettingsError::Missing("socket path", "socket", "socket"))?;
         let avatars = self.avatars.ok_or(SettingsError::Missing("avatars directory", "avatars", "avatars"))?;
         if !avatars.is_dir() {
             return Err(SettingsError::NoAvatars(avatars));
         }
-        let mode = self.socket_mode.unwrap_or_else(|| "0600".into());
-        let socket_mode = u32::from_str_radix(mode.trim_start_matches("0o"), 8).ok().filter(|m| *m <= 0o777).ok_or(
-            SettingsError::Invalid {
-                name: "socket mode",
-                value: mode.clone(),
-                expected: "an octal permission like 0600",
-            },
-        )?;
-        if socket_mode & 0o002 != 0 && !self.allow_shared_socket {
-            return Err(SettingsError::Invalid {
-                name: "socket mode",
-                value: mode,
-                expected: "a mode without write access for others (or --allow-shared-socket)",
-            });
-        }
-        let provider = self.provider.unwrap_or_else(|| "cpu".into());
-        let provider: Provider = provider.parse().map_err(|_| SettingsError::Invalid {
-            name: "provider",
-            value: provider,
-            expected: "cpu, cuda or remote",
-        })?;
-        let remote = RemoteSettings::from_flags(
-            provider,
-            self.remote_url.as_deref(),
-            self.remote_model.as_deref(),
-            self.remote_timeout_ms,
-            self.remote_retries,
-        )
-        .map_err(SettingsError::Remote)?;
-        let intra_threads = at_least_one("intra threads", self.intra_threads.unwrap_or(2))?;
+        let socket_mode = socket_mode(self.socket_mode, self.allow_shared_socket)?;
+        let inference = self.inference.resolve(&self.remote)?;
         let pin = self.pin.unwrap_or_else(|| "none".into());
-        let pin = PinPolicy::parse(&pin, intra_threads).map_err(|_| SettingsError::Invalid {
+        let pin = PinPolicy::parse(&pin, inference.threads).map_err(|_| SettingsError::Invalid {
             name: "pin",
             value: pin,
             expected: "auto, none or a list like 0,1,2",
         })?;
-        let layout = self.session_layout.unwrap_or_else(|| "auto".into());
-        let session_layout = match layout.as_str() {
-            "auto" => auto_layout(std::thread::available_parallelism().map_or(1, |n| n.get())),
-            other => other.parse().map_err(|_| SettingsError::Invalid {
-                name: "session layout",
-                value: layout.clone(),
-                expected: "staged, compact or auto",
-            })?,
+        let session_layout = match self.session_layout.unwrap_or_default() {
+            LayoutSetting::Auto => auto_layout(cpus()),
+            LayoutSetting::Staged => Layout::Staged,
+            LayoutSetting::Compact => Layout::Compact,
         };
-        let wait = in_range("max wait (ms)", self.max_wait_ms.unwrap_or(2.0), 0.0, 1000.0, "0..=1000")?;
-        let drain = in_range("drain timeout (s)", self.drain_timeout.unwrap_or(30.0), 0.0, 3600.0, "0..=3600")?;
-        let client = in_range("client timeout (s)", self.client_timeout.unwrap_or(30.0), 0.1, 3600.0, "0.1..=3600")?;
-        let hello = in_range("handshake timeout (s)", self.handshake_timeout.unwrap_or(10.0), 0.1, 60.0, "0.1..=60")?;
-        let idle = in_range("idle timeout (s)", self.idle_timeout.unwrap_or(120.0), 1.0, 86400.0, "1..=86400")?;
-        let template_cache_mb = self.template_cache_mb.unwrap_or(lipsync_stages::template::DEFAULT_CACHE >> 20);
-        if !(1..=4096).contains(&template_cache_mb) {
-            return Err(SettingsError::Range {
-                name: "template cache (MiB)",
-                value: template_cache_mb.to_string(),
-                allowed: "1..=4096",
-            });
-        }
-        let jpeg_template_mb = self.jpeg_template_mb.unwrap_or(256);
-        if jpeg_template_mb > 16384 {
-            return Err(SettingsError::Range {
-                name: "JPEG template (MiB)",
-                value: jpeg_template_mb.to_string(),
-                allowed: "0..=16384",
-            });
-        }
-        let delay = in_range("real-time delay (ms)", self.realtime_delay_ms.unwrap_or(200.0), 0.0, 5000.0, "0..=5000")?;
-        let message = in_range("message timeout (s)", self.message_timeout.unwrap_or(30.0), 0.1, 3600.0, "0.1..=3600")?;
+        let ms = |v: f64| Duration::from_secs_f64(v / 1000.0);
         Ok(Settings {
             socket,
             avatars,
             max_sessions,
             socket_mode,
             preload: self.preload.unwrap_or_default(),
-            cache_bytes: self.cache_mb.unwrap_or(2048) << 20,
-            template_cache: template_cache_mb << 20,
-            jpeg_template: jpeg_template_mb << 20,
-            max_batch: self.max_batch.unwrap_or_default(),
-            max_wait: Duration::from_secs_f64(wait / 1000.0),
-            session_queue: at_least_one("session queue", self.session_queue.unwrap_or(8))?,
-            realtime_delay: Duration::from_secs_f64(delay / 1000.0),
-            intra_threads,
-            provider,
-            precision: self.precision.unwrap_or_default(),
-            remote,
+            cache_bytes: CACHE_MB.check(self.cache_mb)? << 20,
+            template_cache: self.template.template_cache()?.unwrap_or(TEMPLATE_CACHE_MB.default << 20),
+            jpeg_template: self.template.jpeg_template()?.unwrap_or(JPEG_TEMPLATE_MB.default << 20),
+            max_batch: inference.max_batch,
+            max_wait: ms(MAX_WAIT_MS.check(self.max_wait_ms)?),
+            session_queue: SESSION_QUEUE.check(self.session_queue)?,
+            realtime_delay: ms(REALTIME_DELAY_MS.check(self.realtime_delay_ms)?),
+            intra_threads: inference.threads,
+            spinning: inference.spin,
+            provider: inference.provider,
+            precision: inference.precision,
+            remote: inference.remote,
             pin,
             session_layout,
-            drain_timeout: Duration::from_secs_f64(drain),
-            client_timeout: Duration::from_secs_f64(client),
-            handshake_timeout: Duration::from_secs_f64(hello),
-            idle_timeout: Duration::from_secs_f64(idle),
-            message_timeout: Duration::from_secs_f64(message),
+            drain_timeout: Duration::from_secs_f64(DRAIN_TIMEOUT_S.check(self.drain_timeout)?),
+            client_timeout: Duration::from_secs_f64(CLIENT_TIMEOUT_S.check(self.client_timeout)?),
+            handshake_timeout: Duration::from_secs_f64(HANDSHAKE_TIMEOUT_S.check(self.handshake_timeout)?),
+            idle_timeout: Duration::from_secs_f64(IDLE_TIMEOUT_S.check(self.idle_timeout)?),
+            message_timeout: Duration::from_secs_f64(MESSAGE_TIMEOUT_S.check(self.message_timeout)?),
             http,
         })
     }
+}
+
+/// The socket file's mode from `--socket-mode` (octal, 0600 by default); one that lets others
+/// write needs `--allow-shared-socket`.
+fn socket_mode(given: Option<String>, allow_shared: bool) -> Result<u32, SettingsError> {
+    let mode = given.unwrap_or_else(|| "0600".into());
+    let bits = u32::from_str_radix(mode.trim_start_matches("0o"), 8).ok().filter(|m| *m <= 0o777).ok_or(
+        SettingsError::Invalid { name: "socket mode", value: mode.clone(), expected: "an octal permission like 0600" },
+    )?;
+    if bits & 0o002 != 0 && !allow_shared {
+        return Err(SettingsError::Invalid {
+            name: "socket mode",
+            value: mode,
+            expected: "a mode without write access for others (or --allow-shared-socket)",
+        });
+    }
+    Ok(bits)
 }
 
 /// The session layout for a machine with `cores` cores: one thread per stage when there are

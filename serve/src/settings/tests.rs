@@ -45,21 +45,43 @@ fn flags_win_over_the_file_and_ranges_are_checked_once() {
     let e: Result<ServeOptions, _> = toml::from_str("max_batch = 64");
     assert!(e.unwrap_err().to_string().contains("expected 1..=32"));
     let o: ServeOptions = toml::from_str("max_batch = \"auto\"\ntemplate_cache_mb = 16").unwrap();
-    assert_eq!((o.max_batch, o.template_cache_mb), (Some(BatchSetting::Auto), Some(16)));
+    assert_eq!((o.inference.max_batch, o.template.template_cache_mb), (Some(BatchSetting::Auto), Some(16)));
     let o: ServeOptions = toml::from_str("max_batch = 4").unwrap();
-    assert_eq!(o.max_batch.unwrap().to_string(), "4");
+    assert_eq!(o.inference.max_batch.unwrap().to_string(), "4");
     let zero = ServeOptions {
-        template_cache_mb: Some(0),
+        template: TemplateOptions { template_cache_mb: Some(0), ..Default::default() },
         ..ServeOptions { socket: Some("s".into()), avatars: Some(dir.path().into()), ..Default::default() }
     };
     let e = zero.validate().unwrap_err().to_string();
-    assert_eq!(e, "template cache (MiB) 0 is out of range: expected 1..=4096");
+    assert_eq!(e, "template cache (MiB) 0 is out of range: expected 1..=65536");
     let big = ServeOptions {
-        jpeg_template_mb: Some(16385),
+        template: TemplateOptions { jpeg_template_mb: Some(65537), ..Default::default() },
         ..ServeOptions { socket: Some("s".into()), avatars: Some(dir.path().into()), ..Default::default() }
     };
     let e = big.validate().unwrap_err().to_string();
-    assert_eq!(e, "JPEG template (MiB) 16385 is out of range: expected 0..=16384");
+    assert_eq!(e, "JPEG template (MiB) 65537 is out of range: expected 0..=65536");
+}
+
+#[test]
+fn the_shared_groups_keep_their_old_keys_and_refuse_unknown_ones() {
+    let o: ServeOptions = toml::from_str(
+        "intra_threads = 3\nprovider = \"cpu\"\nprecision = \"fp32\"\nremote_retries = 2\nhttp = \"127.0.0.1:1\"",
+    )
+    .unwrap();
+    assert_eq!(o.inference.threads, Some(3), "intra_threads is threads' old key");
+    assert_eq!((o.inference.provider, o.inference.precision), (Some(Provider::Cpu), Some(PrecisionSetting::Fp32)));
+    assert_eq!((o.remote.remote_retries, o.http.addr.as_deref()), (Some(2), Some("127.0.0.1:1")));
+    let o: ServeOptions = toml::from_str("threads = 2\nbatch = 1\nspin = true").unwrap();
+    assert_eq!(
+        (o.inference.threads, o.inference.max_batch.map(|b| b.to_string()), o.inference.spin),
+        (Some(2), Some("1".into()), true)
+    );
+    for bad in ["max_sesions = 4", "threds = 2", "http_tokn = \"x\"", "remote_urll = \"grpc://h:1\""] {
+        let e = toml::from_str::<ServeOptions>(bad).unwrap_err().to_string();
+        assert!(e.contains("unknown field"), "{bad}: {e}");
+    }
+    let e = toml::from_str::<ServeOptions>("provider = \"gpu\"").unwrap_err().to_string();
+    assert!(e.contains("cpu") && e.contains("cuda") && e.contains("remote"), "{e}");
 }
 
 #[test]

@@ -14,7 +14,7 @@ use crate::features::FRAME_AUDIO_LEN;
 use crate::onnx::{ModelIo, OnnxError, OrtRuntime, SessionOptions};
 
 pub use ort_backend::OrtUnet;
-pub use remote::RemoteSettings;
+pub use remote::{RemoteSettings, RemoteUrlError};
 
 /// Largest batch accepted.
 pub const MAX_BATCH: usize = 32;
@@ -175,7 +175,8 @@ pub fn pick_batch(timings: &[BatchTiming]) -> Option<Batch> {
 }
 
 /// Which execution provider runs the UNet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum Provider {
     /// ONNX Runtime's CPU provider.
     #[default]
@@ -184,20 +185,8 @@ pub enum Provider {
     /// CPU with a warning when unavailable.
     Cuda,
     /// An inference server speaking the Open Inference Protocol over gRPC (Triton, KServe,
-    /// MLServer), named by [`RemoteSettings`].
+    /// MLServer), named by `--remote-url` and `--remote-model`.
     Remote,
-}
-
-impl std::str::FromStr for Provider {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "cpu" => Ok(Provider::Cpu),
-            "cuda" => Ok(Provider::Cuda),
-            "remote" => Ok(Provider::Remote),
-            _ => Err(format!("unknown execution provider `{s}` (expected cpu, cuda or remote)")),
-        }
-    }
 }
 
 /// Errors of the UNet stage.
@@ -270,7 +259,7 @@ impl std::fmt::Display for Precision {
 }
 
 /// Which of an avatar's UNet models to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PrecisionSetting {
     /// The avatar's int8 model when it names one and the UNet runs on the CPU; fp32 otherwise.
@@ -280,18 +269,6 @@ pub enum PrecisionSetting {
     Fp32,
     /// The int8 model (an error when the avatar names none).
     Int8,
-}
-
-impl std::str::FromStr for PrecisionSetting {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim() {
-            "auto" => Ok(PrecisionSetting::Auto),
-            "fp32" => Ok(PrecisionSetting::Fp32),
-            "int8" => Ok(PrecisionSetting::Int8),
-            _ => Err(format!("`{s}` is not a precision: expected auto, fp32 or int8")),
-        }
-    }
 }
 
 impl std::fmt::Display for PrecisionSetting {

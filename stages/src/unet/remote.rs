@@ -45,47 +45,36 @@ impl RemoteSettings {
     /// Default retries.
     pub const DEFAULT_RETRIES: u32 = 3;
 
-    /// The settings of `provider` from its flags: `Some` for [`Provider::Remote`] (URL and model
-    /// required, the deadline within 1..=600000 ms, retries within 0..=10), `None` otherwise.
-    pub fn from_flags(
-        provider: Provider,
-        url: Option<&str>,
-        model: Option<&str>,
-        timeout_ms: Option<u64>,
-        retries: Option<u32>,
-    ) -> Result<Option<Self>, String> {
-        if provider != Provider::Remote {
-            return Ok(None);
-        }
-        let (Some(url), Some(model)) = (url, model) else {
-            return Err("--provider remote needs --remote-url grpc://HOST:PORT and --remote-model NAME".into());
-        };
-        let timeout_ms = timeout_ms.unwrap_or(Self::DEFAULT_TIMEOUT.as_millis() as u64);
-        if !(1..=600_000).contains(&timeout_ms) {
-            return Err(format!("remote timeout {timeout_ms} ms is out of range: expected 1..=600000"));
-        }
-        let retries = retries.unwrap_or(Self::DEFAULT_RETRIES);
-        if retries > 10 {
-            return Err(format!("remote retries {retries} is out of range: expected 0..=10"));
-        }
-        let settings =
-            Self { url: url.into(), model: model.into(), timeout: Duration::from_millis(timeout_ms), retries };
+    /// A server at `url` (`grpc://HOST:PORT`) serving the UNet as `model`.
+    pub fn new(url: &str, model: &str, timeout: Duration, retries: u32) -> Result<Self, RemoteUrlError> {
+        let settings = Self { url: url.into(), model: model.into(), timeout, retries };
         settings.endpoint()?;
-        Ok(Some(settings))
+        Ok(settings)
     }
 
     /// The address as tonic takes it: `grpc://` becomes `http://`.
-    fn endpoint(&self) -> Result<String, String> {
+    fn endpoint(&self) -> Result<String, RemoteUrlError> {
+        let bad = |expected| RemoteUrlError { url: self.url.clone(), expected };
         let rest = self
             .url
             .strip_prefix("grpc://")
             .or_else(|| self.url.strip_prefix("http://"))
-            .ok_or_else(|| format!("remote URL `{}` must start with grpc:// (or http://)", self.url))?;
+            .ok_or_else(|| bad("must start with grpc:// (or http://)"))?;
         if rest.is_empty() || rest.contains('/') {
-            return Err(format!("remote URL `{}`: expected grpc://HOST:PORT", self.url));
+            return Err(bad("expected grpc://HOST:PORT"));
         }
         Ok(format!("http://{rest}"))
     }
+}
+
+/// A remote server's URL that cannot be used.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("remote URL `{url}`: {expected}")]
+pub struct RemoteUrlError {
+    /// The URL given.
+    pub url: String,
+    /// What it should be.
+    pub expected: &'static str,
 }
 
 /// The UNet on a remote server (see the module docs).
@@ -110,7 +99,7 @@ impl RemoteUnet {
     pub(crate) fn open(model: &UnetModel, max_batch: Batch, settings: &RemoteSettings) -> Result<Self, UnetError> {
         let where_ = format!("model `{}` on {}", settings.model, settings.url);
         let fail = |message: String| UnetError::Remote { server: where_.clone(), message };
-        let endpoint = settings.endpoint().map_err(&fail)?;
+        let endpoint = settings.endpoint().map_err(|e| fail(e.to_string()))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -367,7 +356,7 @@ mod tests {
         };
         assert_eq!(s("grpc://127.0.0.1:8001").endpoint().unwrap(), "http://127.0.0.1:8001");
         assert_eq!(s("http://h:1").endpoint().unwrap(), "http://h:1");
-        assert!(s("https://h:1").endpoint().unwrap_err().contains("must start with grpc://"));
-        assert!(s("grpc://h:1/models").endpoint().unwrap_err().contains("expected grpc://HOST:PORT"));
+        assert!(s("https://h:1").endpoint().unwrap_err().to_string().contains("must start with grpc://"));
+        assert!(s("grpc://h:1/models").endpoint().unwrap_err().to_string().contains("expected grpc://HOST:PORT"));
     }
 }

@@ -1,7 +1,8 @@
 //! The house's rules, checked on the source tree: no Rust file over 600 lines in the crates or
-//! their tests, and no import cycle between a crate's top-level modules (`crate::a` using
-//! `crate::b` while `b` uses `a`, directly or round a longer loop). Tests (`#[cfg(test)]` and
-//! on) and comments are not counted as imports.
+//! their tests, and no import cycle between the modules of a crate or of one of its directory
+//! modules (`crate::a` using `crate::b` while `b` uses `a`, directly or round a longer loop;
+//! inside `daemon/`, `crate::daemon::a` or `super::a` from a file beside it). Tests
+//! (`#[cfg(test)]` and on) and comments are not counted as imports.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -39,26 +40,33 @@ fn no_rust_file_is_over_600_lines() {
     assert!(long.is_empty(), "over {MAX_LINES} lines: split by behaviour: {long:?}");
 }
 
-/// A crate's top-level modules and, for each, the others its code names as `crate::NAME`.
-fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+/// The modules of the directory `src` (a crate's source, or a directory module whose path is
+/// `prefix`, `crate::` for a crate's top level) and, for each, the others its code names.
+fn module_graph(src: &Path, prefix: &str) -> BTreeMap<String, BTreeSet<String>> {
     let mut files = Vec::new();
     rust_files(src, &mut files);
     let module = |f: &Path| {
         let rel = f.strip_prefix(src).unwrap();
         let first = rel.components().next()?.as_os_str().to_str()?.trim_end_matches(".rs").to_string();
-        (!matches!(first.as_str(), "lib" | "main")).then_some(first)
+        (!matches!(first.as_str(), "lib" | "main" | "mod")).then_some(first)
     };
     let names: BTreeSet<String> = files.iter().filter_map(|f| module(f)).collect();
     let mut graph: BTreeMap<String, BTreeSet<String>> = names.iter().map(|n| (n.clone(), BTreeSet::new())).collect();
     for f in &files {
         let Some(me) = module(f) else { continue };
+        // A file right in `src` reaches its siblings by `super::` too.
+        let beside = f.parent() == Some(src) && !f.ends_with("mod.rs");
         let text = std::fs::read_to_string(f).unwrap();
         let code = text.split("#[cfg(test)]").next().unwrap();
         for line in code.lines() {
             let line = line.split("//").next().unwrap();
-            // `crate::name` and the names of `use crate::{a, b::c}`.
-            for (i, _) in line.match_indices("crate::") {
-                let rest = &line[i + "crate::".len()..];
+            let mut starts: Vec<usize> = line.match_indices(prefix).map(|(i, _)| i + prefix.len()).collect();
+            if beside && prefix != "crate::" {
+                starts.extend(line.match_indices("super::").map(|(i, _)| i + "super::".len()));
+            }
+            // `PREFIX name` and the names of `use PREFIX{a, b::c}`.
+            for i in starts {
+                let rest = &line[i..];
                 let group = rest.strip_prefix('{').map(|g| g.split('}').next().unwrap_or(g));
                 let heads: Vec<&str> = match group {
                     Some(g) => g.split(',').map(|p| p.trim().split("::").next().unwrap_or("")).collect(),
@@ -73,6 +81,19 @@ fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
         }
     }
     graph
+}
+
+/// `src` and its directory modules, each with its path (`crate::`, `crate::daemon::`, ...).
+fn module_dirs(src: &Path, prefix: &str, out: &mut Vec<(PathBuf, String)>) {
+    out.push((src.to_path_buf(), prefix.to_string()));
+    let Ok(entries) = std::fs::read_dir(src) else { return };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() && p.join("mod.rs").is_file() {
+            let name = p.file_name().unwrap().to_str().unwrap().to_string();
+            module_dirs(&p, &format!("{prefix}{name}::"), out);
+        }
+    }
 }
 
 /// A cycle of `graph`, if it has one.
@@ -118,11 +139,19 @@ fn no_crate_has_an_import_cycle_between_its_modules() {
     };
     assert_eq!(cycle(&g(&[("a", "b"), ("b", "c"), ("c", "a")])).map(|c| c.len()), Some(4));
     assert_eq!(cycle(&g(&[("a", "b"), ("b", "c"), ("a", "c")])), None);
+    let mut checked = 0;
     for src in ["src", "stages/src", "pipelines/src", "serve/src"] {
-        let graph = module_graph(&root().join(src));
+        let graph = module_graph(&root().join(src), "crate::");
         assert!(graph.len() > 3 && graph.values().any(|e| !e.is_empty()), "{src}: {graph:?}");
-        if let Some(c) = cycle(&graph) {
-            panic!("{src}: an import cycle between modules: {}", c.join(" -> "));
+        let mut dirs = Vec::new();
+        module_dirs(&root().join(src), "crate::", &mut dirs);
+        for (dir, prefix) in dirs {
+            let graph = module_graph(&dir, &prefix);
+            checked += graph.values().filter(|e| !e.is_empty()).count();
+            if let Some(c) = cycle(&graph) {
+                panic!("{}: an import cycle between modules: {}", dir.display(), c.join(" -> "));
+            }
         }
     }
+    assert!(checked > 20, "only {checked} modules import a sibling: is the walk right?");
 }

@@ -9,12 +9,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use lipsync_pipelines::job::FrameJob;
+use lipsync_pipelines::resources::{
+    AvatarModels, AvatarResources, ModelCache, ModelSettings, ResourceError, TemplatePlan,
+};
 use lipsync_pipelines::runtime::lock;
-use lipsync_pipelines::stages::frames::open_template;
-use lipsync_pipelines::stages::unet::{UnetService, UnetServiceConfig};
+use lipsync_pipelines::stages::unet::UnetServiceConfig;
 use lipsync_stages::features::AudioEncoder;
-use lipsync_stages::io::avatar::Avatar;
-use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
+use lipsync_stages::io::avatar::{Avatar, AvatarError};
+use lipsync_stages::onnx::OrtRuntime;
 use lipsync_stages::template::{JpegTemplate, SharedTemplate};
 use serde::{Deserialize, Serialize};
 
@@ -34,13 +36,24 @@ pub enum RegistryError {
     #[error("avatar `{0}` is in use by {1} session(s)")]
     InUse(String, usize),
     /// Loading failed.
-    #[error("avatar `{name}` cannot be loaded: {message}")]
+    #[error("avatar `{name}` cannot be loaded: {source}")]
     Load {
         /// The avatar.
         name: String,
-        /// Why.
-        message: String,
+        /// Why (boxed: the daemon's errors stay small).
+        source: Box<LoadError>,
     },
+}
+
+/// Why an avatar could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Its directory, configuration, boxes or template video are not valid.
+    #[error(transparent)]
+    Avatar(#[from] AvatarError),
+    /// Its models or template could not be opened.
+    #[error(transparent)]
+    Resources(#[from] ResourceError),
 }
 
 impl RegistryError {
@@ -62,7 +75,7 @@ pub(crate) struct Loaded {
     /// Its frames for JPEG output at the avatar's quality, when they fit `jpeg_template_mb`.
     pub(crate) jpeg: Option<Arc<JpegTemplate>>,
     pub(crate) encoder: Arc<Mutex<AudioEncoder>>,
-    pub(crate) unet: Arc<UnetService>,
+    pub(crate) unet: Arc<lipsync_pipelines::stages::unet::UnetService>,
     unet_key: PathBuf,
     encoder_key: PathBuf,
     pub(crate) memory: usize,
@@ -77,20 +90,11 @@ pub(crate) struct Registry {
     rt: OrtRuntime,
     loaded: Mutex<HashMap<String, Arc<Loaded>>>,
     loading: Mutex<()>,
-    pub(crate) unets: Mutex<HashMap<PathBuf, Arc<UnetService>>>,
-    encoders: Mutex<HashMap<PathBuf, Arc<Mutex<AudioEncoder>>>>,
-    /// Process memory each model file added when it was loaded (and, for a UNet, warmed up).
-    model_bytes: Mutex<HashMap<PathBuf, usize>>,
+    /// Models by file, shared by the avatars that name them.
+    pub(crate) models: ModelCache,
 }
 
 pub use lipsync_pipelines::metrics::rss_bytes;
-
-/// Runs `load` and returns what it made with the growth of the process's memory meanwhile.
-fn measured<T, E>(load: impl FnOnce() -> Result<T, E>) -> Result<(T, usize), E> {
-    let before = rss_bytes().unwrap_or(0);
-    let made = load()?;
-    Ok((made, rss_bytes().unwrap_or(0).saturating_sub(before)))
-}
 
 /// One row of `ListAvatars`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -126,9 +130,24 @@ impl Registry {
             rt,
             loaded: Mutex::new(HashMap::new()),
             loading: Mutex::new(()),
-            unets: Mutex::new(HashMap::new()),
-            encoders: Mutex::new(HashMap::new()),
-            model_bytes: Mutex::new(HashMap::new()),
+            models: ModelCache::default(),
+        }
+    }
+
+    /// How avatars' models are opened.
+    fn model_settings(&self) -> ModelSettings {
+        let s = &self.settings;
+        ModelSettings {
+            unet: UnetServiceConfig {
+                max_batch: s.max_batch,
+                max_wait: s.max_wait,
+                intra_threads: s.intra_threads,
+                spinning: s.spinning,
+                provider: s.provider,
+                remote: s.remote.clone(),
+            },
+            precision: s.precision,
+            encoder_batch: lipsync_stages::features::DEFAULT_ENCODER_BATCH,
         }
     }
 
@@ -156,78 +175,31 @@ impl Registry {
         if let Some(l) = self.get(name, session) {
             return Ok(l);
         }
-        let failed = |message: String| RegistryError::Load { name: name.to_string(), message };
+        let failed = |e: LoadError| RegistryError::Load { name: name.to_string(), source: Box::new(e) };
         let started = Instant::now();
-        let avatar = Avatar::open(&dir).map_err(|e| failed(e.to_string()))?;
-        let budget = self.settings.cache_bytes.min(lipsync_stages::template::DEFAULT_CACHE);
-        let limit = self.settings.jpeg_template;
-        let jpeg = (limit > 0).then_some((avatar.config.jpeg_quality, limit));
-        let (template, jpeg) = open_template(&avatar, budget, jpeg).map_err(failed)?;
-        if jpeg.is_none() {
-            template.warn_if_slow_backward(self.settings.template_cache);
-        }
-        if template.len() < avatar.boxes.len() {
-            return Err(failed(format!(
-                "the template has {} frames but the avatar has {} boxes",
-                template.len(),
-                avatar.boxes.len()
-            )));
-        }
-        let io = avatar.config.models.io.clone();
-        // Models are shared by file, whatever path an avatar names them by.
-        let encoder_key = std::fs::canonicalize(&avatar.encoder).unwrap_or_else(|_| avatar.encoder.clone());
-        let model =
-            avatar.unet_model(self.settings.precision, self.settings.provider).map_err(|e| failed(e.to_string()))?;
-        let unet_key = std::fs::canonicalize(&model.path).unwrap_or_else(|_| model.path.clone());
-        let encoder = {
-            let mut map = lock(&self.encoders);
-            match map.get(&encoder_key) {
-                Some(e) => e.clone(),
-                None => {
-                    let opts = SessionOptions { intra_threads: 1, spinning: false };
-                    let batch = lipsync_stages::features::DEFAULT_ENCODER_BATCH;
-                    let (e, bytes) = measured(|| AudioEncoder::open(&self.rt, &avatar.encoder, &io, batch, &opts))
-                        .map_err(|e| failed(e.to_string()))?;
-                    lock(&self.model_bytes).insert(encoder_key.clone(), bytes);
-                    let e = Arc::new(Mutex::new(e));
-                    map.insert(encoder_key.clone(), e.clone());
-                    e
-                }
-            }
+        let avatar = Avatar::open(&dir).map_err(|e| failed(e.into()))?;
+        // Sessions decode what the JPEG frames do not hold; the template keeps its own frames
+        // (a frames directory) within the cache's bound.
+        let plan = TemplatePlan {
+            budget: self.settings.cache_bytes.min(lipsync_stages::template::DEFAULT_CACHE),
+            jpeg: (self.settings.jpeg_template > 0)
+                .then_some((avatar.config.jpeg_quality, self.settings.jpeg_template)),
         };
-        let unet = {
-            let mut map = lock(&self.unets);
-            match map.get(&unet_key) {
-                Some(u) if *u.crop() == avatar.config.crop => u.clone(),
-                Some(_) => {
-                    return Err(failed("its crop geometry differs from another avatar using the same UNet".into()))
-                }
-                None => {
-                    let cfg = UnetServiceConfig {
-                        max_batch: self.settings.max_batch,
-                        max_wait: self.settings.max_wait,
-                        intra_threads: self.settings.intra_threads,
-                        spinning: false,
-                        provider: self.settings.provider,
-                        remote: self.settings.remote.clone(),
-                    };
-                    let (u, bytes) =
-                        measured(|| UnetService::start(&self.rt, &model, &cfg)).map_err(|e| failed(e.to_string()))?;
-                    lock(&self.model_bytes).insert(unet_key.clone(), bytes);
-                    let u = Arc::new(u);
-                    map.insert(unet_key.clone(), u.clone());
-                    u
-                }
-            }
-        };
-        let memory = template.memory_bytes() + jpeg.as_ref().map_or(0, |j| j.memory_bytes());
+        let res = AvatarResources::open(&self.rt, &self.models, avatar, &self.model_settings(), |_| plan)
+            .map_err(|e| failed(e.into()))?;
+        if res.template.jpeg.is_none() {
+            res.template.template.warn_if_slow_backward(self.settings.template_cache);
+        }
+        let memory = res.template.memory_bytes();
         self.evict_for(memory);
         self.prune_models();
+        let AvatarResources { avatar, models, template } = res;
+        let AvatarModels { unet, encoder, unet_key, encoder_key } = models;
         let loaded = Arc::new(Loaded {
             name: name.to_string(),
-            avatar: Arc::new(avatar),
-            template: Arc::new(template),
-            jpeg: jpeg.map(Arc::new),
+            avatar,
+            template: template.template,
+            jpeg: template.jpeg,
             encoder,
             unet,
             unet_key,
@@ -291,13 +263,9 @@ impl Registry {
     /// Closes the models no loaded avatar uses any more (their sessions and threads end).
     pub(crate) fn prune_models(&self) {
         let loaded = lock(&self.loaded);
-        let unets: Vec<PathBuf> = loaded.values().map(|l| l.unet_key.clone()).collect();
-        let encoders: Vec<PathBuf> = loaded.values().map(|l| l.encoder_key.clone()).collect();
+        let keys: Vec<PathBuf> = loaded.values().flat_map(|l| [l.unet_key.clone(), l.encoder_key.clone()]).collect();
         drop(loaded);
-        lock(&self.unets).retain(|path, u| unets.contains(path) || Arc::strong_count(u) > 1);
-        lock(&self.encoders).retain(|path, e| encoders.contains(path) || Arc::strong_count(e) > 1);
-        let (u, e) = (lock(&self.unets), lock(&self.encoders));
-        lock(&self.model_bytes).retain(|path, _| u.contains_key(path) || e.contains_key(path));
+        self.models.prune(|path| keys.iter().any(|k| k == path));
     }
 
     pub(crate) fn unload(&self, name: &str) -> Result<bool, RegistryError> {
@@ -335,7 +303,6 @@ impl Registry {
             }
         }
         names.sort();
-        let models = lock(&self.model_bytes);
         names
             .into_iter()
             .map(|name| match map.get(&name) {
@@ -353,7 +320,8 @@ impl Registry {
                                 + queue * FrameJob::bytes(&l.avatar.config.crop, w, h)
                         }
                     };
-                    let model_bytes = [&l.unet_key, &l.encoder_key].iter().filter_map(|k| models.get(*k)).sum();
+                    let model_bytes =
+                        [&l.unet_key, &l.encoder_key].iter().filter_map(|k| self.models.bytes_of(k)).sum();
                     let session_bytes = sessions * per_session;
                     AvatarInfo {
                         name,

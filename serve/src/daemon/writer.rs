@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use lipsync_pipelines::runtime::lock;
 use serde::Serialize;
 
-use crate::deadline::WriteDeadline;
+use crate::daemon::deadline::WriteDeadline;
 use crate::protocol::{write_json, ErrorCode, ErrorReply, Kind};
 
 /// The write half of a connection, shared by the reader and the session's output stage. The

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::registry::RegistryError;
+use crate::daemon::registry::RegistryError;
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,7 @@ use lipsync_pipelines::metrics::{histogram, Percentiles};
 use serde::Serialize;
 
 use crate::client::{stream, ClientError, Connection, StreamOutcome, StreamSpec};
-use crate::stats::StatsReply;
+use crate::daemon::stats::StatsReply;
 
 /// One round of concurrent sessions.
 #[derive(Debug, Serialize)]

@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::shared::Shared;
+use crate::daemon::shared::Shared;
 
 /// Bucket bounds of the latency histograms, seconds.
 const SECONDS: [f64; 16] =
@@ -126,13 +126,13 @@ impl Collector for DaemonCollector {
             None,
             MetricType::Counter,
         )?;
-        for why in crate::http_stats::Refused::ALL {
+        for why in crate::daemon::http_stats::Refused::ALL {
             ConstCounter::new(sh.http.refused(why)).encode(m.encode_family(&[("reason", why.label())])?)?;
         }
 
         // Label values are written as they are: keep quotes, backslashes and line breaks out.
         let clean = |p: &std::path::Path| p.display().to_string().replace(['"', '\\', '\n', '\r'], "_");
-        let unets = lock(&sh.registry.unets).iter().map(|(p, u)| (clean(p), u.clone())).collect::<Vec<_>>();
+        let unets = sh.registry.models.unets().into_iter().map(|(p, u)| (clean(&p), u)).collect::<Vec<_>>();
         let label = |model: &str, provider: String| vec![("model", model.to_string()), ("provider", provider)];
         let runs: Vec<_> = unets
             .iter()

@@ -7,7 +7,7 @@ use lipsync_pipelines::metrics::Percentiles;
 use lipsync_pipelines::runtime::lock;
 use serde::{Deserialize, Serialize};
 
-use crate::shared::Shared;
+use crate::daemon::shared::Shared;
 
 /// The `Stats` reply.
 #[derive(Debug, Serialize, Deserialize)]
@@ -102,7 +102,10 @@ pub(crate) fn stats(sh: &Shared) -> StatsReply {
         v.sort_by_key(|s| s.id);
         v
     };
-    let unet = lock(&sh.registry.unets)
+    let unet = sh
+        .registry
+        .models
+        .unets()
         .iter()
         .map(|(path, u)| {
             let st = u.stats();

@@ -1,6 +1,11 @@
 //! The client library of `lipsync serve`: connect and greet, request/reply, and stream an
 //! audio signal through a session with per-frame latency (used by `lipsync client`,
-//! `lipsync bench serve` and the tests).
+//! `lipsync bench serve` and the tests); [`live`]: real-time sessions; [`bench`]: rounds of
+//! concurrent sessions, measured; [`frame_out`]: where a client's frames go.
+
+pub mod bench;
+pub mod frame_out;
+pub mod live;
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -12,12 +17,12 @@ use lipsync_stages::features::{window_count, window_start_unclamped, FeatureErro
 use lipsync_stages::mel::mel_frames;
 use serde::{Deserialize, Serialize};
 
+use crate::daemon::registry::AvatarInfo;
+use crate::daemon::stats::StatsReply;
 use crate::protocol::{
     parse_frame, read_message, write_json, write_parts, AudioFormat, Done, ErrorCode, ErrorReply, Hello, Kind,
     OpenRequest, Opened, WireError, PROTOCOL_VERSION,
 };
-use crate::registry::AvatarInfo;
-use crate::stats::StatsReply;
 
 /// What went wrong on the client side.
 #[derive(Debug, thiserror::Error)]

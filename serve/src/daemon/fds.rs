@@ -83,7 +83,7 @@ pub(crate) fn http_cap(
         Some(n) if n > budget => Err(too_small(n)),
         Some(n) => Ok(n),
         None if budget < MIN_HTTP => Err(too_small(MIN_HTTP)),
-        None => Ok(budget.min(crate::settings::http::DEFAULT_MAX_CONNECTIONS)),
+        None => Ok(budget.min(crate::settings::http::MAX_CONNECTIONS.default)),
     }
 }
 
@@ -97,8 +97,9 @@ mod tests {
         let b = http_budget(1024, 40, 80, 16, 40);
         assert_eq!(b, 1024 - 40 - 320 - 64 - 40 - 64);
         assert_eq!(http_budget(100, 40, 80, 16, 40), 0, "never negative");
-        let o = crate::ServeOptions { http: Some("127.0.0.1:1".into()), ..Default::default() };
+        let http = crate::settings::http::HttpOptions { addr: Some("127.0.0.1:1".into()), ..Default::default() };
         let dir = tempfile::tempdir().unwrap();
+        let o = crate::ServeOptions { http, ..Default::default() };
         let mut s = crate::ServeOptions { socket: Some("s".into()), avatars: Some(dir.path().into()), ..o }
             .validate()
             .unwrap()

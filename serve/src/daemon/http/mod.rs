@@ -32,12 +32,12 @@ use axum::routing::get;
 use axum::{Extension, Router};
 use tokio::sync::Semaphore;
 
-use crate::error::ServeError;
-pub(crate) use crate::http_stats::{Counters, Refused};
+use crate::daemon::error::ServeError;
+pub(crate) use crate::daemon::http_stats::{Counters, Refused};
+use crate::daemon::shared::Shared;
 use crate::protocol::MAX_MESSAGE;
 use crate::settings::http::WS_PROTOCOL;
 use crate::settings::HttpSettings;
-use crate::shared::Shared;
 
 /// The browser page: HTML, its script and its style, each served as a file of its own so that
 /// the Content-Security-Policy needs no `'unsafe-inline'`.
@@ -168,8 +168,8 @@ async fn page() -> Response {
 }
 
 async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
-    match crate::metrics::render(&st.shared) {
-        Ok(body) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response(),
+    match crate::daemon::metrics::render(&st.shared) {
+        Ok(body) => ([(header::CONTENT_TYPE, crate::daemon::metrics::CONTENT_TYPE)], body).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode the metrics: {e}\n")).into_response(),
     }
 }

@@ -16,15 +16,16 @@ use lipsync_stages::audio::{check_finite, pcm_to_mono, AudioError, PcmFormat, RA
 use lipsync_stages::unet::Batch;
 use serde::Serialize;
 
-use crate::deadline::ReadDeadline;
+use crate::daemon::deadline::ReadDeadline;
+use crate::daemon::registry::Loaded;
+use crate::daemon::shared::Shared;
+use crate::daemon::stats::stats;
+use crate::daemon::steps::{step, SessionState, Step};
+use crate::daemon::writer::{send_error, Writer};
 use crate::protocol::{
     read_message, write_parts, AudioFormat, AvatarName, Done, ErrorCode, FrameHead, Hello, Interrupted, Kind,
     OpenRequest, Opened, SpeechStart, WireError, MAX_MESSAGE, PROTOCOL_VERSION,
 };
-use crate::registry::Loaded;
-use crate::shared::Shared;
-use crate::stats::stats;
-use crate::writer::{send_error, Writer};
 
 /// Writes frames to the client.
 struct SocketSink {
@@ -227,79 +228,79 @@ impl Conn<'_> {
                 }
                 Err(e) => return Err(Fatal(e.code(), e.to_string())),
             };
-            match kind {
-                Kind::Open => self.open(payload)?,
-                Kind::Audio => self.audio(payload)?,
-                Kind::EndAudio | Kind::Finish => {
-                    let s = self
-                        .session
-                        .as_mut()
-                        .ok_or_else(|| Fatal(ErrorCode::NoSession, format!("{kind:?} before Open")))?;
-                    let r = if kind == Kind::EndAudio && s.is_realtime() { s.end_utterance() } else { s.end_audio() };
-                    match r {
-                        Ok(()) => {}
-                        Err(SessionError::Ended) => {
-                            return Err(Fatal(
-                                ErrorCode::NoSession,
-                                format!("{kind:?} after the audio was already ended"),
-                            ))
-                        }
-                        // The session failed: its error reply is on its way.
-                        Err(_) => {}
-                    }
-                }
-                Kind::Close => return Ok(End::Close),
-                Kind::Interrupt => self.interrupt()?,
-                Kind::StatsRequest => {
-                    let stats = stats(self.shared);
-                    self.reply(Kind::Stats, &stats);
-                }
-                Kind::ListAvatars => {
-                    let list = serde_json::json!({ "avatars": self.shared.registry.list() });
-                    self.reply(Kind::Avatars, &list);
-                }
-                Kind::LoadAvatar | Kind::UnloadAvatar => {
-                    let name: AvatarName = serde_json::from_slice(payload)
-                        .map_err(|e| Fatal(ErrorCode::BadRequest, format!("expected {{\"name\": ...}}: {e}")))?;
-                    let r = if kind == Kind::LoadAvatar {
-                        self.shared.registry.acquire(&name.name, false).map(|l| {
-                            serde_json::json!({"loaded": name.name, "memory_bytes": l.memory, "frames": l.template.len()})
-                        })
-                    } else {
-                        self.shared
-                            .registry
-                            .unload(&name.name)
-                            .map(|was| serde_json::json!({"unloaded": name.name, "was_loaded": was}))
-                    };
-                    match r {
-                        Ok(v) => self.reply(Kind::Ok, &v),
-                        Err(e) => send_error(&self.writer, e.code(), e),
-                    }
-                }
-                Kind::Hello => return Err(Fatal(ErrorCode::Handshake, "Hello sent twice".into())),
-                other => return Err(Fatal(ErrorCode::Unexpected, format!("{other:?} is a server-to-client message"))),
+            self.step(kind, payload)?;
+            if kind == Kind::Close {
+                return Ok(End::Close);
             }
         }
     }
 
-    /// Interrupts the real-time session: `Interrupted` with the index the next frame takes.
-    fn interrupt(&mut self) -> Result<(), Fatal> {
-        let s = match &self.session {
-            Some(s) if !s.is_realtime() => {
-                let m = "Interrupt needs a real-time session (Open with \"realtime\": true)";
-                send_error(&self.writer, ErrorCode::NotRealtime, m);
-                return Ok(());
+    /// Where this connection's session stands.
+    fn state(&self) -> SessionState {
+        match &self.session {
+            None => SessionState::None,
+            Some(s) if s.audio_ended() => SessionState::Ended { realtime: s.is_realtime() },
+            Some(s) => SessionState::Streaming { realtime: s.is_realtime(), stopped: s.is_stopped() },
+        }
+    }
+
+    /// Does what message `kind` (its payload in `payload`) does in the session's state.
+    fn step(&mut self, kind: Kind, payload: &[u8]) -> Result<(), Fatal> {
+        match step(self.state(), kind) {
+            Step::Open => self.open(payload),
+            Step::Audio => self.audio(payload)?,
+            end @ (Step::EndUtterance | Step::EndAudio) => {
+                let s = self.session.as_mut().expect("a streaming session");
+                let r = if end == Step::EndUtterance { s.end_utterance() } else { s.end_audio() };
+                match r {
+                    Ok(()) => {}
+                    Err(SessionError::Ended) => {
+                        return Err(Fatal(ErrorCode::NoSession, format!("{kind:?} after the audio was already ended")))
+                    }
+                    // The session failed: its error reply is on its way.
+                    Err(_) => {}
+                }
             }
-            Some(s) if !s.audio_ended() => s,
-            Some(_) => return Err(Fatal(ErrorCode::NoSession, "Interrupt after Finish".into())),
-            None => return Err(Fatal(ErrorCode::NoSession, "Interrupt before Open".into())),
+            Step::Interrupt => self.interrupt(),
+            Step::Close => {}
+            Step::Stats => self.reply(Kind::Stats, &stats(self.shared)),
+            Step::ListAvatars => {
+                self.reply(Kind::Avatars, &serde_json::json!({ "avatars": self.shared.registry.list() }))
+            }
+            Step::Avatar { load } => self.avatar(load, payload)?,
+            Step::Refuse(code, message) => send_error(&self.writer, code, message),
+            Step::Fatal(code, message) => return Err(Fatal(code, message)),
+        }
+        Ok(())
+    }
+
+    /// Loads (`load`) or unloads the avatar that `payload` names.
+    fn avatar(&mut self, load: bool, payload: &[u8]) -> Result<(), Fatal> {
+        let name: AvatarName = serde_json::from_slice(payload)
+            .map_err(|e| Fatal(ErrorCode::BadRequest, format!("expected {{\"name\": ...}}: {e}")))?;
+        let registry = &self.shared.registry;
+        let r = if load {
+            registry
+                .acquire(&name.name, false)
+                .map(|l| serde_json::json!({"loaded": name.name, "memory_bytes": l.memory, "frames": l.template.len()}))
+        } else {
+            registry.unload(&name.name).map(|was| serde_json::json!({"unloaded": name.name, "was_loaded": was}))
         };
+        match r {
+            Ok(v) => self.reply(Kind::Ok, &v),
+            Err(e) => send_error(&self.writer, e.code(), e),
+        }
+        Ok(())
+    }
+
+    /// Interrupts the real-time session: `Interrupted` with the index the next frame takes.
+    fn interrupt(&mut self) {
+        let s = self.session.as_ref().expect("a real-time session");
         let id = s.live().id;
         // An error: the session failed, and its error reply is on its way.
         if let Ok(next) = s.interrupt() {
             self.reply(Kind::Interrupted, &Interrupted { session: id, next_frame: next as u64 });
         }
-        Ok(())
     }
 
     fn reply(&self, kind: Kind, value: &impl Serialize) {
@@ -307,20 +308,13 @@ impl Conn<'_> {
     }
 
     /// A failed Open gets an error reply and leaves the connection open, without a session.
-    fn open(&mut self, payload: &[u8]) -> Result<(), Fatal> {
+    fn open(&mut self, payload: &[u8]) {
         if let Err((code, message)) = self.try_open(payload) {
             send_error(&self.writer, code, message);
         }
-        Ok(())
     }
 
     fn try_open(&mut self, payload: &[u8]) -> Result<(), (ErrorCode, String)> {
-        if self.session.as_ref().is_some_and(|s| !s.audio_ended() && !s.is_stopped()) {
-            return Err((
-                ErrorCode::SessionOpen,
-                "Open while a session is streaming on this connection (send EndAudio first, or Finish for a real-time session)".into(),
-            ));
-        }
         // The previous session of this connection has had its audio: let it finish first.
         if let Some(s) = self.session.take() {
             s.wait();
@@ -469,12 +463,9 @@ impl Conn<'_> {
         Ok(())
     }
 
+    /// Feeds the streaming session the audio in `payload`.
     fn audio(&mut self, payload: &[u8]) -> Result<(), Fatal> {
-        let s = match &self.session {
-            Some(s) if !s.audio_ended() => s,
-            Some(_) => return Err(Fatal(ErrorCode::NoSession, "Audio after EndAudio".into())),
-            None => return Err(Fatal(ErrorCode::NoSession, "Audio before Open".into())),
-        };
+        let s = self.session.as_ref().expect("a streaming session");
         let frame_bytes = self.format.sample_bytes() * self.channels;
         if payload.len() % frame_bytes != 0 {
             let e = AudioError::PartialFrame { format: self.format.name(), frame_bytes, len: payload.len() };

@@ -11,29 +11,29 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use lipsync_pipelines::graph::STAGES;
+use lipsync_pipelines::graph::StageId;
 use lipsync_pipelines::runtime::{lock, SharedStageStats};
 use lipsync_stages::onnx::OrtRuntime;
 
-use crate::connection::connection;
-use crate::error::ServeError;
+use crate::daemon::connection::connection;
+use crate::daemon::error::ServeError;
+use crate::daemon::registry::Registry;
+use crate::daemon::shared::Shared;
 use crate::protocol::{write_json, ErrorCode, ErrorReply, Kind, PROTOCOL_VERSION};
-use crate::registry::Registry;
 use crate::settings::Settings;
-use crate::shared::Shared;
 
 /// Runs the daemon until `stop` is set (the binary sets it on SIGTERM/SIGINT), then drains.
 pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<(), ServeError> {
     // The binary has done this already; an in-process daemon has not.
     lipsync_pipelines::allocator::fix_mmap_threshold();
-    let nofile = crate::fds::raise_limit();
+    let nofile = crate::daemon::fds::raise_limit();
     let (listener, lock_file) = bind(&settings.socket, settings.socket_mode)?;
     let socket = settings.socket.clone();
     // From here on the socket file is ours: remove it however we leave.
     let mut socket_file = SocketFile::new(socket.clone());
     let shared = Arc::new(Shared {
         registry: Registry::new(settings.clone(), rt),
-        stages: Arc::new(SharedStageStats::with_stages(&STAGES)),
+        stages: Arc::new(SharedStageStats::with_stages(&StageId::thread_names())),
         frames_total: AtomicU64::new(0),
         sessions: Mutex::new(HashMap::new()),
         active: AtomicUsize::new(0),
@@ -45,7 +45,7 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
         finishing: AtomicUsize::new(0),
         sessions_failed: AtomicU64::new(0),
         idle_frames_total: AtomicU64::new(0),
-        http: crate::http_stats::Counters::default(),
+        http: crate::daemon::http_stats::Counters::default(),
     });
     let preload: Vec<String> = if settings.preload.iter().any(|p| p == "all") {
         shared.registry.list().into_iter().map(|a| a.name).collect()
@@ -57,9 +57,9 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
     }
     let _http = match &settings.http {
         Some(h) => {
-            let open = crate::fds::open_now();
-            let cap = crate::fds::http_cap(h, nofile, open, settings.max_connections(), settings.max_sessions)?;
-            Some(crate::http::start(h, cap, shared.clone(), socket.clone())?)
+            let open = crate::daemon::fds::open_now();
+            let cap = crate::daemon::fds::http_cap(h, nofile, open, settings.max_connections(), settings.max_sessions)?;
+            Some(crate::daemon::http::start(h, cap, shared.clone(), socket.clone())?)
         }
         None => None,
     };

@@ -262,12 +262,13 @@ mod tests {
     use super::*;
 
     fn policy(token: Option<&str>, allow: &[&str]) -> Policy {
-        let o = crate::ServeOptions {
-            http: Some("127.0.0.1:9100".into()),
+        let http = crate::settings::http::HttpOptions {
+            addr: Some("127.0.0.1:9100".into()),
             http_token: token.map(Into::into),
             http_allow_origin: Some(allow.iter().map(|s| s.to_string()).collect()),
             ..Default::default()
         };
+        let o = crate::ServeOptions { http, ..Default::default() };
         let dir = tempfile::tempdir().unwrap();
         let s = crate::ServeOptions { socket: Some("s".into()), avatars: Some(dir.path().into()), ..o };
         Policy::new(&s.validate().unwrap().http.unwrap())

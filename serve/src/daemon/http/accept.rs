@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
 use super::{Open, Refused};
-use crate::shared::Shared;
+use crate::daemon::shared::Shared;
 
 /// Largest request head kept in memory, bytes (hyper's read buffer).
 const MAX_HEAD: usize = 64 << 10;

@@ -10,8 +10,8 @@ use std::time::Instant;
 use lipsync_pipelines::runtime::SharedStageStats;
 use lipsync_pipelines::session::SessionLive;
 
-use crate::registry::Registry;
-use crate::writer::Writer;
+use crate::daemon::registry::Registry;
+use crate::daemon::writer::Writer;
 
 /// Everything connection threads share.
 pub(crate) struct Shared {
@@ -36,7 +36,7 @@ pub(crate) struct Shared {
     /// Idle frames sent by all sessions.
     pub(crate) idle_frames_total: AtomicU64,
     /// The HTTP listener's connections, relays and refusals.
-    pub(crate) http: crate::http_stats::Counters,
+    pub(crate) http: crate::daemon::http_stats::Counters,
 }
 
 impl Shared {
