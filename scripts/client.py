@@ -3,13 +3,13 @@
 integrators. Protocol: docs/protocol.md.
 
     python3 scripts/client.py --socket /tmp/lipsync.sock --avatar NAME --audio speech.wav \
-        [-o frames/] [--realtime] [--json]
+        [-o frames/] [--paced] [--json]
     python3 scripts/client.py ... --live [--idle-s 1] [--utterances 1] [--interrupt-after-ms MS]
 
 Streams a 16-bit PCM WAV file (any rate, any channel count: the daemon mixes to mono and
 resamples) as s16le, writes the JPEG frames it gets back into a new directory, and prints the
 first-frame latency and per-frame latency percentiles. Importable: `stream(...)` returns the
-same figures as a dict. With --live, a real-time session (`live(...)`): idle frames before,
+same figures as a dict. With --live, a live session (`live(...)`): idle frames before,
 between and after utterances, speech sent at real time, optional interrupts; it prints the
 idle and speech frame counts, interrupt latency and the drift against the session's clock.
 """
@@ -173,7 +173,7 @@ def start_reader(sock, result, handle):
     return t
 
 
-def stream(path, avatar, pcm, rate, channels, realtime=False, chunk_ms=20.0, on_frame=None, options=None):
+def stream(path, avatar, pcm, rate, channels, paced=False, chunk_ms=20.0, on_frame=None, options=None):
     """Streams s16le `pcm` through a session; calls on_frame(index, jpeg) for each frame.
     Returns a dict of figures (frames, first_frame_ms, latency percentiles, ...)."""
     frame_bytes = 2 * channels
@@ -206,7 +206,7 @@ def stream(path, avatar, pcm, rate, channels, realtime=False, chunk_ms=20.0, on_
         send_error = None
         try:
             for k, start in enumerate(range(0, n, chunk)):
-                if realtime:
+                if paced:
                     due = t0 + start / rate
                     wait = due - time.monotonic()
                     if wait > 0:
@@ -255,7 +255,7 @@ def stream(path, avatar, pcm, rate, channels, realtime=False, chunk_ms=20.0, on_
 
 def live(path, avatar, pcm, rate, channels, idle_s=1.0, utterances=1, interrupt_after_ms=None,
          chunk_ms=20.0, on_frame=None, options=None):
-    """A real-time session: `idle_s` of idle before each utterance (and after the last), each
+    """A live session: `idle_s` of idle before each utterance (and after the last), each
     utterance sent at real time (interrupted `interrupt_after_ms` after its start, if given),
     then Finish. Calls on_frame(index, idle, jpeg). Returns a dict of figures."""
     frame_bytes = 2 * channels
@@ -348,11 +348,13 @@ def main():
     ap.add_argument("--avatar", required=True, help="avatar name")
     ap.add_argument("--audio", required=True, help="16-bit PCM WAV file")
     ap.add_argument("-o", "--output", help="new directory for the JPEG frames")
-    ap.add_argument("--realtime", action="store_true", help="pace the audio at real time")
+    # --realtime is the flag's old name.
+    ap.add_argument("--paced", "--realtime", dest="paced", action="store_true",
+                    help="send the audio at its own pace")
     ap.add_argument("--chunk-ms", type=float, default=20.0, help="audio per message (ms)")
     ap.add_argument("--jpeg-quality", type=int, help="JPEG quality (default: the avatar's)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
-    ap.add_argument("--live", action="store_true", help="a real-time session (idle frames, pacing)")
+    ap.add_argument("--live", action="store_true", help="a live session (idle frames, pacing)")
     ap.add_argument("--idle-s", type=float, default=1.0, help="live: idle seconds around utterances")
     ap.add_argument("--utterances", type=int, default=1, help="live: times the audio is spoken")
     ap.add_argument("--interrupt-after-ms", type=float, help="live: interrupt each utterance after this")
@@ -388,7 +390,7 @@ def main():
                      (lambda i, _idle, jpeg: on_frame(i, jpeg)) if on_frame else None, options)
             r["expected_frames"] = r["frames"]
         else:
-            r = stream(args.socket, args.avatar, pcm, rate, channels, args.realtime, args.chunk_ms, on_frame,
+            r = stream(args.socket, args.avatar, pcm, rate, channels, args.paced, args.chunk_ms, on_frame,
                        options)
         if r["frames"] != r["expected_frames"]:
             raise ConnectionError(f"received {r['frames']} frames, expected {r['expected_frames']}")

@@ -62,7 +62,7 @@ def main():
     client.send_json(c, client.LOAD_AVATAR, {"name": "golden"})
     client.send_json(c, client.UNLOAD_AVATAR, {"name": "golden"})
     files["manage.bin"] = bytes(c.data)
-    # A real-time session: an utterance, its end, another cut by an interrupt, then Finish.
+    # A live session: an utterance, its end, another cut by an interrupt, then Finish.
     c = Capture()
     client.send_json(c, client.HELLO, {"protocol": client.PROTOCOL_VERSION})
     client.send_json(c, client.OPEN, {"avatar": "golden", "sample_rate": rate, "format": "s16le", "realtime": True})

@@ -2,7 +2,7 @@
 """Soak test of `lipsync serve` (bounded in time, standard library only).
 
     python3 scripts/soak.py [--binary target/release/lipsync] [--avatar DIR] [--audio WAV]
-                            [--seconds 60] [--sessions 4] [--realtime] [--max-growth-mb 32]
+                            [--seconds 60] [--sessions 4] [--paced] [--max-growth-mb 32]
 
 Starts a daemon on a temporary socket, runs one warm-up round (so that caches, model sessions
 and thread arenas exist), then keeps `--sessions` clients streaming in a loop until the time is
@@ -10,8 +10,8 @@ up; every fifth session disconnects half-way through (the daemon must free it). 
 daemon's resident memory (VmRSS) after the warm-up and at the end, and fails when it grew by more
 than `--max-growth-mb`, when its threads or open file descriptors did not come back to their
 count after the warm-up, when any session that finished lost or mangled frames, or when the
-daemon did not stop cleanly on SIGTERM (exit 0, socket removed). `--realtime` paces each
-client's audio at real time (the live case): `--sessions 16 --realtime` is the churn soak of
+daemon did not stop cleanly on SIGTERM (exit 0, socket removed). `--paced` sends each
+client's audio at its own pace (as a live source would): `--sessions 16 --paced` is the churn soak of
 docs/architecture.md.
 """
 
@@ -62,7 +62,9 @@ def main():
     ap.add_argument("--audio", default=os.path.join(ROOT, "tests/fixtures/golden/speech_2s.wav"))
     ap.add_argument("--seconds", type=float, default=60.0, help="how long to run (after the warm-up)")
     ap.add_argument("--sessions", type=int, default=4, help="concurrent clients")
-    ap.add_argument("--realtime", action="store_true", help="pace each client's audio at real time")
+    # --realtime is the flag's old name.
+    ap.add_argument("--paced", "--realtime", dest="paced", action="store_true",
+                    help="send each client's audio at its own pace")
     ap.add_argument("--max-growth-mb", type=float, default=32.0)
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args()
@@ -128,7 +130,7 @@ def main():
                 with lock:
                     counts["aborted"] += 1
                 return
-            r = client.stream(sock, "soak", pcm, rate, channels, realtime=args.realtime)
+            r = client.stream(sock, "soak", pcm, rate, channels, paced=args.paced)
             with lock:
                 counts["sessions"] += 1
                 counts["frames"] += r["frames"]
@@ -246,7 +248,7 @@ def main():
         "threads_end": end_threads,
         "fds_start": start_fds,
         "fds_end": end_fds,
-        "realtime": args.realtime,
+        "paced": args.paced,
         "failures": failures,
     }
     if args.json:

@@ -22,7 +22,7 @@ pub enum BenchCommand {
     Image(BenchImageArgs),
     /// Whole-render frames/s against UNet-only frames/s (same session settings, same batch).
     Render(crate::bench_render::BenchRenderArgs),
-    /// Streaming daemon: latency and frames/s for 1, 2, 4... concurrent real-time sessions,
+    /// Streaming daemon: latency and frames/s for 1, 2, 4... concurrent live sessions,
     /// next to the offline render's frames/s.
     Serve(crate::bench_serve::BenchServeArgs),
 }

@@ -112,7 +112,7 @@ fn start_daemon(cli: &Cli, args: &BenchServeArgs, threads: usize) -> Result<(Dae
         .args(["--session-layout", &args.session_layout])
         .args(["--max-wait-ms", &args.max_wait_ms.to_string()])
         .args(["--session-queue", &args.session_queue.to_string()])
-        .args(["--intra-threads", &threads.to_string()])
+        .args(["--threads", &threads.to_string()])
         .stdin(Stdio::null());
     let child = cmd.spawn().context("starting lipsync serve")?;
     let mut daemon = Daemon { child, dir };

@@ -30,9 +30,9 @@ pub struct ClientArgs {
     /// none: frames are counted and timed only.
     #[arg(short, long, value_name = "DIR|-|FILE.mjpeg")]
     pub output: Option<PathBuf>,
-    /// Pace the audio at real time (else as fast as the daemon takes it).
-    #[arg(long)]
-    pub realtime: bool,
+    /// Send the audio at its own pace (else as fast as the daemon takes it).
+    #[arg(long, alias = "realtime")]
+    pub paced: bool,
     /// Audio per message, ms.
     #[arg(long, default_value_t = 20.0)]
     pub chunk_ms: f64,
@@ -49,7 +49,7 @@ pub struct ClientArgs {
     /// Print the result as JSON (with per-frame records) instead of a summary.
     #[arg(long)]
     pub json: bool,
-    /// A real-time session: frames at the avatar's rate on the session's clock, idle frames
+    /// A live session: frames at the avatar's rate on the session's clock, idle frames
     /// before, between and after utterances; the audio is one utterance, sent at real time.
     #[arg(long)]
     pub live: bool,
@@ -80,7 +80,7 @@ pub fn run(args: &ClientArgs) -> Result<()> {
         avatar: args.avatar.clone(),
         samples: audio.samples,
         rate: audio.rate,
-        realtime: args.realtime,
+        realtime: args.paced,
         chunk_ms: args.chunk_ms,
         jpeg_quality: args.jpeg_quality,
         batch: args.batch,

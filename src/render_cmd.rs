@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lipsync_pipelines::render::{render, ImageFormat, Output, ProgressFn, RenderConfig};
+use lipsync_pipelines::render::{render, ImageFormat, Output, ProgressFn, RenderConfig, RenderOutcome};
 use lipsync_pipelines::runtime::PinPolicy;
 use lipsync_serve::settings::{InferenceOptions, RemoteOptions, TemplateOptions};
 use lipsync_stages::face::Blend;
@@ -76,7 +76,7 @@ pub struct RenderArgs {
     #[arg(long)]
     pub max_frames: Option<usize>,
     /// Take the template positions of frames N, N+1, ...: reproduces the frames of a
-    /// real-time session's utterance that began at session frame N.
+    /// live session's utterance that began at session frame N.
     #[arg(long, default_value_t = 0)]
     pub first_index: usize,
     /// Paste-back: hard (the reference) or feather=PX.
@@ -169,47 +169,10 @@ pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
     }
     let avatar = load_avatar(args)?;
     let rt = cli.runtime()?;
-    let output = if args.output.as_os_str() == "-" {
-        Output::Stdout
-    } else {
-        match args.output.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
-            Some("mp4" | "mkv" | "mov") => Output::Video(args.output.clone()),
-            Some(ext) if ["jpg", "jpeg", "png", "avi", "webm"].contains(&ext) => {
-                bail!(
-                    "output {} looks like a file: use a directory, `-`, or a .mp4/.mkv/.mov file",
-                    args.output.display()
-                )
-            }
-            _ => Output::Dir {
-                path: args.output.clone(),
-                format: match args.format {
-                    FrameFormat::Png => ImageFormat::Png,
-                    FrameFormat::Raw => ImageFormat::Raw,
-                    FrameFormat::Jpeg => ImageFormat::Jpeg,
-                },
-            },
-        }
-    };
+    let output = output_of(args)?;
     let inference = args.inference.resolve(&args.remote)?;
     let pin = PinPolicy::parse(&args.pin, inference.threads).map_err(anyhow::Error::msg)?;
-    let progress = (std::io::stderr().is_terminal() && !cli.quiet).then(|| {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} {pos}/{len} frames [{elapsed_precise}] {per_sec} eta {eta}",
-            )
-            .expect("valid template"),
-        );
-        bar
-    });
-    let cb: Option<ProgressFn> = progress.clone().map(|bar| {
-        Arc::new(move |done: u64, total: Option<u64>| {
-            if let Some(t) = total {
-                bar.set_length(t);
-            }
-            bar.set_position(done);
-        }) as ProgressFn
-    });
+    let (progress, cb) = progress_bar(cli.quiet);
     let cfg = RenderConfig {
         jpeg_quality: args.jpeg_quality.unwrap_or(avatar.config.jpeg_quality),
         avatar,
@@ -244,6 +207,64 @@ pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
     if !cli.quiet {
         eprint!("{}", outcome.report.table());
     }
+    write_reports(args, &outcome)?;
+    if !matches!(output, Output::Stdout) {
+        eprintln!("wrote {} frames to {}", outcome.frames, args.output.display());
+    }
+    Ok(())
+}
+
+/// Where frames go: stdout (`-`), a video file (.mp4, .mkv, .mov), or a new directory; a name
+/// that looks like an image or another video file is refused.
+fn output_of(args: &RenderArgs) -> Result<Output> {
+    Ok(if args.output.as_os_str() == "-" {
+        Output::Stdout
+    } else {
+        match args.output.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+            Some("mp4" | "mkv" | "mov") => Output::Video(args.output.clone()),
+            Some(ext) if ["jpg", "jpeg", "png", "avi", "webm"].contains(&ext) => {
+                bail!(
+                    "output {} looks like a file: use a directory, `-`, or a .mp4/.mkv/.mov file",
+                    args.output.display()
+                )
+            }
+            _ => Output::Dir {
+                path: args.output.clone(),
+                format: match args.format {
+                    FrameFormat::Png => ImageFormat::Png,
+                    FrameFormat::Raw => ImageFormat::Raw,
+                    FrameFormat::Jpeg => ImageFormat::Jpeg,
+                },
+            },
+        }
+    })
+}
+
+/// A progress bar on a terminal (not with `-q`), and the callback that moves it.
+fn progress_bar(quiet: bool) -> (Option<indicatif::ProgressBar>, Option<ProgressFn>) {
+    let progress = (std::io::stderr().is_terminal() && !quiet).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {pos}/{len} frames [{elapsed_precise}] {per_sec} eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    let cb: Option<ProgressFn> = progress.clone().map(|bar| {
+        Arc::new(move |done: u64, total: Option<u64>| {
+            if let Some(t) = total {
+                bar.set_length(t);
+            }
+            bar.set_position(done);
+        }) as ProgressFn
+    });
+    (progress, cb)
+}
+
+/// The latency report as JSON, SVG and HdrHistogram log, where asked.
+fn write_reports(args: &RenderArgs, outcome: &RenderOutcome) -> Result<()> {
     if let Some(path) = &args.report {
         crate::report::write_json(&outcome.report, path)?;
     }
@@ -259,9 +280,6 @@ pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
             std::time::Duration::from_secs_f64(outcome.report.wall_seconds),
         )?;
         lipsync_stages::io::avatar::write_atomic(path, &buf)?;
-    }
-    if !matches!(output, Output::Stdout) {
-        eprintln!("wrote {} frames to {}", outcome.frames, args.output.display());
     }
     Ok(())
 }

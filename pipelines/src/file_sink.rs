@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use lipsync_stages::io::staged::{check_new_dir, check_new_file, StagedDir};
 
+use crate::graph::sink::{FrameSink, SinkError};
 use crate::job::FrameJob;
-use crate::stages::sink::{FrameSink, SinkError};
 
 /// Image format of a frames directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

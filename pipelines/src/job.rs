@@ -20,14 +20,14 @@ use crate::runtime::lock;
 pub enum AudioIn {
     /// Mono samples at the graph's input rate, and when they arrived.
     Samples(Vec<f32>, quanta::Instant),
-    /// The end of the audio, and when it was announced (a real-time session: the end of the
+    /// The end of the audio, and when it was announced (a live session: the end of the
     /// session, after its current utterance).
     End(quanta::Instant),
-    /// Real-time sessions: the end of the current utterance (idle frames follow it).
+    /// Live sessions: the end of the current utterance (idle frames follow it).
     EndUtterance(quanta::Instant),
-    /// Real-time sessions: the clock has reached this slot; idle frames are due up to it.
+    /// Live sessions: the clock has reached this slot; idle frames are due up to it.
     Tick(usize),
-    /// Real-time sessions: drop the audio before this and resume at frame `resume`, in
+    /// Live sessions: drop the audio before this and resume at frame `resume`, in
     /// generation `generation` ([`crate::live::Live::interrupt`]).
     Interrupt {
         /// The new generation.
@@ -44,11 +44,11 @@ pub enum FrameKind {
     /// utterance 0): the UNet's mouth on the template frame.
     #[default]
     Speech,
-    /// A real-time session's idle frame: the template frame as it is (no UNet run).
+    /// A live session's idle frame: the template frame as it is (no UNet run).
     Idle,
 }
 
-/// Where a frame stands in its session (real-time sessions number utterances from 0).
+/// Where a frame stands in its session (live sessions number utterances from 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FrameMark {
     /// Speech or idle.
@@ -90,7 +90,7 @@ pub struct FrameJob {
     pub index: usize,
     /// Speech or idle, its utterance and generation.
     pub mark: FrameMark,
-    /// The real-time session it belongs to, if any (set once, when the pool is made).
+    /// The live session it belongs to, if any (set once, when the pool is made).
     pub live: Option<Arc<Live>>,
     /// Whether this is the last frame of the audio (the UNet batcher does not wait after it).
     pub last: bool,
@@ -124,7 +124,7 @@ impl FrameJob {
         width * height * 3 + template_len(crop) + output_len(crop) + FRAME_AUDIO_LEN * 4
     }
 
-    /// An empty job with buffers sized for `crop` (for pools), of real-time session `live`.
+    /// An empty job with buffers sized for `crop` (for pools), of live session `live`.
     pub fn new(crop: &CropParams, t: quanta::Instant, live: Option<Arc<Live>>) -> Self {
         Self {
             index: 0,

@@ -4,8 +4,10 @@
 //!   optionally pinned), bounded channels with backpressure, cancellation on the first error
 //!   or panic, buffer pools.
 //! - [`graph`]: the one graph (audio -> frames -> prep -> UNet batcher -> composite -> encode
-//!   -> sink), built the same way for a render and for a live session.
-//! - [`stages`]: the graph's stages, one file each.
+//!   -> sink), built the same way for a render and for a session, and its stages, one file each.
+//! - [`resources`]: what a graph needs for an avatar (models, template), opened once under
+//!   given limits, by a render and by the daemon's registry alike.
+//! - [`live`]: a live session's clock, interrupts and pacing.
 //! - [`job`]: the items travelling through the graph, and its per-run counters.
 //! - [`render`]: file source -> graph -> file sink ([`file_sink`]).
 //! - [`session`]: socket source -> graph -> socket sink, for `lipsync serve`.
@@ -21,4 +23,3 @@ pub mod render;
 pub mod resources;
 pub mod runtime;
 pub mod session;
-pub mod stages;

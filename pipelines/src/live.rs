@@ -1,7 +1,7 @@
-//! Real-time sessions (docs/protocol.md, "Real-time sessions"): the session's clock, idle
+//! Live sessions (docs/protocol.md, "Live sessions"): the session's clock, idle
 //! frames, interruption and pacing, shared by the session's source, its stages and its sink.
 //!
-//! Frame `i` of a real-time session is presented at `i / fps` after the session started (the
+//! Frame `i` of a live session is presented at `i / fps` after the session started (the
 //! audio clock). The source ticks once per frame period; a tick asks the audio stage for the
 //! idle frames due by then, unless an utterance owns the frame sequence. The sink sends frame
 //! `i` at `start + delay + i / fps`, so frames leave at the avatar's frame rate whatever the
@@ -16,7 +16,7 @@ use std::time::Duration;
 use crate::metrics::Clock;
 use crate::runtime::lock;
 
-/// Settings of a real-time session.
+/// Settings of a live session.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LiveConfig {
     /// Frames per second (the avatar's).
@@ -26,7 +26,7 @@ pub struct LiveConfig {
     pub delay: Duration,
 }
 
-/// The shared state of one real-time session.
+/// The shared state of one live session.
 #[derive(Debug)]
 pub struct Live {
     cfg: LiveConfig,

@@ -20,6 +20,10 @@ use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider, RemoteSetti
 use lipsync_stages::video_writer::track_samples;
 
 pub use crate::file_sink::{ImageFormat, Output};
+use crate::graph::encode::Encoding;
+use crate::graph::frames::Template;
+pub use crate::graph::sink::ProgressFn;
+use crate::graph::unet::{UnetService, UnetServiceConfig};
 use crate::graph::{build, GraphConfig, Layout, StageId};
 use crate::job::{AudioIn, FrameJob};
 use crate::metrics::{rss_bytes, Clock, LatencyRecorder, Percentiles, RunReport, StageMetrics, StageSummary};
@@ -29,10 +33,6 @@ use crate::resources::{
     VIDEO_ENCODER_BYTES,
 };
 use crate::runtime::{lock, Out, PinPolicy, Pipeline, PipelineError, StageError};
-use crate::stages::encode::Encoding;
-use crate::stages::frames::Template;
-pub use crate::stages::sink::ProgressFn;
-use crate::stages::unet::{UnetService, UnetServiceConfig};
 
 /// How long the batcher waits for a full batch from render's one producer (which fills a
 /// batch in a few ms per frame): a bound, not a pace.
@@ -72,7 +72,7 @@ pub struct RenderConfig {
     /// Stop after this many frames.
     pub max_frames: Option<usize>,
     /// Frame `i` takes the template position of frame `first_index + i`: the frames of a
-    /// real-time session's utterance that began at that frame (docs/protocol.md).
+    /// live session's utterance that began at that frame (docs/protocol.md).
     pub first_index: usize,
     /// Paste-back blending.
     pub blend: Blend,

@@ -20,6 +20,10 @@ use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::template::{JpegTemplate, SharedTemplate};
 use lipsync_stages::unet::Batch;
 
+use crate::graph::encode::Encoding;
+use crate::graph::frames::Template;
+use crate::graph::sink::FrameSink;
+use crate::graph::unet::UnetService;
 use crate::graph::{build, GraphConfig, GraphError, Layout};
 use crate::job::{AudioIn, FrameStats};
 use crate::live::{Live, LiveConfig};
@@ -27,10 +31,6 @@ use crate::metrics::{Clock, Percentiles};
 use crate::runtime::{
     lock, send_unless_cancelled, Out, PinPolicy, Pipeline, PipelineError, SharedStageStats, StageError,
 };
-use crate::stages::encode::Encoding;
-use crate::stages::frames::Template;
-use crate::stages::sink::FrameSink;
-use crate::stages::unet::UnetService;
 
 /// Audio tensors queued ahead of the frames stage: few, so that the frames in flight (the
 /// latency a backlog adds) are the `queue` jobs plus these.
@@ -39,16 +39,16 @@ const TENSORS_AHEAD: usize = 2;
 /// Capacity of the channels between a session's image stages.
 const CAPACITY: usize = 2;
 
-/// Seconds of audio a real-time session takes ahead of its frames before `push_audio` blocks:
+/// Seconds of audio a live session takes ahead of its frames before `push_audio` blocks:
 /// the connection keeps reading (an interrupt is seen at once) while a client sends a file
 /// faster than real time.
 const LIVE_AHEAD_SECONDS: usize = 30;
 
-/// Most messages a real-time session's queue holds (a client sending tiny messages or a
+/// Most messages a live session's queue holds (a client sending tiny messages or a
 /// stream of ends of utterance cannot grow it beyond this).
 const LIVE_AHEAD_ITEMS: usize = 4096;
 
-/// Longest wait of a real-time session's source between checks of its cancel flag.
+/// Longest wait of a live session's source between checks of its cancel flag.
 const FEED_POLL: Duration = Duration::from_millis(20);
 
 /// Errors of a session.
@@ -63,8 +63,8 @@ pub enum SessionError {
     /// The audio stream was already ended.
     #[error("audio was already ended for this session")]
     Ended,
-    /// An interrupt or an end of utterance for a session that is not real-time.
-    #[error("the session is not real-time (open it with realtime)")]
+    /// An interrupt or an end of utterance for a session that is not live.
+    #[error("the session is not live (open it with \"realtime\": true)")]
     NotLive,
     /// The supervisor thread could not start.
     #[error("could not start the session's thread: {0}")]
@@ -72,7 +72,7 @@ pub enum SessionError {
 }
 
 /// What one session has done so far (read by `stats` while it runs).
-pub struct SessionLive {
+pub struct SessionCounters {
     /// Session id.
     pub id: u64,
     /// Avatar name.
@@ -136,7 +136,7 @@ enum Input {
     Feed(Arc<Feed>),
 }
 
-/// A real-time session's queue of audio, bounded in samples.
+/// A live session's queue of audio, bounded in samples.
 struct Feed {
     state: Mutex<FeedState>,
     changed: Condvar,
@@ -207,7 +207,7 @@ impl Feed {
     }
 }
 
-/// A real-time session's source: queued audio into the graph, and a tick per frame period so
+/// A live session's source: queued audio into the graph, and a tick per frame period so
 /// that idle frames come when no utterance owns the clock. Ends after the end of the audio.
 fn live_source(feed: &Feed, live: &Live, out: &mut Out<'_, AudioIn>) -> Result<(), StageError> {
     let mut slot = 0;
@@ -242,7 +242,7 @@ pub struct Session {
     recycle: Receiver<Vec<f32>>,
     cancel: Arc<AtomicBool>,
     clock: Clock,
-    info: Arc<SessionLive>,
+    info: Arc<SessionCounters>,
     supervisor: Option<JoinHandle<()>>,
 }
 
@@ -300,7 +300,7 @@ impl Session {
                 Input::Feed(feed)
             }
         };
-        let info = Arc::new(SessionLive { id: cfg.id, avatar: cfg.name, stats: g.stats.clone() });
+        let info = Arc::new(SessionCounters { id: cfg.id, avatar: cfg.name, stats: g.stats.clone() });
         let stats = g.stats;
         let supervisor = std::thread::Builder::new()
             .name(format!("ls-session-{}", cfg.id))
@@ -312,17 +312,18 @@ impl Session {
         Ok(Self { input: Some(input), live, recycle: g.recycle, cancel, clock, info, supervisor: Some(supervisor) })
     }
 
-    /// Live counters of this session.
-    pub fn live(&self) -> &Arc<SessionLive> {
+    /// This session's counters (read by `Stats` while it runs).
+    pub fn counters(&self) -> &Arc<SessionCounters> {
         &self.info
     }
 
-    /// Whether the session is real-time.
-    pub fn is_realtime(&self) -> bool {
+    /// Whether the session is live (a clock, idle frames, interrupts: protocol 2's `"realtime":
+    /// true`).
+    pub fn is_live(&self) -> bool {
         self.live.is_some()
     }
 
-    /// Real-time sessions: ends the current utterance (its last frames come, then idle frames).
+    /// Live sessions: ends the current utterance (its last frames come, then idle frames).
     pub fn end_utterance(&self) -> Result<(), SessionError> {
         if self.live.is_none() {
             return Err(SessionError::NotLive);
@@ -330,7 +331,7 @@ impl Session {
         self.send(AudioIn::EndUtterance(self.clock.now()))
     }
 
-    /// Real-time sessions: drops the queued audio and the frames not yet sent, and returns to
+    /// Live sessions: drops the queued audio and the frames not yet sent, and returns to
     /// idle frames at once; returns the index the next frame takes.
     pub fn interrupt(&self) -> Result<usize, SessionError> {
         let live = self.live.as_ref().ok_or(SessionError::NotLive)?;

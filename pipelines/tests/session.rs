@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use lipsync_pipelines::graph::sink::{FrameSink, SinkError};
+use lipsync_pipelines::graph::unet::{UnetService, UnetServiceConfig};
 use lipsync_pipelines::graph::Layout;
 use lipsync_pipelines::job::FrameJob;
 use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
@@ -13,8 +15,6 @@ use lipsync_pipelines::resources::{open_template, TemplatePlan};
 use lipsync_pipelines::runtime::PinPolicy;
 use lipsync_pipelines::runtime::SharedStageStats;
 use lipsync_pipelines::session::{Session, SessionConfig, SessionError};
-use lipsync_pipelines::stages::sink::{FrameSink, SinkError};
-use lipsync_pipelines::stages::unet::{UnetService, UnetServiceConfig};
 use lipsync_stages::audio::{decode_file, load_16k};
 use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::io::avatar::Avatar;

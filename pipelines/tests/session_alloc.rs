@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use lipsync_pipelines::graph::sink::{FrameSink, SinkError};
+use lipsync_pipelines::graph::unet::{UnetService, UnetServiceConfig};
 use lipsync_pipelines::graph::Layout;
 use lipsync_pipelines::job::FrameJob;
 use lipsync_pipelines::live::LiveConfig;
 use lipsync_pipelines::resources::{open_template, TemplatePlan};
 use lipsync_pipelines::runtime::{PinPolicy, SharedStageStats};
 use lipsync_pipelines::session::{Session, SessionConfig};
-use lipsync_pipelines::stages::sink::{FrameSink, SinkError};
-use lipsync_pipelines::stages::unet::{UnetService, UnetServiceConfig};
 use lipsync_stages::audio::load_16k;
 use lipsync_stages::features::{AudioEncoder, WINDOW_LEN};
 use lipsync_stages::io::avatar::Avatar;
@@ -100,7 +100,7 @@ fn allocations(fx: &Fixture, id: u64, seconds: usize, layout: Layout, jpeg: bool
     (alloc_counter::by_name_since(first_slot), frames - 2)
 }
 
-/// Idles a real-time session for `seconds` (idle frames paced at 25 frames/s); returns
+/// Idles a live session for `seconds` (idle frames paced at 25 frames/s); returns
 /// allocations per session thread and the frames sent.
 fn idle_allocations(fx: &Fixture, id: u64, seconds: f64, jpeg: bool) -> (HashMap<String, u64>, u64) {
     let first_slot = alloc_counter::slots();
@@ -141,7 +141,7 @@ fn session_hot_path_allocates_nothing_per_frame() {
     }
 }
 
-/// A real-time session's idle frames (ticks, template frames, pacing) allocate nothing per
+/// A live session's idle frames (ticks, template frames, pacing) allocate nothing per
 /// frame either: 2 s more of idle adds no allocation to any of its threads.
 #[test]
 fn realtime_idle_frames_allocate_nothing_per_frame() {

@@ -6,13 +6,13 @@
 //! - [`settings`]: every setting declared once (flags and TOML), validated once.
 //! - [`daemon`]: the daemon itself: listener, connections, avatar registry, stats, the HTTP
 //!   side; [`Daemon`] runs one in-process.
-//! - [`client`]: the client library (streamed and real-time sessions, `bench` rounds, frame
+//! - [`client`]: the client library (streamed and live sessions, `bench` rounds, frame
 //!   outputs).
 //! - [`fuzzing`]: entry points for the fuzzer (protocol, audio decoder, avatar formats).
 //!
 //! Threads: a daemon runs one thread per connection (at most `4 * max_sessions + 16`), six
 //! stage threads and a supervisor per open session (at most `max_sessions`), plus a source
-//! thread (the clock) per real-time session, and one batcher thread per UNet model (plus ONNX
+//! thread (the clock) per live session, and one batcher thread per UNet model (plus ONNX
 //! Runtime's intra-op pool): at most `12 * max_sessions + 16 + models` threads, whatever the
 //! load. Stage threads are pinned as
 //! `--pin` says (none by default).

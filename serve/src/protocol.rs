@@ -28,14 +28,14 @@ pub enum Kind {
     Opened = 0x11,
     /// Client -> server: PCM audio in the session's format (whole sample frames).
     Audio = 0x12,
-    /// Client -> server: end of the session's audio (real-time: of the current utterance).
+    /// Client -> server: end of the session's audio (a live session: of the current utterance).
     EndAudio = 0x13,
     /// Client -> server: stop the session now and close the connection.
     Close = 0x14,
-    /// Client -> server, real-time sessions: drop the pending audio and unsent frames, back to
+    /// Client -> server, live sessions: drop the pending audio and unsent frames, back to
     /// idle at once.
     Interrupt = 0x15,
-    /// Client -> server: end the session after its current utterance (real-time), or of its
+    /// Client -> server: end the session after its current utterance (a live session), or of its
     /// audio (like `EndAudio`).
     Finish = 0x16,
     /// Server -> client: one frame ([`FrameHead`] then the JPEG).
@@ -179,7 +179,7 @@ pub enum ErrorCode {
     BadAudio,
     /// The connection idled too long, or a message did not arrive whole in time.
     Timeout,
-    /// Interrupt sent for a session that is not real-time.
+    /// Interrupt sent for a session that is not live.
     NotRealtime,
     /// A code this build does not know (from a newer peer).
     #[serde(other)]
@@ -379,10 +379,10 @@ pub struct Opened {
     pub width: usize,
     /// Frame size.
     pub height: usize,
-    /// Whether the session is real-time.
+    /// Whether the session is live.
     #[serde(default)]
     pub realtime: bool,
-    /// Real-time sessions: how long after its presentation time on the session's clock each
+    /// Live sessions: how long after its presentation time on the session's clock each
     /// frame is sent, ms.
     #[serde(default)]
     pub delay_ms: f64,

@@ -1,4 +1,4 @@
-//! Real-time sessions of an in-process daemon: idle frames before, between and after speech;
+//! Live sessions of an in-process daemon: idle frames before, between and after speech;
 //! speech frames byte-identical to `render --first-index`; interrupts; frames on the clock.
 
 use std::path::{Path, PathBuf};
@@ -35,7 +35,7 @@ fn daemon_with(tmp: &Path, delay_ms: Option<f64>) -> Daemon {
         socket: Some(tmp.join("d.sock")),
         avatars: Some(avatars),
         inference: InferenceOptions { threads: Some(1), ..Default::default() },
-        realtime_delay_ms: delay_ms,
+        live_delay_ms: delay_ms,
         ..Default::default()
     };
     Daemon::start(options.validate().unwrap(), runtime()).unwrap()

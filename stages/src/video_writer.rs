@@ -13,12 +13,37 @@ use crate::io::video::init_ffmpeg;
 
 /// Errors writing a video file.
 #[derive(Debug, thiserror::Error)]
-#[error("could not write video {path}: {message}")]
+#[error("could not write video {}: {failure}", path.display())]
 pub struct EncodeError {
     /// The output file.
     pub path: PathBuf,
     /// What went wrong.
-    pub message: String,
+    #[source]
+    pub failure: EncodeFailure,
+}
+
+/// What went wrong writing a video file.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeFailure {
+    /// The temporary file beside the output could not be made or renamed into place.
+    #[error(transparent)]
+    Staged(#[from] crate::io::staged::StagedError),
+    /// This FFmpeg has no encoder for a track.
+    #[error("no {0} encoder in this FFmpeg")]
+    NoEncoder(&'static str),
+    /// An FFmpeg call failed.
+    #[error("{step}: {source}")]
+    Ffmpeg {
+        /// What was being done.
+        step: &'static str,
+        /// FFmpeg's error.
+        source: ff::Error,
+    },
+}
+
+/// An [`EncodeFailure::Ffmpeg`] at `step`.
+fn at(step: &'static str) -> impl Fn(ff::Error) -> EncodeFailure {
+    move |source| EncodeFailure::Ffmpeg { step, source }
 }
 
 /// An open MP4/MKV writer (not `Send`: create it on the thread that uses it). Dropped
@@ -61,57 +86,20 @@ impl VideoWriter {
     /// Opens `path` (`.mp4`, `.mkv`, `.mov`) for `width x height` frames at `fps`; the sound
     /// track (16 kHz mono f32) comes through [`VideoWriter::push_audio`].
     pub fn create(path: &Path, width: usize, height: usize, fps: i32) -> Result<Self, EncodeError> {
+        Self::open(path, width, height, fps).map_err(|failure| EncodeError { path: path.to_path_buf(), failure })
+    }
+
+    fn open(path: &Path, width: usize, height: usize, fps: i32) -> Result<Self, EncodeFailure> {
         init_ffmpeg();
-        let err = |message: String| EncodeError { path: path.to_path_buf(), message };
         // An exclusive, unpredictable temporary beside the output; FFmpeg reopens it by name.
-        let tmp = crate::io::staged::StagedFile::create(path).map_err(|e| err(e.to_string()))?;
-        let mut octx =
-            ff::format::output(&tmp.tmp_path()).map_err(|e| err(format!("cannot create the container: {e}")))?;
+        let tmp = crate::io::staged::StagedFile::create(path)?;
+        let mut octx = ff::format::output(&tmp.tmp_path()).map_err(at("cannot create the container"))?;
         let global = octx.format().flags().contains(ff::format::Flags::GLOBAL_HEADER);
-
-        let vcodec = ff::encoder::find_by_name("libx264")
-            .or_else(|| ff::encoder::find(ff::codec::Id::H264))
-            .ok_or_else(|| err("no H.264 encoder in this FFmpeg".into()))?;
-        let vindex = octx.add_stream(vcodec).map_err(|e| err(e.to_string()))?.index();
-        let mut venc =
-            ff::codec::context::Context::new_with_codec(vcodec).encoder().video().map_err(|e| err(e.to_string()))?;
-        venc.set_width(width as u32);
-        venc.set_height(height as u32);
-        venc.set_format(ff::format::Pixel::YUV420P);
-        venc.set_time_base((1, fps));
-        venc.set_frame_rate(Some((fps, 1)));
-        if global {
-            venc.set_flags(ff::codec::Flags::GLOBAL_HEADER);
-        }
-        let mut opts = ff::Dictionary::new();
-        // One encoder thread at a light preset: on small machines every other cycle belongs to
-        // the UNet (x264's default thread pool would take cores from ONNX Runtime).
-        opts.set("preset", "superfast");
-        opts.set("crf", "18");
-        opts.set("tune", "zerolatency");
-        opts.set("threads", "1");
-        let venc = venc.open_as_with(vcodec, opts).map_err(|e| err(format!("H.264 encoder: {e}")))?;
-        octx.stream_mut(vindex).expect("stream added").set_parameters(&venc);
-
-        let acodec =
-            ff::encoder::find(ff::codec::Id::AAC).ok_or_else(|| err("no AAC encoder in this FFmpeg".into()))?;
-        let aindex = octx.add_stream(acodec).map_err(|e| err(e.to_string()))?.index();
-        let mut aenc =
-            ff::codec::context::Context::new_with_codec(acodec).encoder().audio().map_err(|e| err(e.to_string()))?;
-        aenc.set_rate(crate::audio::SAMPLE_RATE as i32);
-        aenc.set_channel_layout(ff::ChannelLayout::MONO);
-        aenc.set_format(ff::format::Sample::F32(ff::format::sample::Type::Planar));
-        aenc.set_bit_rate(64_000);
-        aenc.set_time_base((1, crate::audio::SAMPLE_RATE as i32));
-        if global {
-            aenc.set_flags(ff::codec::Flags::GLOBAL_HEADER);
-        }
-        let aenc = aenc.open_as(acodec).map_err(|e| err(format!("AAC encoder: {e}")))?;
-        octx.stream_mut(aindex).expect("stream added").set_parameters(&aenc);
-        octx.write_header().map_err(|e| err(format!("header: {e}")))?;
+        let (venc, vindex) = video_track(&mut octx, width, height, fps, global)?;
+        let (aenc, aindex) = audio_track(&mut octx, global)?;
+        octx.write_header().map_err(at("header"))?;
         let vtb = octx.stream(vindex).expect("stream").time_base();
         let atb = octx.stream(aindex).expect("stream").time_base();
-
         let scaler = ff::software::scaling::Context::get(
             ff::format::Pixel::BGR24,
             width as u32,
@@ -121,7 +109,7 @@ impl VideoWriter {
             height as u32,
             ff::software::scaling::Flags::BICUBIC,
         )
-        .map_err(|e| err(format!("colour conversion: {e}")))?;
+        .map_err(at("colour conversion"))?;
         let frame_size = (aenc.frame_size() as usize).max(1);
         Ok(Self {
             path: path.to_path_buf(),
@@ -149,8 +137,8 @@ impl VideoWriter {
         })
     }
 
-    fn err(&self, message: String) -> EncodeError {
-        EncodeError { path: self.path.clone(), message }
+    fn err(&self, failure: EncodeFailure) -> EncodeError {
+        EncodeError { path: self.path.clone(), failure }
     }
 
     /// Appends sound-track samples; each frame written encodes the audio up to its end, so the
@@ -174,9 +162,9 @@ impl VideoWriter {
                 data[y * stride..y * stride + row].copy_from_slice(&frame.data[y * row..(y + 1) * row]);
             }
         }
-        self.scaler.run(&self.bgr, &mut self.yuv).map_err(|e| self.err(format!("colour conversion: {e}")))?;
+        self.scaler.run(&self.bgr, &mut self.yuv).map_err(|e| self.err(at("colour conversion")(e)))?;
         self.yuv.set_pts(Some(self.frames));
-        self.venc.send_frame(&self.yuv).map_err(|e| self.err(format!("H.264 encode: {e}")))?;
+        self.venc.send_frame(&self.yuv).map_err(|e| self.err(at("H.264 encode")(e)))?;
         self.frames += 1;
         self.drain_video()?;
         let until = track_samples(self.frames as usize, self.fps);
@@ -190,7 +178,7 @@ impl VideoWriter {
             // Each frame lasts one frame period; without it the muxer's edit list cuts the last.
             packet.set_duration(1);
             packet.rescale_ts((1, self.fps), self.vtb);
-            packet.write_interleaved(&mut self.octx).map_err(|e| self.err(format!("mux: {e}")))?;
+            packet.write_interleaved(&mut self.octx).map_err(|e| self.err(at("mux")(e)))?;
         }
         Ok(())
     }
@@ -212,7 +200,7 @@ impl VideoWriter {
                 *d = s.clamp(-1.0, 1.0);
             }
             self.afr.set_pts(Some(self.audio_pos as i64));
-            self.aenc.send_frame(&self.afr).map_err(|e| self.err(format!("AAC encode: {e}")))?;
+            self.aenc.send_frame(&self.afr).map_err(|e| self.err(at("AAC encode")(e)))?;
             self.audio_pos += n;
             self.drain_audio()?;
         }
@@ -225,7 +213,7 @@ impl VideoWriter {
         while self.aenc.receive_packet(&mut packet).is_ok() {
             packet.set_stream(self.aindex);
             packet.rescale_ts((1, crate::audio::SAMPLE_RATE as i32), self.atb);
-            packet.write_interleaved(&mut self.octx).map_err(|e| self.err(format!("mux: {e}")))?;
+            packet.write_interleaved(&mut self.octx).map_err(|e| self.err(at("mux")(e)))?;
         }
         Ok(())
     }
@@ -234,13 +222,66 @@ impl VideoWriter {
     pub fn finish(mut self) -> Result<usize, EncodeError> {
         let total = self.audio_received();
         self.write_audio(total, true)?;
-        self.venc.send_eof().map_err(|e| self.err(format!("H.264 flush: {e}")))?;
+        self.venc.send_eof().map_err(|e| self.err(at("H.264 flush")(e)))?;
         self.drain_video()?;
-        self.aenc.send_eof().map_err(|e| self.err(format!("AAC flush: {e}")))?;
+        self.aenc.send_eof().map_err(|e| self.err(at("AAC flush")(e)))?;
         self.drain_audio()?;
-        self.octx.write_trailer().map_err(|e| self.err(format!("trailer: {e}")))?;
+        self.octx.write_trailer().map_err(|e| self.err(at("trailer")(e)))?;
         let tmp = self.tmp.take().expect("present until finished");
-        tmp.commit().map_err(|e| self.err(e.to_string()))?;
+        tmp.commit().map_err(|e| self.err(e.into()))?;
         Ok(self.frames as usize)
     }
+}
+
+/// The H.264 track: one encoder thread at a light preset (on small machines every other cycle
+/// belongs to the UNet: x264's default thread pool would take cores from ONNX Runtime).
+fn video_track(
+    octx: &mut ff::format::context::Output,
+    width: usize,
+    height: usize,
+    fps: i32,
+    global: bool,
+) -> Result<(ff::encoder::Video, usize), EncodeFailure> {
+    let codec = ff::encoder::find_by_name("libx264")
+        .or_else(|| ff::encoder::find(ff::codec::Id::H264))
+        .ok_or(EncodeFailure::NoEncoder("H.264"))?;
+    let index = octx.add_stream(codec).map_err(at("video stream"))?.index();
+    let mut enc = ff::codec::context::Context::new_with_codec(codec).encoder().video().map_err(at("H.264 encoder"))?;
+    enc.set_width(width as u32);
+    enc.set_height(height as u32);
+    enc.set_format(ff::format::Pixel::YUV420P);
+    enc.set_time_base((1, fps));
+    enc.set_frame_rate(Some((fps, 1)));
+    if global {
+        enc.set_flags(ff::codec::Flags::GLOBAL_HEADER);
+    }
+    let mut opts = ff::Dictionary::new();
+    opts.set("preset", "superfast");
+    opts.set("crf", "18");
+    opts.set("tune", "zerolatency");
+    opts.set("threads", "1");
+    let enc = enc.open_as_with(codec, opts).map_err(at("H.264 encoder"))?;
+    octx.stream_mut(index).expect("stream added").set_parameters(&enc);
+    Ok((enc, index))
+}
+
+/// The AAC track: 16 kHz mono at 64 kb/s.
+fn audio_track(
+    octx: &mut ff::format::context::Output,
+    global: bool,
+) -> Result<(ff::encoder::Audio, usize), EncodeFailure> {
+    let codec = ff::encoder::find(ff::codec::Id::AAC).ok_or(EncodeFailure::NoEncoder("AAC"))?;
+    let index = octx.add_stream(codec).map_err(at("audio stream"))?.index();
+    let mut enc = ff::codec::context::Context::new_with_codec(codec).encoder().audio().map_err(at("AAC encoder"))?;
+    enc.set_rate(crate::audio::SAMPLE_RATE as i32);
+    enc.set_channel_layout(ff::ChannelLayout::MONO);
+    enc.set_format(ff::format::Sample::F32(ff::format::sample::Type::Planar));
+    enc.set_bit_rate(64_000);
+    enc.set_time_base((1, crate::audio::SAMPLE_RATE as i32));
+    if global {
+        enc.set_flags(ff::codec::Flags::GLOBAL_HEADER);
+    }
+    let enc = enc.open_as(codec).map_err(at("AAC encoder"))?;
+    octx.stream_mut(index).expect("stream added").set_parameters(&enc);
+    Ok((enc, index))
 }

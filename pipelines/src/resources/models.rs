@@ -11,9 +11,9 @@ use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
 use lipsync_stages::unet::PrecisionSetting;
 
 use super::ResourceError;
+use crate::graph::unet::{UnetService, UnetServiceConfig};
 use crate::metrics::rss_bytes;
 use crate::runtime::lock;
-use crate::stages::unet::{UnetService, UnetServiceConfig};
 
 /// How an avatar's models are opened.
 #[derive(Debug, Clone)]

@@ -1,7 +1,8 @@
-//! The client side of a real-time session: idle before and between utterances, speech sent at
+//! The client side of a live session: idle before and between utterances, speech sent at
 //! the pace of real time, optional interrupts, then `Finish`. Measures first-frame latency,
 //! interrupt latency and the drift of frames against the session's clock.
 
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -10,10 +11,10 @@ use lipsync_pipelines::metrics::{histogram, Percentiles};
 use lipsync_pipelines::runtime::lock;
 use serde::Serialize;
 
-use crate::client::{open_stream, ClientError, OpenStream};
+use crate::client::{open_stream, ClientError, Connection, OpenStream};
 use crate::protocol::{parse_frame, write_parts, AudioFormat, Done, Interrupted, Kind, OpenRequest, SpeechStart};
 
-/// What a real-time session streams.
+/// What a live session streams.
 #[derive(Debug, Clone)]
 pub struct LiveSpec {
     /// Avatar name.
@@ -38,7 +39,7 @@ pub struct LiveSpec {
     pub start_frame: Option<usize>,
 }
 
-/// One frame of a real-time session.
+/// One frame of a live session.
 #[derive(Debug, Clone, Serialize)]
 pub struct LiveFrame {
     /// Frame index.
@@ -51,7 +52,7 @@ pub struct LiveFrame {
     pub received_s: f64,
 }
 
-/// What a real-time session returned.
+/// What a live session returned.
 #[derive(Debug, Clone, Serialize)]
 pub struct LiveOutcome {
     /// Session id.
@@ -89,7 +90,23 @@ pub struct LiveOutcome {
     pub records: Vec<LiveFrame>,
 }
 
-/// Runs a real-time session on `socket` as `spec` says; `on_frame(index, idle, jpeg)` gets
+/// What the reader of a live session saw: frames (with when they came), utterance starts
+/// (utterance, first frame, when), interrupts (next frame, when), and `Done`.
+struct Seen {
+    frames: Vec<(LiveFrame, Instant)>,
+    starts: Vec<(u32, u32, Instant)>,
+    interrupts: Vec<(u64, Instant)>,
+    done: Done,
+}
+
+/// When the sender's messages went out: each utterance's first audio, each interrupt.
+#[derive(Default)]
+struct Sent {
+    speech: Mutex<Vec<Instant>>,
+    interrupts: Mutex<Vec<Instant>>,
+}
+
+/// Runs a live session on `socket` as `spec` says; `on_frame(index, idle, jpeg)` gets
 /// every frame.
 pub fn stream_live(
     socket: &Path,
@@ -108,102 +125,113 @@ pub fn stream_live(
     };
     let OpenStream { mut conn, opened, mut writer, killer, chunk } = open_stream(socket, &open, spec.chunk_ms)?;
     let t0 = Instant::now();
-    // When each utterance's first audio and each interrupt went out.
-    let speech_sent: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
-    let interrupt_sent: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
-
-    type Read = (Vec<(LiveFrame, Instant)>, Vec<(u32, u32, Instant)>, Vec<(u64, Instant)>, Done);
-    let (frames, starts, interrupts, done) = std::thread::scope(|scope| -> Result<Read, ClientError> {
-        let reader = scope.spawn(|| -> Result<Read, ClientError> {
-            let (mut frames, mut starts, mut interrupts) = (Vec::new(), Vec::new(), Vec::new());
-            let result = (|| loop {
-                let kind = conn.read()?;
-                let now = Instant::now();
-                let json = |what: &str| ClientError::Protocol(format!("invalid {what}"));
-                match kind {
-                    Kind::Frame => {
-                        let (h, jpeg) = parse_frame(&conn.payload)
-                            .ok_or_else(|| ClientError::Protocol("malformed Frame".into()))?;
-                        let expect = frames.last().map_or(0, |f: &(LiveFrame, Instant)| f.0.index + 1);
-                        if h.index != expect {
-                            return Err(ClientError::Frames(format!("frame {} came where {expect} was due", h.index)));
-                        }
-                        on_frame(h.index, h.idle, jpeg)?;
-                        let rec = LiveFrame {
-                            index: h.index,
-                            pts_ms: h.pts_ms,
-                            idle: h.idle,
-                            received_s: now.duration_since(t0).as_secs_f64(),
-                        };
-                        frames.push((rec, now));
-                    }
-                    Kind::Speech => {
-                        let s: SpeechStart = serde_json::from_slice(&conn.payload).map_err(|_| json("Speech"))?;
-                        starts.push((s.utterance, s.frame, now));
-                    }
-                    Kind::Interrupted => {
-                        let i: Interrupted = serde_json::from_slice(&conn.payload).map_err(|_| json("Interrupted"))?;
-                        interrupts.push((i.next_frame, now));
-                    }
-                    Kind::Done => {
-                        let d: Done = serde_json::from_slice(&conn.payload).map_err(|_| json("Done"))?;
-                        return Ok((std::mem::take(&mut frames), starts.clone(), interrupts.clone(), d));
-                    }
-                    k => return Err(ClientError::Protocol(format!("unexpected {k:?} during a session"))),
-                }
-            })();
-            if result.is_err() {
+    let sent = Sent::default();
+    let seen = std::thread::scope(|scope| -> Result<Seen, ClientError> {
+        let reader = scope.spawn(|| {
+            let seen = read(&mut conn, t0, &mut on_frame);
+            if seen.is_err() {
+                // The sender stops at once too.
                 let _ = killer.shutdown(std::net::Shutdown::Both);
             }
-            result
+            seen
         });
-        let mut send = || -> Result<(), ClientError> {
-            let io = ClientError::io;
-            let mut bytes = Vec::with_capacity(chunk * 4);
-            for _ in 0..spec.utterances {
-                std::thread::sleep(spec.idle);
-                let start = Instant::now();
-                lock(&speech_sent).push(start);
-                let mut interrupted = false;
-                for (k, part) in spec.samples.chunks(chunk).enumerate() {
-                    let due = start + Duration::from_secs_f64((k * chunk) as f64 / f64::from(spec.rate));
-                    if let Some(after) = spec.interrupt_after {
-                        if due >= start + after {
-                            if let Some(wait) = (start + after).checked_duration_since(Instant::now()) {
-                                std::thread::sleep(wait);
-                            }
-                            write_parts(&mut writer, Kind::Interrupt, &[]).map_err(io("sending Interrupt"))?;
-                            lock(&interrupt_sent).push(Instant::now());
-                            interrupted = true;
-                            break;
-                        }
-                    }
-                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
-                    bytes.clear();
-                    bytes.extend(part.iter().flat_map(|v| v.to_le_bytes()));
-                    write_parts(&mut writer, Kind::Audio, &[&bytes]).map_err(io("sending audio"))?;
-                }
-                if !interrupted {
-                    write_parts(&mut writer, Kind::EndAudio, &[]).map_err(io("sending EndAudio"))?;
-                }
-            }
-            std::thread::sleep(spec.idle_after);
-            write_parts(&mut writer, Kind::Finish, &[]).map_err(io("sending Finish"))
-        };
-        let sent = send();
-        let read = reader.join().map_err(|_| ClientError::Frames("the frame reader panicked".into()))?;
-        let read = read?;
-        sent?;
-        Ok(read)
+        let sending = send(&mut writer, spec, chunk, &sent);
+        let seen = reader.join().map_err(|_| ClientError::Frames("the frame reader panicked".into()))?;
+        let seen = seen?;
+        sending?;
+        Ok(seen)
     })?;
-
-    if done.frames as usize != frames.len() {
-        return Err(ClientError::Frames(format!("Done says {} frames but {} arrived", done.frames, frames.len())));
+    if seen.done.frames as usize != seen.frames.len() {
+        let (said, came) = (seen.done.frames, seen.frames.len());
+        return Err(ClientError::Frames(format!("Done says {said} frames but {came} arrived")));
     }
-    let speech_sent = lock(&speech_sent).clone();
-    let interrupt_sent = lock(&interrupt_sent).clone();
+    Ok(outcome(seen, &sent, opened.session, opened.fps, t0))
+}
+
+/// Reads the session's messages until `Done`, checking that frames come in order.
+fn read(
+    conn: &mut Connection,
+    t0: Instant,
+    on_frame: &mut impl FnMut(u32, bool, &[u8]) -> Result<(), ClientError>,
+) -> Result<Seen, ClientError> {
+    let (mut frames, mut starts, mut interrupts) = (Vec::new(), Vec::new(), Vec::new());
+    loop {
+        let kind = conn.read()?;
+        let now = Instant::now();
+        let json = |what: &str| ClientError::Protocol(format!("invalid {what}"));
+        match kind {
+            Kind::Frame => {
+                let (h, jpeg) =
+                    parse_frame(&conn.payload).ok_or_else(|| ClientError::Protocol("malformed Frame".into()))?;
+                let expect = frames.last().map_or(0, |f: &(LiveFrame, Instant)| f.0.index + 1);
+                if h.index != expect {
+                    return Err(ClientError::Frames(format!("frame {} came where {expect} was due", h.index)));
+                }
+                on_frame(h.index, h.idle, jpeg)?;
+                let received_s = now.duration_since(t0).as_secs_f64();
+                frames.push((LiveFrame { index: h.index, pts_ms: h.pts_ms, idle: h.idle, received_s }, now));
+            }
+            Kind::Speech => {
+                let s: SpeechStart = serde_json::from_slice(&conn.payload).map_err(|_| json("Speech"))?;
+                starts.push((s.utterance, s.frame, now));
+            }
+            Kind::Interrupted => {
+                let i: Interrupted = serde_json::from_slice(&conn.payload).map_err(|_| json("Interrupted"))?;
+                interrupts.push((i.next_frame, now));
+            }
+            Kind::Done => {
+                let done: Done = serde_json::from_slice(&conn.payload).map_err(|_| json("Done"))?;
+                return Ok(Seen { frames, starts, interrupts, done });
+            }
+            k => return Err(ClientError::Protocol(format!("unexpected {k:?} during a session"))),
+        }
+    }
+}
+
+/// Sends the utterances at the pace of real time (each after `spec.idle`, each cut by an
+/// interrupt if asked), then `Finish` after `spec.idle_after`.
+fn send(writer: &mut UnixStream, spec: &LiveSpec, chunk: usize, sent: &Sent) -> Result<(), ClientError> {
+    let io = ClientError::io;
+    let mut bytes = Vec::with_capacity(chunk * 4);
+    for _ in 0..spec.utterances {
+        std::thread::sleep(spec.idle);
+        let start = Instant::now();
+        lock(&sent.speech).push(start);
+        let mut interrupted = false;
+        for (k, part) in spec.samples.chunks(chunk).enumerate() {
+            let due = start + Duration::from_secs_f64((k * chunk) as f64 / f64::from(spec.rate));
+            if let Some(after) = spec.interrupt_after.filter(|&after| due >= start + after) {
+                sleep_until(start + after);
+                write_parts(writer, Kind::Interrupt, &[]).map_err(io("sending Interrupt"))?;
+                lock(&sent.interrupts).push(Instant::now());
+                interrupted = true;
+                break;
+            }
+            sleep_until(due);
+            bytes.clear();
+            bytes.extend(part.iter().flat_map(|v| v.to_le_bytes()));
+            write_parts(writer, Kind::Audio, &[&bytes]).map_err(io("sending audio"))?;
+        }
+        if !interrupted {
+            write_parts(writer, Kind::EndAudio, &[]).map_err(io("sending EndAudio"))?;
+        }
+    }
+    std::thread::sleep(spec.idle_after);
+    write_parts(writer, Kind::Finish, &[]).map_err(io("sending Finish"))
+}
+
+fn sleep_until(t: Instant) {
+    if let Some(wait) = t.checked_duration_since(Instant::now()) {
+        std::thread::sleep(wait);
+    }
+}
+
+/// The session's figures: latencies of speech and interrupts, and the drift of frames against
+/// the session's clock.
+fn outcome(seen: Seen, sent: &Sent, session: u64, fps: f64, t0: Instant) -> LiveOutcome {
+    let Seen { frames, starts, interrupts, .. } = seen;
+    let speech_sent = lock(&sent.speech).clone();
+    let interrupt_sent = lock(&sent.interrupts).clone();
     let speech_first_frame_ms = starts
         .iter()
         .filter_map(|&(u, first, _)| {
@@ -223,7 +251,7 @@ pub fn stream_live(
     // Frames never leave early, only late (a stall): the floor of arrival - presentation over a
     // window is the pace, and its change from the first window to the last is the drift.
     let offsets: Vec<f64> = frames.iter().map(|f| f.0.received_s * 1e3 - f64::from(f.0.pts_ms)).collect();
-    let window = ((offsets.len() / 4).min(10 * opened.fps.round() as usize)).max(1);
+    let window = ((offsets.len() / 4).min(10 * fps.round() as usize)).max(1);
     let floor = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let (offset_start_ms, offset_end_ms) = if offsets.is_empty() {
         (0.0, 0.0)
@@ -232,9 +260,9 @@ pub fn stream_live(
     };
     let late = offsets.iter().map(|o| o - offset_start_ms).fold(0.0, f64::max);
     let records: Vec<LiveFrame> = frames.into_iter().map(|f| f.0).collect();
-    Ok(LiveOutcome {
-        session: opened.session,
-        fps: opened.fps,
+    LiveOutcome {
+        session,
+        fps,
         frames: records.len(),
         idle_frames: records.iter().filter(|r| r.idle).count(),
         utterances: starts.iter().map(|&(u, f, _)| (u, f)).collect(),
@@ -244,9 +272,9 @@ pub fn stream_live(
         interrupts: interrupt_sent.len(),
         offset_start_ms,
         offset_end_ms,
-        drift_frames: ((offset_end_ms - offset_start_ms) * opened.fps / 1000.0).round() as i64,
+        drift_frames: ((offset_end_ms - offset_start_ms) * fps / 1000.0).round() as i64,
         max_late_ms: late,
         seconds: t0.elapsed().as_secs_f64(),
         records,
-    })
+    }
 }

@@ -1,6 +1,6 @@
 //! The client library of `lipsync serve`: connect and greet, request/reply, and stream an
 //! audio signal through a session with per-frame latency (used by `lipsync client`,
-//! `lipsync bench serve` and the tests); [`live`]: real-time sessions; [`bench`]: rounds of
+//! `lipsync bench serve` and the tests); [`live`]: live sessions; [`bench`]: rounds of
 //! concurrent sessions, measured; [`frame_out`]: where a client's frames go.
 
 pub mod bench;
@@ -288,66 +288,22 @@ pub fn stream(
     let t0 = Instant::now();
     // (samples sent so far, when), appended after each Audio message.
     let mut sent: Vec<(u64, Instant)> = Vec::with_capacity(spec.samples.len() / chunk + 2);
-
     let (records, done, end_time) = std::thread::scope(|scope| -> Result<_, ClientError> {
-        let reader = scope.spawn(move || -> Result<(Vec<Arrival>, Done), ClientError> {
-            let mut recs = Vec::with_capacity(expected);
-            let result = (|| loop {
-                match conn.read()? {
-                    Kind::Frame => {
-                        let now = Instant::now();
-                        let (head, jpeg) = parse_frame(&conn.payload)
-                            .ok_or_else(|| ClientError::Protocol("malformed Frame".into()))?;
-                        let (index, ts) = (head.index, head.pts_ms);
-                        if index as usize != recs.len() {
-                            let e = format!("frame {index} arrived where frame {} was expected", recs.len());
-                            return Err(ClientError::Frames(e));
-                        }
-                        on_frame(index, jpeg)?;
-                        recs.push((index, ts, now));
-                    }
-                    Kind::Done => {
-                        let done: Done = serde_json::from_slice(&conn.payload)
-                            .map_err(|e| ClientError::Protocol(format!("invalid Done: {e}")))?;
-                        return Ok((recs, done));
-                    }
-                    // The one utterance begins at frame 0.
-                    Kind::Speech => {}
-                    k => return Err(ClientError::Protocol(format!("unexpected {k:?} during a session"))),
-                }
-            })();
-            if result.is_err() {
+        let reader = scope.spawn(move || {
+            let read = read_frames(&mut conn, expected, &mut on_frame);
+            if read.is_err() {
                 // Unblock the sender: the daemon stops reading audio once nobody reads frames.
                 let _ = killer.shutdown(std::net::Shutdown::Both);
             }
-            result
+            read
         });
-        let mut send = || -> Result<Instant, ClientError> {
-            let mut bytes = Vec::with_capacity(chunk * 4);
-            for (k, part) in spec.samples.chunks(chunk).enumerate() {
-                if spec.realtime {
-                    let due = t0 + Duration::from_secs_f64(k as f64 * chunk as f64 / f64::from(spec.rate));
-                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
-                }
-                bytes.clear();
-                bytes.extend(part.iter().flat_map(|v| v.to_le_bytes()));
-                write_parts(&mut writer, Kind::Audio, &[&bytes]).map_err(ClientError::io("sending audio"))?;
-                let total = sent.last().map_or(0, |s| s.0) + part.len() as u64;
-                sent.push((total, Instant::now()));
-            }
-            write_parts(&mut writer, Kind::EndAudio, &[]).map_err(ClientError::io("sending EndAudio"))?;
-            Ok(Instant::now())
-        };
-        let sent_result = send();
+        let sent_result = send_audio(&mut writer, spec, chunk, t0, &mut sent);
         let read_result = reader.join().map_err(|_| ClientError::Frames("the frame reader panicked".into()))?;
         // A daemon error explains a failed send better than the broken pipe does.
         let (records, done) = read_result?;
         let end = sent_result?;
         Ok((records, done, end))
     })?;
-
     if done.frames as usize != records.len() {
         return Err(ClientError::Frames(format!("Done says {} frames but {} arrived", done.frames, records.len())));
     }
@@ -359,6 +315,79 @@ pub fn stream(
             spec.rate
         )));
     }
+    Ok(outcome(spec, &opened, expected, records, &sent, end_time, t0))
+}
+
+/// Reads frames (in order, `expected` of them at most) until `Done`.
+fn read_frames(
+    conn: &mut Connection,
+    expected: usize,
+    on_frame: &mut impl FnMut(u32, &[u8]) -> Result<(), ClientError>,
+) -> Result<(Vec<Arrival>, Done), ClientError> {
+    let mut recs = Vec::with_capacity(expected);
+    loop {
+        match conn.read()? {
+            Kind::Frame => {
+                let now = Instant::now();
+                let (head, jpeg) =
+                    parse_frame(&conn.payload).ok_or_else(|| ClientError::Protocol("malformed Frame".into()))?;
+                let (index, ts) = (head.index, head.pts_ms);
+                if index as usize != recs.len() {
+                    let e = format!("frame {index} arrived where frame {} was expected", recs.len());
+                    return Err(ClientError::Frames(e));
+                }
+                on_frame(index, jpeg)?;
+                recs.push((index, ts, now));
+            }
+            Kind::Done => {
+                let done: Done = serde_json::from_slice(&conn.payload)
+                    .map_err(|e| ClientError::Protocol(format!("invalid Done: {e}")))?;
+                return Ok((recs, done));
+            }
+            // The one utterance begins at frame 0.
+            Kind::Speech => {}
+            k => return Err(ClientError::Protocol(format!("unexpected {k:?} during a session"))),
+        }
+    }
+}
+
+/// Sends the audio in `chunk`-sample messages (at its own pace when `spec.realtime`), then
+/// `EndAudio`; records in `sent` how many samples had gone when. Returns when it was done.
+fn send_audio(
+    writer: &mut UnixStream,
+    spec: &StreamSpec,
+    chunk: usize,
+    t0: Instant,
+    sent: &mut Vec<(u64, Instant)>,
+) -> Result<Instant, ClientError> {
+    let mut bytes = Vec::with_capacity(chunk * 4);
+    for (k, part) in spec.samples.chunks(chunk).enumerate() {
+        if spec.realtime {
+            let due = t0 + Duration::from_secs_f64(k as f64 * chunk as f64 / f64::from(spec.rate));
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        bytes.clear();
+        bytes.extend(part.iter().flat_map(|v| v.to_le_bytes()));
+        write_parts(writer, Kind::Audio, &[&bytes]).map_err(ClientError::io("sending audio"))?;
+        let total = sent.last().map_or(0, |s| s.0) + part.len() as u64;
+        sent.push((total, Instant::now()));
+    }
+    write_parts(writer, Kind::EndAudio, &[]).map_err(ClientError::io("sending EndAudio"))?;
+    Ok(Instant::now())
+}
+
+/// The session's figures: each frame's latency from when its audio was all sent.
+fn outcome(
+    spec: &StreamSpec,
+    opened: &Opened,
+    expected: usize,
+    records: Vec<Arrival>,
+    sent: &[(u64, Instant)],
+    end_time: Instant,
+    t0: Instant,
+) -> StreamOutcome {
     let mut hist = histogram();
     let ratio = f64::from(spec.rate) / 16_000.0;
     let records: Vec<FrameRecord> = records
@@ -376,7 +405,7 @@ pub fn stream(
             }
         })
         .collect();
-    Ok(StreamOutcome {
+    StreamOutcome {
         session: opened.session,
         width: opened.width,
         height: opened.height,
@@ -388,5 +417,5 @@ pub fn stream(
         seconds: t0.elapsed().as_secs_f64(),
         audio_seconds: spec.samples.len() as f64 / f64::from(spec.rate),
         records,
-    })
+    }
 }

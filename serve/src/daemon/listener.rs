@@ -2,17 +2,15 @@
 //! non-socket file refused), accepts connections (each on its own thread, capped), and on stop
 //! unlinks the socket at once, lets open sessions drain, then closes what is left.
 
-use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use lipsync_pipelines::graph::StageId;
-use lipsync_pipelines::runtime::{lock, SharedStageStats};
+use lipsync_pipelines::runtime::lock;
 use lipsync_stages::onnx::OrtRuntime;
 
 use crate::daemon::connection::connection;
@@ -31,30 +29,8 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
     let socket = settings.socket.clone();
     // From here on the socket file is ours: remove it however we leave.
     let mut socket_file = SocketFile::new(socket.clone());
-    let shared = Arc::new(Shared {
-        registry: Registry::new(settings.clone(), rt),
-        stages: Arc::new(SharedStageStats::with_stages(&StageId::thread_names())),
-        frames_total: AtomicU64::new(0),
-        sessions: Mutex::new(HashMap::new()),
-        active: AtomicUsize::new(0),
-        next_id: AtomicU64::new(1),
-        sessions_total: AtomicU64::new(0),
-        started: Instant::now(),
-        connections: Mutex::new(HashMap::new()),
-        draining: AtomicBool::new(false),
-        finishing: AtomicUsize::new(0),
-        sessions_failed: AtomicU64::new(0),
-        idle_frames_total: AtomicU64::new(0),
-        http: crate::daemon::http_stats::Counters::default(),
-    });
-    let preload: Vec<String> = if settings.preload.iter().any(|p| p == "all") {
-        shared.registry.list().into_iter().map(|a| a.name).collect()
-    } else {
-        settings.preload.clone()
-    };
-    for name in &preload {
-        shared.registry.acquire(name, false).map_err(|source| ServeError::Preload { name: name.clone(), source })?;
-    }
+    let shared = Arc::new(Shared::new(Registry::new(settings.clone(), rt)));
+    preload(&shared, &settings.preload)?;
     let _http = match &settings.http {
         Some(h) => {
             let open = crate::daemon::fds::open_now();
@@ -63,7 +39,6 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
         }
         None => None,
     };
-    let term = stop;
     listener.set_nonblocking(true).map_err(|source| ServeError::Listen { path: socket.clone(), source })?;
     tracing::info!(
         socket = %socket.display(),
@@ -72,58 +47,85 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
         max_batch = %settings.max_batch,
         "lipsync serve listening (protocol {PROTOCOL_VERSION})"
     );
-    let mut conn_id = 0u64;
-    while !term.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                conn_id += 1;
-                let id = conn_id;
-                if let Err(e) = stream.set_nonblocking(false) {
-                    tracing::warn!("dropping connection: {e}");
-                    continue;
-                }
-                let max_connections = settings.max_connections();
-                if lock(&shared.connections).len() >= max_connections {
-                    tracing::warn!("refusing a connection: {max_connections} are open");
-                    let mut stream = stream;
-                    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-                    let reply = ErrorReply {
-                        code: ErrorCode::Busy,
-                        message: format!("the daemon has its maximum of {max_connections} connections open"),
-                    };
-                    let _ = write_json(&mut stream, Kind::Error, &reply);
-                    continue;
-                }
-                if let Ok(c) = stream.try_clone() {
-                    lock(&shared.connections).insert(id, (c, None));
-                }
-                let sh = shared.clone();
-                let spawned = std::thread::Builder::new().name(format!("ls-conn-{id}")).spawn(move || {
-                    connection(&sh, id, stream);
-                    lock(&sh.connections).remove(&id);
-                });
-                if let Err(e) = spawned {
-                    tracing::error!("cannot start a connection thread: {e}");
-                    lock(&shared.connections).remove(&id);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(25)),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                tracing::error!("accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
+    accept_until(&listener, &shared, &stop);
     drop(listener);
     // The name is free at once: a new daemon may start while this one drains.
     socket_file.remove();
     // ... and so is the lock: a new daemon may bind while this one drains.
     drop(lock_file);
+    drain(&shared, settings.drain_timeout);
+    tracing::info!(frames = shared.frames_total.load(Ordering::SeqCst), "stopped");
+    Ok(())
+}
+
+/// Loads the avatars `names` lists (`all`: every one under the avatars directory).
+fn preload(shared: &Shared, names: &[String]) -> Result<(), ServeError> {
+    let names: Vec<String> = if names.iter().any(|p| p == "all") {
+        shared.registry.list().into_iter().map(|a| a.name).collect()
+    } else {
+        names.to_vec()
+    };
+    for name in &names {
+        shared.registry.acquire(name, false).map_err(|source| ServeError::Preload { name: name.clone(), source })?;
+    }
+    Ok(())
+}
+
+/// Accepts connections, each on a thread of its own up to the daemon's connection limit (one
+/// more gets a `busy` error), until `stop` is set.
+fn accept_until(listener: &UnixListener, shared: &Arc<Shared>, stop: &AtomicBool) {
+    let max_connections = shared.registry.settings.max_connections();
+    let mut conn_id = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(25));
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        conn_id += 1;
+        let id = conn_id;
+        if let Err(e) = stream.set_nonblocking(false) {
+            tracing::warn!("dropping connection: {e}");
+            continue;
+        }
+        if lock(&shared.connections).len() >= max_connections {
+            tracing::warn!("refusing a connection: {max_connections} are open");
+            let mut stream = stream;
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let message = format!("the daemon has its maximum of {max_connections} connections open");
+            let _ = write_json(&mut stream, Kind::Error, &ErrorReply { code: ErrorCode::Busy, message });
+            continue;
+        }
+        if let Ok(c) = stream.try_clone() {
+            lock(&shared.connections).insert(id, (c, None));
+        }
+        let sh = shared.clone();
+        let spawned = std::thread::Builder::new().name(format!("ls-conn-{id}")).spawn(move || {
+            connection(&sh, id, stream);
+            lock(&sh.connections).remove(&id);
+        });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start a connection thread: {e}");
+            lock(&shared.connections).remove(&id);
+        }
+    }
+}
+
+/// Lets open sessions finish within `timeout`, then closes every connection left (a greeted
+/// one gets a `shutting_down` error first).
+fn drain(shared: &Shared, timeout: Duration) {
     shared.draining.store(true, Ordering::SeqCst);
     let open = shared.in_progress();
     tracing::info!("shutting down: draining {open} open session(s)");
-    let deadline = Instant::now() + settings.drain_timeout;
+    let deadline = Instant::now() + timeout;
     while shared.in_progress() > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -131,10 +133,7 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
     if left > 0 {
         tracing::warn!("{left} session(s) still open after the drain timeout: closing them");
     }
-    let message = format!(
-        "the daemon is shutting down: the drain timeout of {} s was reached",
-        settings.drain_timeout.as_secs_f64()
-    );
+    let message = format!("the daemon is shutting down: the drain timeout of {} s was reached", timeout.as_secs_f64());
     for (_, (raw, writer)) in lock(&shared.connections).drain() {
         match writer {
             Some(w) => w.error_then_close(&raw, ErrorCode::ShuttingDown, &message),
@@ -147,8 +146,6 @@ pub fn run(settings: Settings, rt: OrtRuntime, stop: Arc<AtomicBool>) -> Result<
     while shared.in_progress() > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    tracing::info!(frames = shared.frames_total.load(Ordering::SeqCst), "stopped");
-    Ok(())
 }
 
 /// The socket file this daemon created: removed once, and only if it is still the same file

@@ -13,6 +13,7 @@ mod http;
 mod http_stats;
 pub mod listener;
 mod metrics;
+mod open;
 pub mod registry;
 mod shared;
 pub mod stats;

@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use lipsync_pipelines::graph::unet::UnetServiceConfig;
 use lipsync_pipelines::job::FrameJob;
 use lipsync_pipelines::resources::{
     AvatarModels, AvatarResources, ModelCache, ModelSettings, ResourceError, TemplatePlan,
 };
 use lipsync_pipelines::runtime::lock;
-use lipsync_pipelines::stages::unet::UnetServiceConfig;
 use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::io::avatar::{Avatar, AvatarError};
 use lipsync_stages::onnx::OrtRuntime;
@@ -75,7 +75,7 @@ pub(crate) struct Loaded {
     /// Its frames for JPEG output at the avatar's quality, when they fit `jpeg_template_mb`.
     pub(crate) jpeg: Option<Arc<JpegTemplate>>,
     pub(crate) encoder: Arc<Mutex<AudioEncoder>>,
-    pub(crate) unet: Arc<lipsync_pipelines::stages::unet::UnetService>,
+    pub(crate) unet: Arc<lipsync_pipelines::graph::unet::UnetService>,
     unet_key: PathBuf,
     encoder_key: PathBuf,
     pub(crate) memory: usize,

@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use lipsync_pipelines::graph::StageId;
 use lipsync_pipelines::runtime::SharedStageStats;
-use lipsync_pipelines::session::SessionLive;
+use lipsync_pipelines::session::SessionCounters;
 
 use crate::daemon::registry::Registry;
 use crate::daemon::writer::Writer;
@@ -20,7 +21,7 @@ pub(crate) struct Shared {
     pub(crate) stages: Arc<SharedStageStats>,
     /// Frames sent by all sessions.
     pub(crate) frames_total: AtomicU64,
-    pub(crate) sessions: Mutex<HashMap<u64, Arc<SessionLive>>>,
+    pub(crate) sessions: Mutex<HashMap<u64, Arc<SessionCounters>>>,
     pub(crate) active: AtomicUsize,
     pub(crate) next_id: AtomicU64,
     pub(crate) sessions_total: AtomicU64,
@@ -40,6 +41,26 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A new daemon's state over `registry`.
+    pub(crate) fn new(registry: Registry) -> Self {
+        Self {
+            registry,
+            stages: Arc::new(SharedStageStats::with_stages(&StageId::thread_names())),
+            frames_total: AtomicU64::new(0),
+            sessions: Mutex::new(HashMap::new()),
+            active: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            sessions_total: AtomicU64::new(0),
+            started: Instant::now(),
+            connections: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            finishing: AtomicUsize::new(0),
+            sessions_failed: AtomicU64::new(0),
+            idle_frames_total: AtomicU64::new(0),
+            http: crate::daemon::http_stats::Counters::default(),
+        }
+    }
+
     /// Sessions being opened, running, or sending their last message.
     pub(crate) fn in_progress(&self) -> usize {
         self.active.load(Ordering::SeqCst).max(self.finishing.load(Ordering::SeqCst))

@@ -10,19 +10,19 @@ pub(crate) enum SessionState {
     /// No session was opened on this connection.
     #[default]
     None,
-    /// A session takes audio (a real-time one: utterances).
+    /// A session takes audio (a live one: utterances).
     Streaming {
-        /// A real-time session (protocol 2's `"realtime": true`).
-        realtime: bool,
+        /// A live session (protocol 2's `"realtime": true`).
+        live: bool,
         /// It has stopped early (failed or cancelled): its error reply is on its way, and what
         /// it is sent is dropped.
         stopped: bool,
     },
-    /// The session has had all its audio (`EndAudio`, or `Finish` for a real-time one); its
+    /// The session has had all its audio (`EndAudio`, or `Finish` for a live one); its
     /// last frames may still be going out.
     Ended {
-        /// A real-time session.
-        realtime: bool,
+        /// A live session.
+        live: bool,
     },
 }
 
@@ -33,11 +33,11 @@ pub(crate) enum Step {
     Open,
     /// Feed the session's audio.
     Audio,
-    /// End the real-time session's current utterance (it idles again).
+    /// End the live session's current utterance (it idles again).
     EndUtterance,
     /// End the session's audio (it finishes its frames, then `Done`).
     EndAudio,
-    /// Interrupt the real-time session.
+    /// Interrupt the live session.
     Interrupt,
     /// Stop the session and close the connection.
     Close,
@@ -63,7 +63,7 @@ pub(crate) fn step(state: SessionState, kind: Kind) -> Step {
         Kind::Open => match state {
             Streaming { stopped: false, .. } => Step::Refuse(
                 ErrorCode::SessionOpen,
-                "Open while a session is streaming on this connection (send EndAudio first, or Finish for a real-time session)",
+                "Open while a session is streaming on this connection (send EndAudio first, or Finish for a live session)",
             ),
             _ => Step::Open,
         },
@@ -73,18 +73,18 @@ pub(crate) fn step(state: SessionState, kind: Kind) -> Step {
             SessionState::None => Step::Fatal(ErrorCode::NoSession, "Audio before Open".into()),
         },
         Kind::EndAudio | Kind::Finish => match state {
-            Streaming { realtime: true, .. } if kind == Kind::EndAudio => Step::EndUtterance,
+            Streaming { live: true, .. } if kind == Kind::EndAudio => Step::EndUtterance,
             Streaming { .. } => Step::EndAudio,
             Ended { .. } => Step::Fatal(ErrorCode::NoSession, format!("{kind:?} after the audio was already ended")),
             SessionState::None => Step::Fatal(ErrorCode::NoSession, format!("{kind:?} before Open")),
         },
         Kind::Interrupt => match state {
-            Streaming { realtime: false, .. } | Ended { realtime: false } => Step::Refuse(
+            Streaming { live: false, .. } | Ended { live: false } => Step::Refuse(
                 ErrorCode::NotRealtime,
-                "Interrupt needs a real-time session (Open with \"realtime\": true)",
+                "Interrupt needs a live session (Open with \"realtime\": true)",
             ),
-            Streaming { realtime: true, .. } => Step::Interrupt,
-            Ended { realtime: true } => Step::Fatal(ErrorCode::NoSession, "Interrupt after Finish".into()),
+            Streaming { live: true, .. } => Step::Interrupt,
+            Ended { live: true } => Step::Fatal(ErrorCode::NoSession, "Interrupt after Finish".into()),
             SessionState::None => Step::Fatal(ErrorCode::NoSession, "Interrupt before Open".into()),
         },
         Kind::Close => Step::Close,
@@ -104,16 +104,16 @@ mod tests {
 
     const STATES: [SessionState; 7] = [
         NoSession,
-        Streaming { realtime: false, stopped: false },
-        Streaming { realtime: true, stopped: false },
-        Streaming { realtime: false, stopped: true },
-        Streaming { realtime: true, stopped: true },
-        Ended { realtime: false },
-        Ended { realtime: true },
+        Streaming { live: false, stopped: false },
+        Streaming { live: true, stopped: false },
+        Streaming { live: false, stopped: true },
+        Streaming { live: true, stopped: true },
+        Ended { live: false },
+        Ended { live: true },
     ];
 
-    const STREAMING: SessionState = Streaming { realtime: false, stopped: false };
-    const LIVE: SessionState = Streaming { realtime: true, stopped: false };
+    const STREAMING: SessionState = Streaming { live: false, stopped: false };
+    const LIVE: SessionState = Streaming { live: true, stopped: false };
 
     fn fatal_code(s: Step) -> Option<ErrorCode> {
         match s {
@@ -137,7 +137,7 @@ mod tests {
         }
         assert_eq!(step(NoSession, Kind::Audio), Step::Fatal(ErrorCode::NoSession, "Audio before Open".into()));
         assert_eq!(
-            step(Ended { realtime: true }, Kind::Audio),
+            step(Ended { live: true }, Kind::Audio),
             Step::Fatal(ErrorCode::NoSession, "Audio after EndAudio".into())
         );
     }
@@ -150,20 +150,20 @@ mod tests {
         assert_eq!(step(STREAMING, Kind::Finish), Step::EndAudio);
         for kind in [Kind::EndAudio, Kind::Finish] {
             assert_eq!(fatal_code(step(NoSession, kind)), Some(ErrorCode::NoSession));
-            assert_eq!(fatal_code(step(Ended { realtime: false }, kind)), Some(ErrorCode::NoSession));
-            assert_eq!(fatal_code(step(Ended { realtime: true }, kind)), Some(ErrorCode::NoSession));
+            assert_eq!(fatal_code(step(Ended { live: false }, kind)), Some(ErrorCode::NoSession));
+            assert_eq!(fatal_code(step(Ended { live: true }, kind)), Some(ErrorCode::NoSession));
         }
     }
 
     #[test]
     fn interrupt_needs_a_real_time_session_that_has_not_finished() {
         assert_eq!(step(LIVE, Kind::Interrupt), Step::Interrupt);
-        assert_eq!(step(Streaming { realtime: true, stopped: true }, Kind::Interrupt), Step::Interrupt);
-        for state in [STREAMING, Ended { realtime: false }] {
+        assert_eq!(step(Streaming { live: true, stopped: true }, Kind::Interrupt), Step::Interrupt);
+        for state in [STREAMING, Ended { live: false }] {
             assert!(matches!(step(state, Kind::Interrupt), Step::Refuse(ErrorCode::NotRealtime, _)), "{state:?}");
         }
         assert_eq!(
-            step(Ended { realtime: true }, Kind::Interrupt),
+            step(Ended { live: true }, Kind::Interrupt),
             Step::Fatal(ErrorCode::NoSession, "Interrupt after Finish".into())
         );
         assert_eq!(step(NoSession, Kind::Interrupt), Step::Fatal(ErrorCode::NoSession, "Interrupt before Open".into()));

@@ -258,43 +258,10 @@ fn authority(ip: IpAddr, port: u16) -> String {
     }
 }
 
-/// The HTTP settings of `o` (`None` without `--http`), for a daemon whose Unix socket takes
-/// `unix_connections` connections.
-pub(super) fn resolve(o: &HttpOptions, unix_connections: usize) -> Result<Option<HttpSettings>, SettingsError> {
-    let Some(a) = &o.addr else {
-        let given = [
-            ("--http-token", o.http_token.is_some()),
-            ("--http-host", o.http_host.is_some()),
-            ("--http-allow-origin", o.http_allow_origin.is_some()),
-            ("--http-max-connections", o.http_max_connections.is_some()),
-            ("--http-max-websockets", o.http_max_websockets.is_some()),
-            ("--http-header-timeout", o.http_header_timeout.is_some()),
-            ("--http-idle-timeout", o.http_idle_timeout.is_some()),
-            ("--http-ws-message-rate", o.http_ws_message_rate.is_some()),
-            ("--http-ws-mib-rate", o.http_ws_mib_rate.is_some()),
-        ];
-        return match given.iter().find(|(_, g)| *g) {
-            Some((flag, _)) => Err(SettingsError::Http(format!("{flag} without --http"))),
-            None => Ok(None),
-        };
-    };
-    let addr: SocketAddr = a.parse().map_err(|_| {
-        SettingsError::Http(format!("--http {a} is not an address: expected IP:PORT, e.g. 127.0.0.1:9100"))
-    })?;
-    let token = o.http_token.clone().map(|t| t.0).filter(|t| !t.is_empty());
-    if !addr.ip().is_loopback() && token.is_none() {
-        return Err(SettingsError::Http(format!(
-            "--http {addr} is not a loopback address: give --http-token too, which every request must carry"
-        )));
-    }
-    if let Some(t) = &token {
-        if !(MIN_TOKEN..=MAX_TOKEN).contains(&t.len()) || !t.bytes().all(tchar) {
-            return Err(SettingsError::Http(format!(
-                "--http-token must be {MIN_TOKEN} to {MAX_TOKEN} characters, each a letter, a digit or one of                  !#$%&'*+-.^_`|~ (it has {} characters; the token is not shown)",
-                t.len()
-            )));
-        }
-    }
+/// The `Host` values the listener at `addr` answers and the origins whose pages may use it:
+/// its own address (and loopback names), the names `--http-host` gives (with their https
+/// origins: they may sit behind a TLS proxy), and the origins `--http-allow-origin` adds.
+fn names(addr: SocketAddr, o: &HttpOptions) -> Result<(Vec<String>, Vec<String>), SettingsError> {
     let port = addr.port();
     let mut hosts = Vec::new();
     if addr.ip().is_loopback() || addr.ip().is_unspecified() {
@@ -347,6 +314,47 @@ pub(super) fn resolve(o: &HttpOptions, unix_connections: usize) -> Result<Option
     hosts.dedup();
     origins.sort();
     origins.dedup();
+    Ok((hosts, origins))
+}
+
+/// The HTTP settings of `o` (`None` without `--http`), for a daemon whose Unix socket takes
+/// `unix_connections` connections.
+pub(super) fn resolve(o: &HttpOptions, unix_connections: usize) -> Result<Option<HttpSettings>, SettingsError> {
+    let Some(a) = &o.addr else {
+        let given = [
+            ("--http-token", o.http_token.is_some()),
+            ("--http-host", o.http_host.is_some()),
+            ("--http-allow-origin", o.http_allow_origin.is_some()),
+            ("--http-max-connections", o.http_max_connections.is_some()),
+            ("--http-max-websockets", o.http_max_websockets.is_some()),
+            ("--http-header-timeout", o.http_header_timeout.is_some()),
+            ("--http-idle-timeout", o.http_idle_timeout.is_some()),
+            ("--http-ws-message-rate", o.http_ws_message_rate.is_some()),
+            ("--http-ws-mib-rate", o.http_ws_mib_rate.is_some()),
+        ];
+        return match given.iter().find(|(_, g)| *g) {
+            Some((flag, _)) => Err(SettingsError::Http(format!("{flag} without --http"))),
+            None => Ok(None),
+        };
+    };
+    let addr: SocketAddr = a.parse().map_err(|_| {
+        SettingsError::Http(format!("--http {a} is not an address: expected IP:PORT, e.g. 127.0.0.1:9100"))
+    })?;
+    let token = o.http_token.clone().map(|t| t.0).filter(|t| !t.is_empty());
+    if !addr.ip().is_loopback() && token.is_none() {
+        return Err(SettingsError::Http(format!(
+            "--http {addr} is not a loopback address: give --http-token too, which every request must carry"
+        )));
+    }
+    if let Some(t) = &token {
+        if !(MIN_TOKEN..=MAX_TOKEN).contains(&t.len()) || !t.bytes().all(tchar) {
+            return Err(SettingsError::Http(format!(
+                "--http-token must be {MIN_TOKEN} to {MAX_TOKEN} characters, each a letter, a digit or one of                  !#$%&'*+-.^_`|~ (it has {} characters; the token is not shown)",
+                t.len()
+            )));
+        }
+    }
+    let (hosts, origins) = names(addr, o)?;
     // The default is applied at start, where the descriptor limit is known.
     let max_connections = o.http_max_connections.map(|n| MAX_CONNECTIONS.check(Some(n))).transpose()?;
     let ws_cap = unix_connections.saturating_sub(UNIX_HEADROOM).max(1);

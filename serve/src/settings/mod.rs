@@ -30,8 +30,8 @@ pub const CACHE_MB: Limit<usize> = Limit::new("avatar cache (MiB)", 1, 1 << 20, 
 pub const MAX_WAIT_MS: Limit<f64> = Limit::new("max wait (ms)", 0.0, 1000.0, 2.0);
 /// Frames a session may have in flight.
 pub const SESSION_QUEUE: Limit<usize> = Limit::new("session queue", 1, 1024, 8);
-/// Real-time sessions: a frame's delay after its slot on the clock, ms.
-pub const REALTIME_DELAY_MS: Limit<f64> = Limit::new("real-time delay (ms)", 0.0, 5000.0, 200.0);
+/// Live sessions: a frame's delay after its slot on the clock, ms.
+pub const LIVE_DELAY_MS: Limit<f64> = Limit::new("live delay (ms)", 0.0, 5000.0, 200.0);
 /// Seconds open sessions have to finish after SIGTERM/SIGINT.
 pub const DRAIN_TIMEOUT_S: Limit<f64> = Limit::new("drain timeout (s)", 0.0, 3600.0, 30.0);
 /// Seconds a client may leave its frames unread.
@@ -103,9 +103,11 @@ pub struct ServeOptions {
     #[arg(
         long,
         value_name = "MS",
-        help = REALTIME_DELAY_MS.help("Real-time sessions: how long after its slot on the session's clock a frame is sent, ms: room for a speech frame's image work and UNet batch")
+        alias = "realtime-delay-ms",
+        help = LIVE_DELAY_MS.help("Live sessions: how long after its slot on the session's clock a frame is sent, ms: room for a speech frame's image work and UNet batch")
     )]
-    pub realtime_delay_ms: Option<f64>,
+    #[serde(alias = "realtime_delay_ms")]
+    pub live_delay_ms: Option<f64>,
     #[arg(long, help = "Pinning of each session's stage threads: none, auto or a core list (0,1,2) [default: none]")]
     pub pin: Option<String>,
     #[arg(
@@ -241,9 +243,9 @@ pub struct Settings {
     pub max_wait: Duration,
     /// Frame jobs per session.
     pub session_queue: usize,
-    /// Real-time sessions: delay of each frame after its slot on the clock.
-    #[serde(rename = "realtime_delay_ms", serialize_with = "millis")]
-    pub realtime_delay: Duration,
+    /// Live sessions: delay of each frame after its slot on the clock.
+    #[serde(rename = "live_delay_ms", serialize_with = "millis")]
+    pub live_delay: Duration,
     /// ORT intra-op threads per UNet.
     pub intra_threads: usize,
     /// Whether ORT's threads spin.
@@ -344,7 +346,7 @@ impl ServeOptions {
             cache_mb,
             max_wait_ms,
             session_queue,
-            realtime_delay_ms,
+            live_delay_ms,
             pin,
             session_layout,
             drain_timeout,
@@ -402,7 +404,7 @@ impl ServeOptions {
             max_batch: inference.max_batch,
             max_wait: ms(MAX_WAIT_MS.check(self.max_wait_ms)?),
             session_queue: SESSION_QUEUE.check(self.session_queue)?,
-            realtime_delay: ms(REALTIME_DELAY_MS.check(self.realtime_delay_ms)?),
+            live_delay: ms(LIVE_DELAY_MS.check(self.live_delay_ms)?),
             intra_threads: inference.threads,
             spinning: inference.spin,
             provider: inference.provider,

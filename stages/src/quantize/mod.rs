@@ -171,26 +171,7 @@ fn held_out_indices(total: usize, held: usize) -> Vec<usize> {
 /// `spec.out` (and named by the avatar when `spec.set_avatar`); below the gate the report is
 /// written and [`QuantizeError::BelowGate`] returned.
 pub fn quantize(rt: &OrtRuntime, avatar: &Avatar, spec: &QuantizeSpec) -> Result<QuantizeReport, QuantizeError> {
-    let range = |name, value: usize, lo: usize, hi: usize, allowed| {
-        if (lo..=hi).contains(&value) {
-            Ok(())
-        } else {
-            Err(QuantizeError::Setting { name, value: value.to_string(), allowed })
-        }
-    };
-    range("--samples", spec.calibration, 16, 2000, "16..=2000")?;
-    range("--held-out", spec.held_out, 4, 1000, "4..=1000")?;
-    range("--threads", spec.threads, 1, 256, "1..=256")?;
-    if !(spec.min_psnr.is_finite() && (0.0..=100.0).contains(&spec.min_psnr)) {
-        let value = spec.min_psnr.to_string();
-        return Err(QuantizeError::Setting { name: "--min-psnr", value, allowed: "0..=100 dB" });
-    }
-    if !spec.python.is_file() {
-        return Err(QuantizeError::NoPython(format!(
-            "{} does not exist; run scripts/setup.sh or pass --python",
-            spec.python.display()
-        )));
-    }
+    check(spec)?;
     let io = avatar.config.models.io.clone();
     let crop = avatar.config.crop;
     let fp32 = UnetModel { path: avatar.unet.clone(), precision: Precision::Fp32, io: io.clone(), crop };
@@ -198,35 +179,9 @@ pub fn quantize(rt: &OrtRuntime, avatar: &Avatar, spec: &QuantizeSpec) -> Result
     // Checks the model is a UNet for this avatar's crop before any work.
     let mut fp32_unet = OrtUnet::open(rt, &fp32, Batch::ONE, &opts).map_err(engine)?;
 
-    let total = spec.calibration + spec.held_out;
     let out_dir = crate::io::staged::parent_dir(&spec.out);
     let work = tempfile::Builder::new().prefix(".lipsync-quantize").tempdir_in(out_dir).map_err(engine)?;
-    let s = crop.model_size as usize;
-    let mut images =
-        NpyStream::create(&work.path().join("images.npy"), &[spec.calibration, 6, s, s]).map_err(engine)?;
-    let mut audio =
-        NpyStream::create(&work.path().join("audio.npy"), &[spec.calibration, 32, 16, 16]).map_err(engine)?;
-    let held = held_out_indices(total, spec.held_out);
-    let mut held_inputs: Vec<(Vec<f32>, Vec<f32>)> = Vec::with_capacity(spec.held_out);
-    let too_short = |frames, seconds| QuantizeError::AudioTooShort {
-        path: spec.audio.clone(),
-        frames,
-        seconds,
-        needed: total,
-        calibration: spec.calibration,
-        held_out: spec.held_out,
-    };
-    make_samples(rt, avatar, &spec.audio, total, too_short, |i, tensor, aud| {
-        if held.binary_search(&i).is_ok() {
-            held_inputs.push((tensor.to_vec(), aud.to_vec()));
-            Ok(())
-        } else {
-            images.push(tensor).and_then(|()| audio.push(aud)).map_err(engine)
-        }
-    })?;
-    images.finish().map_err(engine)?;
-    audio.finish().map_err(engine)?;
-
+    let held_inputs = write_samples(rt, avatar, spec, work.path())?;
     let tool = work.path().join("quantize_unet.py");
     std::fs::write(&tool, SCRIPT).map_err(engine)?;
     let int8_tmp = work.path().join("unet.int8.onnx");
@@ -236,23 +191,7 @@ pub fn quantize(rt: &OrtRuntime, avatar: &Avatar, spec: &QuantizeSpec) -> Result
     let mut int8_unet = OrtUnet::open(rt, &int8, Batch::ONE, &opts).map_err(engine)?;
     let m = measure(&mut fp32_unet, &mut int8_unet, &held_inputs, crop.mask.map(|v| v as usize))?;
     let accepted = m.psnr >= spec.min_psnr;
-    let report = QuantizeReport {
-        fp32_model: fp32.path.clone(),
-        int8_model: spec.out.clone(),
-        accepted,
-        calibration_samples: spec.calibration,
-        held_out_samples: spec.held_out,
-        psnr_db: m.psnr,
-        worst_psnr_db: m.worst,
-        ssim: m.ssim,
-        min_psnr_db: spec.min_psnr,
-        fp32_fps: m.fp32_fps,
-        int8_fps: m.int8_fps,
-        speedup: m.int8_fps / m.fp32_fps,
-        threads: spec.threads,
-        quantized_ops: ops.0,
-        excluded_ops: ops.1,
-    };
+    let report = report(spec, &fp32.path, &m, accepted, ops);
     let report_file = report_path(&spec.out);
     let json = serde_json::to_string_pretty(&report).expect("the report serialises");
     write_atomic(&report_file, format!("{json}\n").as_bytes()).map_err(engine)?;
@@ -273,6 +212,98 @@ pub fn quantize(rt: &OrtRuntime, avatar: &Avatar, spec: &QuantizeSpec) -> Result
         crate::io::avatar::set_int8_model(&avatar.root, &spec.out).map_err(engine)?;
     }
     Ok(report)
+}
+
+/// The settings in their ranges and the Python interpreter present, before any work.
+fn check(spec: &QuantizeSpec) -> Result<(), QuantizeError> {
+    let range = |name, value: usize, lo: usize, hi: usize, allowed| {
+        if (lo..=hi).contains(&value) {
+            Ok(())
+        } else {
+            Err(QuantizeError::Setting { name, value: value.to_string(), allowed })
+        }
+    };
+    range("--samples", spec.calibration, 16, 2000, "16..=2000")?;
+    range("--held-out", spec.held_out, 4, 1000, "4..=1000")?;
+    range("--threads", spec.threads, 1, 256, "1..=256")?;
+    if !(spec.min_psnr.is_finite() && (0.0..=100.0).contains(&spec.min_psnr)) {
+        let value = spec.min_psnr.to_string();
+        return Err(QuantizeError::Setting { name: "--min-psnr", value, allowed: "0..=100 dB" });
+    }
+    if !spec.python.is_file() {
+        return Err(QuantizeError::NoPython(format!(
+            "{} does not exist; run scripts/setup.sh or pass --python",
+            spec.python.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A UNet input sample: its `[6,S,S]` image tensor and its `[32,16,16]` audio.
+type Sample = (Vec<f32>, Vec<f32>);
+
+/// Writes the calibration samples (images and audio, `.npy`) into `work` and returns the
+/// held-out samples: `spec.calibration + spec.held_out` samples of the engine's own path.
+fn write_samples(
+    rt: &OrtRuntime,
+    avatar: &Avatar,
+    spec: &QuantizeSpec,
+    work: &Path,
+) -> Result<Vec<Sample>, QuantizeError> {
+    let crop = avatar.config.crop;
+    let total = spec.calibration + spec.held_out;
+    let s = crop.model_size as usize;
+    let mut images = NpyStream::create(&work.join("images.npy"), &[spec.calibration, 6, s, s]).map_err(engine)?;
+    let mut audio = NpyStream::create(&work.join("audio.npy"), &[spec.calibration, 32, 16, 16]).map_err(engine)?;
+    let held = held_out_indices(total, spec.held_out);
+    let mut held_inputs: Vec<Sample> = Vec::with_capacity(spec.held_out);
+    let too_short = |frames, seconds| QuantizeError::AudioTooShort {
+        path: spec.audio.clone(),
+        frames,
+        seconds,
+        needed: total,
+        calibration: spec.calibration,
+        held_out: spec.held_out,
+    };
+    make_samples(rt, avatar, &spec.audio, total, too_short, |i, tensor, aud| {
+        if held.binary_search(&i).is_ok() {
+            held_inputs.push((tensor.to_vec(), aud.to_vec()));
+            Ok(())
+        } else {
+            images.push(tensor).and_then(|()| audio.push(aud)).map_err(engine)
+        }
+    })?;
+    images.finish().map_err(engine)?;
+    audio.finish().map_err(engine)?;
+
+    Ok(held_inputs)
+}
+
+/// The report of a quantization measured as `m`.
+fn report(
+    spec: &QuantizeSpec,
+    fp32: &Path,
+    m: &Measured,
+    accepted: bool,
+    ops: (Vec<String>, Vec<String>),
+) -> QuantizeReport {
+    QuantizeReport {
+        fp32_model: fp32.to_path_buf(),
+        int8_model: spec.out.clone(),
+        accepted,
+        calibration_samples: spec.calibration,
+        held_out_samples: spec.held_out,
+        psnr_db: m.psnr,
+        worst_psnr_db: m.worst,
+        ssim: m.ssim,
+        min_psnr_db: spec.min_psnr,
+        fp32_fps: m.fp32_fps,
+        int8_fps: m.int8_fps,
+        speedup: m.int8_fps / m.fp32_fps,
+        threads: spec.threads,
+        quantized_ops: ops.0,
+        excluded_ops: ops.1,
+    }
 }
 
 /// Makes the first `count` UNet input samples of a render of `audio` by `avatar`, by the

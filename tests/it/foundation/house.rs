@@ -2,7 +2,8 @@
 //! their tests, and no import cycle between the modules of a crate or of one of its directory
 //! modules (`crate::a` using `crate::b` while `b` uses `a`, directly or round a longer loop;
 //! inside `daemon/`, `crate::daemon::a` or `super::a` from a file beside it). Tests
-//! (`#[cfg(test)]` and on) and comments are not counted as imports.
+//! (`#[cfg(test)]` and on) and comments are not counted as imports. And no function over 80
+//! lines outside tests unless its doc comment says why.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -154,4 +155,70 @@ fn no_crate_has_an_import_cycle_between_its_modules() {
         }
     }
     assert!(checked > 20, "only {checked} modules import a sibling: is the walk right?");
+}
+
+/// Longest a function may be outside tests, unless its doc comment says why (a line with
+/// `Long because`).
+const MAX_FN_LINES: usize = 80;
+
+/// The functions of `text` (before its tests) longer than [`MAX_FN_LINES`] whose doc comment
+/// gives no reason: (name, first line, lines). A function ends at the first `}` at its own
+/// indentation (rustfmt's layout).
+fn long_functions(text: &str) -> Vec<(String, usize, usize)> {
+    let lines: Vec<&str> = text.split("#[cfg(test)]").next().unwrap().lines().collect();
+    let mut long = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let code = line.trim_start();
+        let indent = line.len() - code.len();
+        let signature = code.strip_prefix("pub(crate) ").or_else(|| code.strip_prefix("pub(super) "));
+        let signature = signature.or_else(|| code.strip_prefix("pub ")).unwrap_or(code);
+        let signature = signature.strip_prefix("async ").unwrap_or(signature);
+        let Some(rest) = signature.strip_prefix("fn ") else { continue };
+        let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+        // A declaration without a body (in a trait) ends with `;` before any `{`.
+        let Some(open) = (i..lines.len()).find(|&j| lines[j].contains('{') || lines[j].trim_end().ends_with(';'))
+        else {
+            continue;
+        };
+        if !lines[open].contains('{') || lines[open].trim_end().ends_with('}') {
+            continue;
+        }
+        let close = (open + 1..lines.len()).find(|&j| {
+            let l = lines[j];
+            l.len() > indent && l[..indent].trim().is_empty() && l[indent..].starts_with('}')
+        });
+        let Some(close) = close else { continue };
+        let n = close - i + 1;
+        let docs = lines[..i]
+            .iter()
+            .rev()
+            .take_while(|l| l.trim_start().starts_with("///") || l.trim_start().starts_with("#["));
+        let reasoned = docs.into_iter().any(|l| l.contains("Long because"));
+        if n > MAX_FN_LINES && !reasoned {
+            long.push((name, i + 1, n));
+        }
+    }
+    long
+}
+
+#[test]
+fn no_function_is_over_80_lines_without_a_reason() {
+    let made = "fn short() {\n    a();\n}\n\nfn long() {\n".to_string() + &"    a();\n".repeat(85) + "}\n";
+    assert_eq!(long_functions(&made), [("long".to_string(), 5, 87)], "the check finds a made long function");
+    let reasoned = "/// Long because: one table.\n".to_string() + &made;
+    assert_eq!(long_functions(&reasoned).len(), 1, "the reason covers only its own function");
+    let mut files = Vec::new();
+    for dir in ["src", "stages/src", "pipelines/src", "serve/src"] {
+        rust_files(&root().join(dir), &mut files);
+    }
+    let long: Vec<String> = files
+        .iter()
+        .flat_map(|f| {
+            let rel = f.strip_prefix(root()).unwrap().display().to_string();
+            long_functions(&std::fs::read_to_string(f).unwrap())
+                .into_iter()
+                .map(move |(name, line, n)| format!("{rel}:{line} {name} ({n} lines)"))
+        })
+        .collect();
+    assert!(long.is_empty(), "over {MAX_FN_LINES} lines: split it, or say why in its doc comment: {long:?}");
 }

@@ -8,10 +8,10 @@ fn bad_input_gets_an_error_and_closes_only_that_session() {
     let speech = fixture("golden/speech_2s.wav");
     let want = rendered(s(&speech));
     let d = Daemon::start(&[]);
-    // A healthy real-time session runs through all of it.
+    // A healthy live session runs through all of it.
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("healthy");
-    let healthy = spawn_client(&d, &speech, &out, &["--realtime"]);
+    let healthy = spawn_client(&d, &speech, &out, &["--paced"]);
 
     let raw = || {
         let c = UnixStream::connect(&d.socket).unwrap();

@@ -10,6 +10,7 @@ fn sigterm_drains_open_sessions_then_removes_the_socket() {
     let d = Daemon::start(&[]);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("drained");
+    // `--realtime` is `--paced`'s old name, kept as an alias.
     let client = spawn_client(&d, &speech, &out, &["--realtime"]);
     // Wait until its session is open, then ask the daemon to stop.
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -1,5 +1,5 @@
 //! Sessions through the socket: concurrent clients get exactly the offline frames, the Python
-//! client too, real-time sessions with idle frames and interrupts, a half-closed client still
+//! client too, live sessions with idle frames and interrupts, a half-closed client still
 //! gets every frame, and the churn soak keeps memory, threads and descriptors flat.
 
 use super::*;
@@ -179,14 +179,14 @@ fn half_close_after_end_audio_still_gets_every_frame_and_unread_frames_time_out(
     assert!(d.log().contains("cannot send frame to the client"), "{}", d.log());
 }
 
-/// The short churn soak: 16 real-time sessions, a fifth of them dropped half-way, for 8 s
+/// The short churn soak: 16 live sessions, a fifth of them dropped half-way, for 8 s
 /// (the long one is documented in docs/architecture.md). Every session that finished got all
 /// its frames; memory, threads and file descriptors come back to their warm-up level.
 #[test]
 fn soak_keeps_memory_threads_and_descriptors_flat() {
     let o = Command::new("python3")
         .arg(root().join("scripts/soak.py"))
-        .args(["--binary", bin(), "--seconds", "8", "--sessions", "16", "--realtime", "--json"])
+        .args(["--binary", bin(), "--seconds", "8", "--sessions", "16", "--paced", "--json"])
         .output()
         .expect("python3");
     let t = text(&o);

@@ -9,8 +9,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::accept::ConnectionSlot;
@@ -100,67 +102,9 @@ pub(super) async fn relay(
     };
     let (mut from_daemon, mut to_daemon) = unix.into_split();
     let (mut to_browser, mut from_browser) = ws.split();
-    let violation = {
-        let up = async {
-            let now = Instant::now();
-            let (mut messages, mut bytes) = (Bucket::new(rates.messages, now), Bucket::new(rates.bytes, now));
-            while let Some(Ok(msg)) = from_browser.next().await {
-                let len = match &msg {
-                    Message::Binary(b) => b.len(),
-                    Message::Text(t) => t.len(),
-                    Message::Ping(p) | Message::Pong(p) => p.len(),
-                    Message::Close(_) => break,
-                };
-                let now = Instant::now();
-                if !messages.take(1.0, now) {
-                    return Some(Violation::Rate(format!("more than {} messages/s", rates.messages)));
-                }
-                if !bytes.take(len as f64, now) {
-                    return Some(Violation::Rate(format!(
-                        "more than {:.1} MiB/s",
-                        rates.bytes / f64::from(1u32 << 20)
-                    )));
-                }
-                if let Message::Binary(b) = msg {
-                    if !one_message(&b) {
-                        return Some(Violation::Framing);
-                    }
-                    if to_daemon.write_all(&b).await.is_err() {
-                        break;
-                    }
-                }
-            }
-            None
-        };
-        let down = async {
-            let mut head = [0u8; 5];
-            loop {
-                if from_daemon.read_exact(&mut head).await.is_err() {
-                    break;
-                }
-                let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-                if len == 0 || len > MAX_MESSAGE {
-                    break;
-                }
-                let mut msg = vec![0u8; 4 + len];
-                msg[..5].copy_from_slice(&head);
-                if from_daemon.read_exact(&mut msg[5..]).await.is_err() {
-                    break;
-                }
-                match tokio::time::timeout(send_timeout, to_browser.send(Message::Binary(msg.into()))).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => break,
-                    Err(_) => {
-                        tracing::warn!("WebSocket relay: the browser read nothing for {send_timeout:?}: closing it");
-                        break;
-                    }
-                }
-            }
-        };
-        tokio::select! {
-            v = up => v,
-            () = down => None,
-        }
+    let violation = tokio::select! {
+        v = browser_to_daemon(&mut from_browser, &mut to_daemon, &rates) => v,
+        () = daemon_to_browser(&mut from_daemon, &mut to_browser, send_timeout) => None,
     };
     let _ = to_daemon.shutdown().await;
     let close = match &violation {
@@ -175,6 +119,73 @@ pub(super) async fn relay(
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), to_browser.send(close)).await;
     violation
+}
+
+/// The browser's messages to the daemon, each a whole protocol message, within the rates;
+/// returns the bound the browser broke, if it did.
+async fn browser_to_daemon(
+    from_browser: &mut SplitStream<WebSocket>,
+    to_daemon: &mut OwnedWriteHalf,
+    rates: &Rates,
+) -> Option<Violation> {
+    let now = Instant::now();
+    let (mut messages, mut bytes) = (Bucket::new(rates.messages, now), Bucket::new(rates.bytes, now));
+    while let Some(Ok(msg)) = from_browser.next().await {
+        let len = match &msg {
+            Message::Binary(b) => b.len(),
+            Message::Text(t) => t.len(),
+            Message::Ping(p) | Message::Pong(p) => p.len(),
+            Message::Close(_) => break,
+        };
+        let now = Instant::now();
+        if !messages.take(1.0, now) {
+            return Some(Violation::Rate(format!("more than {} messages/s", rates.messages)));
+        }
+        if !bytes.take(len as f64, now) {
+            return Some(Violation::Rate(format!("more than {:.1} MiB/s", rates.bytes / f64::from(1u32 << 20))));
+        }
+        if let Message::Binary(b) = msg {
+            if !one_message(&b) {
+                return Some(Violation::Framing);
+            }
+            if to_daemon.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+    }
+    None
+}
+
+/// The daemon's messages to the browser, one per WebSocket message, until either side closes
+/// or the browser reads nothing for `send_timeout`.
+async fn daemon_to_browser(
+    from_daemon: &mut OwnedReadHalf,
+    to_browser: &mut SplitSink<WebSocket, Message>,
+    send_timeout: Duration,
+) {
+    let mut head = [0u8; 5];
+    loop {
+        if from_daemon.read_exact(&mut head).await.is_err() {
+            break;
+        }
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if len == 0 || len > MAX_MESSAGE {
+            break;
+        }
+        let mut msg = vec![0u8; 4 + len];
+        msg[..5].copy_from_slice(&head);
+        if from_daemon.read_exact(&mut msg[5..]).await.is_err() {
+            break;
+        }
+        match tokio::time::timeout(send_timeout, to_browser.send(Message::Binary(msg.into()))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                tracing::warn!("WebSocket relay: the browser read nothing for {send_timeout:?}: closing it");
+                break;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,12 +9,24 @@
 //!
 //! Render and a session differ only in their source (a file read whole, or audio pushed as it
 //! arrives from a socket) and their sink (files or stdout, or the socket). Each stage is a
-//! [`Stage`](crate::runtime::Stage) in `crate::stages` on its own thread; channels are
+//! [`Stage`](crate::runtime::Stage) of this module on its own thread; channels are
 //! bounded; frame jobs come from a fixed pool taken by `frames` and given back by `sink`, so
 //! the frames in flight (and the memory and the latency a backlog adds) are bounded by
 //! `jobs`, whatever the length of the audio. A frame leaves `audio` as soon as its audio is
 //! final (docs/spec.md section 7), so for the same samples every source gives the same
 //! frames, bit for bit.
+//!
+//! The stages, one file each (compute comes from `lipsync-stages`; these add the per-item glue
+//! the runtime drives): [`audio`], [`frames`], [`prep`], the [`unet`] batcher, [`composite`],
+//! [`encode`] and [`sink`].
+
+pub mod audio;
+pub mod composite;
+pub mod encode;
+pub mod frames;
+pub mod prep;
+pub mod sink;
+pub mod unet;
 
 use std::sync::{Arc, Mutex};
 
@@ -25,16 +37,16 @@ use lipsync_stages::features::AudioEncoder;
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::unet::Batch;
 
+use crate::graph::audio::AudioStage;
+use crate::graph::composite::CompositeStage;
+use crate::graph::encode::{EncodeStage, Encoding};
+use crate::graph::frames::{FramesStage, Template};
+use crate::graph::prep::PrepStage;
+use crate::graph::sink::{FrameSink, ProgressFn, SinkStage};
+use crate::graph::unet::{UnetReply, UnetService};
 use crate::job::{AudioIn, AudioTensor, FrameJob, FrameStats};
 use crate::live::Live;
 use crate::runtime::{Chain, Discard, Pipeline, PipelineError, Placement, Pool};
-use crate::stages::audio::AudioStage;
-use crate::stages::composite::CompositeStage;
-use crate::stages::encode::{EncodeStage, Encoding};
-use crate::stages::frames::{FramesStage, Template};
-use crate::stages::prep::PrepStage;
-use crate::stages::sink::{FrameSink, ProgressFn, SinkStage};
-use crate::stages::unet::{UnetReply, UnetService};
 
 /// A stage of the graph, in graph order. Its [`name`](StageId::name) names its thread
 /// (`ls-NAME`) and its metrics.
@@ -128,9 +140,9 @@ pub struct GraphConfig {
     /// Where the ping-pong walk through the template starts.
     pub start_frame: usize,
     /// Frame `i` takes the template position of frame `first_index + i` (a render that
-    /// reproduces a real-time session's utterance that began at that frame; 0 otherwise).
+    /// reproduces a live session's utterance that began at that frame; 0 otherwise).
     pub first_index: usize,
-    /// A real-time session's clock (idle frames, interrupts, pacing); `None` for a render or a
+    /// A live session's clock (idle frames, interrupts, pacing); `None` for a render or a
     /// session that streams as fast as it can.
     pub live: Option<Arc<Live>>,
     /// The audio encoder (shared by the graphs that use the model).

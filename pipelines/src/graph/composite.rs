@@ -5,9 +5,9 @@ use std::sync::Arc;
 use lipsync_stages::face::{Blend, Compositor};
 use lipsync_stages::io::avatar::Avatar;
 
+use crate::graph::unet::UnetReply;
 use crate::job::FrameJob;
 use crate::runtime::{Out, Stage, StageError};
-use crate::stages::unet::UnetReply;
 
 /// UNet reply in, composited frame out. A failed UNet run fails the graph here.
 pub struct CompositeStage {

@@ -62,7 +62,7 @@ impl SinkStage {
         Self { sink, pool, stats, progress, next: 0, live: None }
     }
 
-    /// Makes this the sink of real-time session `live`: each frame leaves at its time on the
+    /// Makes this the sink of live session `live`: each frame leaves at its time on the
     /// session's clock ([`Live::send_time`]); frames an interrupt made stale are dropped.
     pub fn live(mut self, live: Arc<Live>) -> Self {
         self.live = Some(live);
@@ -92,7 +92,7 @@ impl Stage for SinkStage {
                 return Ok(());
             }
             // After an interrupt, numbering resumes right after the last frame sent, so the
-            // order check below holds for real-time sessions too.
+            // order check below holds for live sessions too.
         }
         if job.index != self.next {
             return Err(StageError::at(job.index, format!("frame {} arrived out of order", job.index)));

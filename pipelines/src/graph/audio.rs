@@ -15,7 +15,7 @@ use crate::job::{AudioIn, AudioTensor, FrameKind, FrameMark, FrameStats};
 use crate::live::Live;
 use crate::runtime::{lock, Out, Pool, Stage, StageError};
 
-/// A real-time session's state in the audio stage: which frame comes next, and whether an
+/// A live session's state in the audio stage: which frame comes next, and whether an
 /// utterance owns the frame sequence.
 struct LiveAudio {
     live: Arc<Live>,
@@ -87,7 +87,7 @@ impl AudioStage {
         }
     }
 
-    /// Makes this the audio stage of real-time session `live` (input at `rate`, `None` for
+    /// Makes this the audio stage of live session `live` (input at `rate`, `None` for
     /// 16 kHz): audio comes as utterances, idle frames fill the time between them, and an
     /// interrupt drops what is queued.
     pub fn live(mut self, live: Arc<Live>, rate: Option<u32>) -> Self {
@@ -183,7 +183,7 @@ impl AudioStage {
 }
 
 impl AudioStage {
-    /// A real-time session's input: utterances, ticks and interrupts.
+    /// A live session's input: utterances, ticks and interrupts.
     fn process_live(&mut self, item: AudioIn, out: &mut Out<'_, AudioTensor>) -> Result<(), StageError> {
         let l = self.live.as_mut().expect("a live stage");
         let current = l.live.is_current(l.generation);
@@ -308,7 +308,7 @@ impl Stage for AudioStage {
                 t
             }
             AudioIn::EndUtterance(_) | AudioIn::Tick(_) | AudioIn::Interrupt { .. } => {
-                return Err(StageError::msg("a real-time message reached a graph that is not real-time"))
+                return Err(StageError::msg("a live session's message reached a graph that is not live"))
             }
         };
         if self.stats.total().is_some() {
