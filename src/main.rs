@@ -92,6 +92,24 @@ fn init_tracing(verbose: u8, quiet: bool) {
         .init();
 }
 
+/// `e` and its causes joined by `: ` (as `{e:#}` writes them), leaving out a cause whose text
+/// the ones before already hold: the stages' errors say their cause in their own message and
+/// keep it as their source too.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if text.contains(&said) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&said);
+    }
+    text
+}
+
 fn main() -> ExitCode {
     // ONNX Runtime 1.31 keeps a device id and an event store under ~/.cache (or
     // $XDG_CACHE_HOME) unless this is set: lipsync writes nothing under the user's HOME.
@@ -119,11 +137,27 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             match e.downcast_ref::<render_cmd::Interrupted>() {
                 Some(i) => ExitCode::from(i.code),
                 None => ExitCode::FAILURE,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("could not read x: {0}")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn an_error_shows_each_cause_once() {
+        let io = std::io::Error::other("disk on fire");
+        let e = anyhow::Error::new(Outer(io)).context("render failed");
+        assert_eq!(super::error_text(&e), "render failed: could not read x: disk on fire");
+        let plain = anyhow::Error::new(std::io::Error::other("inner")).context("outer");
+        assert_eq!(super::error_text(&plain), "outer: inner", "a cause not in the message is shown");
     }
 }

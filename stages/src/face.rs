@@ -23,18 +23,35 @@ pub enum Blend {
     },
 }
 
+/// A [`Blend`] that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlendParseError {
+    /// `feather=PX` with a width that is not a positive integer.
+    #[error("feather width `{text}` must be a positive integer")]
+    Width {
+        /// The width given.
+        text: String,
+        /// Why it is not a number (none for 0).
+        source: Option<std::num::ParseIntError>,
+    },
+    /// Neither `hard` nor `feather=PX`.
+    #[error("unknown blend `{0}` (expected `hard` or `feather=PX`)")]
+    Unknown(String),
+}
+
 impl std::str::FromStr for Blend {
-    type Err = String;
+    type Err = BlendParseError;
 
     /// `hard` or `feather=PX`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once('=') {
             None if s == "hard" => Ok(Blend::Hard),
             Some(("feather", px)) => match px.parse::<u32>() {
-                Ok(px) if px > 0 => Ok(Blend::Feather { px }),
-                _ => Err(format!("feather width `{px}` must be a positive integer")),
+                Ok(0) => Err(BlendParseError::Width { text: px.into(), source: None }),
+                Ok(px) => Ok(Blend::Feather { px }),
+                Err(e) => Err(BlendParseError::Width { text: px.into(), source: Some(e) }),
             },
-            _ => Err(format!("unknown blend `{s}` (expected `hard` or `feather=PX`)")),
+            _ => Err(BlendParseError::Unknown(s.into())),
         }
     }
 }

@@ -16,7 +16,8 @@ use turbojpeg::raw;
 
 use crate::crop::CropBox;
 use crate::frame::BgrFrame;
-use crate::image_io::ImageError;
+use crate::image_io::{CodecError, ImageError};
+pub use crate::image_io::{LayoutError, SpliceError};
 
 /// The MCU of 4:2:0 JPEG: 16x16 pixels (four luma blocks and one block of each chroma).
 pub const MCU: usize = 16;
@@ -46,35 +47,37 @@ pub fn max_len(width: usize, height: usize) -> usize {
     }
 }
 
-fn encode_error(width: usize, height: usize, message: String) -> ImageError {
-    ImageError::Encode { format: "JPEG", width, height, message }
+fn encode_error(width: usize, height: usize, source: impl Into<CodecError>) -> ImageError {
+    ImageError::Encode { format: "JPEG", width, height, source: source.into() }
 }
 
 /// A TurboJPEG compressor handle.
 struct Handle(raw::tjhandle);
 
 impl Handle {
-    fn compressor() -> Result<Self, String> {
+    fn compressor() -> Result<Self, CodecError> {
         // SAFETY: tj3Init has no preconditions; a null result is handled.
         let h = unsafe { raw::tj3Init(raw::TJINIT_TJINIT_COMPRESS as c_int) };
         if h.is_null() {
-            return Err("libjpeg-turbo could not make a compressor".into());
+            return Err(CodecError::NoCompressor);
         }
         Ok(Self(h))
     }
 
-    fn set(&mut self, param: raw::TJPARAM, value: usize) -> Result<(), String> {
-        let value = c_int::try_from(value).map_err(|_| format!("setting {param} to {value}: out of range"))?;
+    fn set(&mut self, param: raw::TJPARAM, value: usize) -> Result<(), CodecError> {
+        let v = c_int::try_from(value).map_err(|_| CodecError::Setting { param, value })?;
         // SAFETY: the handle is live.
-        match unsafe { raw::tj3Set(self.0, param as c_int, value) } {
+        match unsafe { raw::tj3Set(self.0, param as c_int, v) } {
             0 => Ok(()),
-            _ => Err(self.error()),
+            _ => Err(self.error("setting a compressor parameter")),
         }
     }
 
-    fn error(&self) -> String {
+    /// libjpeg-turbo's text for the handle's last error, while doing `action`.
+    fn error(&self, action: &'static str) -> CodecError {
         // SAFETY: the handle is live; the string is NUL-terminated and outlives this copy.
-        unsafe { CStr::from_ptr(raw::tj3GetErrorStr(self.0)) }.to_string_lossy().into_owned()
+        let message = unsafe { CStr::from_ptr(raw::tj3GetErrorStr(self.0)) }.to_string_lossy().into_owned();
+        CodecError::TurboJpeg { action, message }
     }
 }
 
@@ -106,7 +109,7 @@ impl std::fmt::Debug for JpegEncoder {
 impl JpegEncoder {
     /// An encoder at `quality` (clamped to 1..=100).
     pub fn new(quality: u8) -> Result<Self, ImageError> {
-        let err = |m: String| encode_error(0, 0, m);
+        let err = |e: CodecError| encode_error(0, 0, e);
         let mut handle = Handle::compressor().map_err(err)?;
         handle.set(raw::TJPARAM_TJPARAM_QUALITY, usize::from(quality.clamp(1, 100))).map_err(err)?;
         handle.set(raw::TJPARAM_TJPARAM_SUBSAMP, raw::TJSAMP_TJSAMP_420 as usize).map_err(err)?;
@@ -132,13 +135,10 @@ impl JpegEncoder {
     /// Encodes `pixels` with a restart marker every `interval` MCUs (a region of a wider
     /// frame takes the frame's interval).
     fn encode_part(&mut self, pixels: &BgrFrame, interval: usize) -> Result<&[u8], ImageError> {
-        let err = |m: String| encode_error(pixels.width, pixels.height, m);
-        if pixels.data.len() != pixels.width * pixels.height * 3 || pixels.width == 0 || pixels.height == 0 {
-            return Err(err(format!(
-                "{} bytes of pixels, expected {}",
-                pixels.data.len(),
-                pixels.width * pixels.height * 3
-            )));
+        let err = |e: CodecError| encode_error(pixels.width, pixels.height, e);
+        let expected = pixels.width * pixels.height * 3;
+        if pixels.data.len() != expected || pixels.width == 0 || pixels.height == 0 {
+            return Err(err(CodecError::Pixels { got: pixels.data.len(), expected }));
         }
         if self.interval != interval {
             self.handle.set(raw::TJPARAM_TJPARAM_RESTARTBLOCKS, interval).map_err(err)?;
@@ -149,7 +149,9 @@ impl JpegEncoder {
         let need = max_len(pixels.width, pixels.height);
         self.buf.clear();
         self.buf.reserve(need);
-        let (w, h) = (c_int::try_from(pixels.width).map_err(|e| err(e.to_string()))?, pixels.height as c_int);
+        let w =
+            c_int::try_from(pixels.width).map_err(|source| err(CodecError::Width { width: pixels.width, source }))?;
+        let h = pixels.height as c_int;
         let mut dst = self.buf.as_mut_ptr();
         let mut len = self.buf.capacity() as raw::size_t;
         // SAFETY: `pixels` holds `h` rows of `w * 3` bytes (checked above); `dst` has `len`
@@ -167,11 +169,11 @@ impl JpegEncoder {
             )
         };
         if rc != 0 {
-            return Err(err(self.handle.error()));
+            return Err(err(self.handle.error("compressing")));
         }
         let len = len as usize;
         if len > self.buf.capacity() || dst != self.buf.as_mut_ptr() {
-            return Err(err(format!("libjpeg-turbo wrote {len} bytes outside the {} given", self.buf.capacity())));
+            return Err(err(CodecError::Overrun { len, capacity: self.buf.capacity() }));
         }
         // SAFETY: libjpeg-turbo wrote the first `len` bytes (within the capacity, checked).
         unsafe { self.buf.set_len(len) };
@@ -246,18 +248,18 @@ pub struct JpegLayout {
 
 impl JpegLayout {
     /// Parses `jpeg` (one baseline scan, as [`JpegEncoder`] writes), reusing `self`'s memory.
-    pub fn parse(&mut self, jpeg: &[u8]) -> Result<(), String> {
+    pub fn parse(&mut self, jpeg: &[u8]) -> Result<(), LayoutError> {
         self.runs.clear();
         if !jpeg.starts_with(&[0xFF, 0xD8]) {
-            return Err("not a JPEG (no start-of-image marker)".into());
+            return Err(LayoutError::NotJpeg);
         }
         let mut at = 2;
         loop {
             let (Some(&0xFF), Some(&marker)) = (jpeg.get(at), jpeg.get(at + 1)) else {
-                return Err(format!("expected a marker at byte {at}"));
+                return Err(LayoutError::NoMarker(at));
             };
             let len = jpeg.get(at + 2..at + 4).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])));
-            let Some(len) = len.filter(|&l| l >= 2) else { return Err(format!("marker {marker:#04x} cut short")) };
+            let Some(len) = len.filter(|&l| l >= 2) else { return Err(LayoutError::CutShort(marker)) };
             at += 2 + len;
             if marker == 0xDA {
                 break;
@@ -265,7 +267,7 @@ impl JpegLayout {
         }
         self.header = at;
         let (mut start, mut i) = (at, at);
-        let pos = |v: usize| u32::try_from(v).map_err(|_| "JPEG over 4 GiB".to_string());
+        let pos = |v: usize| u32::try_from(v).map_err(|_| LayoutError::TooLarge);
         while i + 1 < jpeg.len() {
             if jpeg[i] != 0xFF {
                 i += 1;
@@ -282,10 +284,10 @@ impl JpegLayout {
                     self.runs.push((pos(start)?, pos(i)?));
                     return Ok(());
                 }
-                m => return Err(format!("unexpected marker {m:#04x} in the scan at byte {i}")),
+                marker => return Err(LayoutError::UnexpectedMarker { marker, at: i }),
             }
         }
-        Err("no end-of-image marker".into())
+        Err(LayoutError::NoEnd)
     }
 }
 
@@ -321,7 +323,7 @@ impl JpegSplicer {
         region: McuRegion,
         out: &mut Vec<u8>,
     ) -> Result<(), ImageError> {
-        let err = |m: String| encode_error(region.width, region.height, m);
+        let err = |e: SpliceError| encode_error(region.width, region.height, e);
         let (width, height) = size;
         let k = restart_interval(width);
         let (right, bottom) = (region.x + region.width, region.y + region.height);
@@ -334,41 +336,37 @@ impl JpegSplicer {
             || right > width
             || bottom > height
         {
-            return Err(err(format!(
-                "the region's pixels are {}x{}, expected {}x{} at ({}, {}) on the {}x{MCU}-pixel grid of a \
-                 {width}x{height} frame",
-                pixels.width,
-                pixels.height,
-                region.width,
-                region.height,
-                region.x,
-                region.y,
-                k * MCU
-            )));
+            return Err(err(SpliceError::Region {
+                pixels_width: pixels.width,
+                pixels_height: pixels.height,
+                x: region.x,
+                y: region.y,
+                region_width: region.width,
+                region_height: region.height,
+                grid_width: k * MCU,
+                grid_height: MCU,
+                width,
+                height,
+            }));
         }
         let n = layout.runs.len();
         let in_base = layout.header <= base.len() && layout.runs.last().is_some_and(|r| r.1 as usize <= base.len());
         let (per_row, rows) = (width.div_ceil(MCU) / k, height.div_ceil(MCU));
         if !in_base || per_row == 0 || n != per_row * rows {
-            return Err(err(format!(
-                "the template frame's JPEG ({} bytes) has {n} restart intervals, expected {rows} rows of {per_row} \
-                 (was it encoded at another size, or is its layout another JPEG's?)",
-                base.len()
-            )));
+            return Err(err(SpliceError::Template { bytes: base.len(), intervals: n, rows, per_row }));
         }
         // Sized once for the frame's worst case (capacity only: untouched pages cost nothing).
         self.encoder.reserve(width, height);
         self.region.runs.reserve(n);
         let small = self.encoder.encode_part(pixels, k)?;
-        self.region.parse(small).map_err(|m| err(format!("the region's JPEG: {m}")))?;
+        self.region.parse(small).map_err(|e| err(SpliceError::RegionLayout(e)))?;
         let (c0, c1) = (region.x / MCU / k, right.div_ceil(MCU).div_ceil(k));
         let (r0, r1) = (region.y / MCU, bottom.div_ceil(MCU));
         if self.region.runs.len() != (r1 - r0) * (c1 - c0) {
-            return Err(err(format!(
-                "the region's JPEG has {} restart intervals, expected {}",
-                self.region.runs.len(),
-                (r1 - r0) * (c1 - c0)
-            )));
+            return Err(err(SpliceError::RegionIntervals {
+                got: self.region.runs.len(),
+                expected: (r1 - r0) * (c1 - c0),
+            }));
         }
         out.clear();
         out.extend_from_slice(&base[..layout.header]);
@@ -489,8 +487,8 @@ mod tests {
         assert_eq!(l.runs.len(), 4 * 15);
         assert_eq!(l.runs.last().unwrap().1 as usize, j.len() - 2);
         assert!(l.parse(b"\xFF\xD8\xFF").is_err());
-        assert!(l.parse(&j[..j.len() - 2]).unwrap_err().contains("end-of-image"));
-        assert!(l.parse(b"GIF89a").unwrap_err().contains("not a JPEG"));
+        assert!(l.parse(&j[..j.len() - 2]).unwrap_err().to_string().contains("end-of-image"));
+        assert!(l.parse(b"GIF89a").unwrap_err().to_string().contains("not a JPEG"));
     }
 
     #[test]

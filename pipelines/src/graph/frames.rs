@@ -89,10 +89,10 @@ impl Stage for FramesStage {
                 // Sized for the largest region once, so it never regrows.
                 reserve_total(&mut job.frame.data, store.max_region_bytes());
                 if self.regions.is_none() {
-                    self.regions = Some(RegionReader::new().map_err(|e| StageError::at(job.index, e))?);
+                    self.regions = Some(RegionReader::new().map_err(|e| StageError::failed(Some(job.index), e))?);
                 }
                 let regions = self.regions.as_mut().expect("made above");
-                f.read_region(regions, &mut job.frame).map_err(|e| StageError::at(job.index, e))?;
+                f.read_region(regions, &mut job.frame).map_err(|e| StageError::failed(Some(job.index), e))?;
             }
         } else {
             self.reader().get(job.template, &mut job.frame).map_err(|e: VideoError| {

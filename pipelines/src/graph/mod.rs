@@ -115,17 +115,6 @@ pub enum Layout {
     Compact,
 }
 
-impl std::str::FromStr for Layout {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "staged" => Ok(Layout::Staged),
-            "compact" => Ok(Layout::Compact),
-            _ => Err(format!("unknown thread layout `{s}` (expected staged or compact)")),
-        }
-    }
-}
-
 /// Audio chunks queued between the source and the audio stage.
 pub const AUDIO_QUEUE: usize = 4;
 

@@ -20,7 +20,7 @@ use lipsync_stages::face::{input_len, output_len, quantize_output, FacePrep};
 use lipsync_stages::features::FRAME_AUDIO_LEN;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
 use lipsync_stages::unet::{
-    self, BackendInfo, Batch, BatchSetting, Provider, RemoteSettings, UnetBackend, UnetError, UnetModel,
+    self, BackendInfo, Batch, BatchSetting, Provider, RemoteSettings, RunFailure, UnetBackend, UnetError, UnetModel,
 };
 
 use crate::job::FrameJob;
@@ -141,7 +141,7 @@ impl UnetService {
         let handle = std::thread::Builder::new()
             .name("ls-unet".into())
             .spawn(move || batch_loop(backend.as_mut(), &crop, &rx, max_batch, max_wait, &st))
-            .map_err(|e| UnetError::Run { batch: 0, message: format!("could not start the UNet thread: {e}") })?;
+            .map_err(|e| UnetError::Run { batch: 0, source: RunFailure::Thread(e) })?;
         Ok(Self { tx: Some(tx), handle: Some(handle), crop, max_batch: resolved, info, stats })
     }
 
@@ -319,7 +319,7 @@ fn run_batch(
         }
         Ok(())
     }))
-    .unwrap_or_else(|panic| Err(UnetError::Run { batch: n, message: format!("panicked: {}", panic_message(&*panic)) }))
+    .unwrap_or_else(|panic| Err(UnetError::Run { batch: n, source: RunFailure::Panicked(panic_message(&*panic)) }))
 }
 
 /// The batcher's thread: waits for frames, picks each run ([`select`]), runs it and replies on

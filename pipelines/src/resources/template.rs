@@ -8,7 +8,7 @@ use lipsync_stages::frame::BgrFrame;
 use lipsync_stages::image_io::ImageError;
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::io::video::VideoError;
-use lipsync_stages::template::{JpegTemplate, JpegTemplateBuilder, SharedTemplate};
+use lipsync_stages::template::{JpegTemplate, JpegTemplateBuilder, SharedTemplate, VisitError};
 
 /// Why a template could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,12 @@ pub enum TemplateOpenError {
         boxes: usize,
     },
 }
+
+/// What the decode's visitor reports when the JPEG frames builder has stopped (with an error of
+/// its own, which [`open_with_jpeg`] reports instead).
+#[derive(Debug, thiserror::Error)]
+#[error("the JPEG frames builder stopped")]
+struct BuilderStopped;
 
 /// What [`open_template`] is to make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,14 +111,14 @@ fn open_with_jpeg(
             Ok(w) => w,
             Err(e) => return (Err(TemplateOpenError::Thread(e)), None),
         };
-        let mut visit = |i: usize, f: &BgrFrame| {
+        let mut visit = |i: usize, f: &BgrFrame| -> Result<(), VisitError> {
             if i >= boxes || over.load(Ordering::Relaxed) {
                 return Ok(());
             }
             // A closed channel means the builder stopped with an error, reported below.
-            let mut buf = spare_rx.recv().map_err(|_| "the JPEG frames builder stopped".to_string())?;
+            let mut buf = spare_rx.recv().map_err(|_| BuilderStopped)?;
             buf.copy_from(f);
-            frames_tx.send((i, buf)).map_err(|_| "the JPEG frames builder stopped".to_string())
+            frames_tx.send((i, buf)).map_err(|_| BuilderStopped.into())
         };
         let opened = SharedTemplate::open_with(&avatar.video, budget, &mut visit).map_err(TemplateOpenError::from);
         drop(frames_tx);

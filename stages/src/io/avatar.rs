@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::crop::{CropBox, CropError, CropParams};
 use crate::io::video::{probe, VideoError, VideoInfo};
 use crate::onnx::{check_signature, ModelIo, OnnxError, OrtRuntime, SessionOptions};
-use crate::unet::{Precision, PrecisionSetting, Provider, UnetModel};
+use crate::unet::{NoInt8Model, Precision, PrecisionSetting, Provider, UnetModel};
 
 /// File name of an avatar's configuration.
 pub const AVATAR_TOML: &str = "avatar.toml";
@@ -64,6 +64,9 @@ pub enum AvatarError {
         /// What is wrong and what is expected.
         message: String,
     },
+    /// The int8 UNet asked for, and the avatar names none.
+    #[error("invalid avatar setting models.unet_int8: {0}")]
+    NoInt8(#[from] NoInt8Model),
     /// The crop geometry does not fit.
     #[error("invalid avatar setting crop: {0}")]
     Crop(#[from] CropError),
@@ -343,9 +346,7 @@ impl Avatar {
     /// The UNet to run for `setting` on `provider`: the int8 model when asked for (or, with
     /// `auto`, on the CPU when the avatar names one), the fp32 model otherwise.
     pub fn unet_model(&self, setting: PrecisionSetting, provider: Provider) -> Result<UnetModel, AvatarError> {
-        let precision = setting
-            .resolve(self.unet_int8.is_some(), provider)
-            .map_err(|message| AvatarError::Setting { field: "models.unet_int8", message })?;
+        let precision = setting.resolve(self.unet_int8.is_some(), provider)?;
         let path = match precision {
             Precision::Fp32 => self.unet.clone(),
             Precision::Int8 => self.unet_int8.clone().expect("resolve gives int8 only when there is one"),

@@ -4,6 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
+use ffmpeg_next as ff;
+
+use crate::image_io::ImageError;
+
 /// Errors from probing a template source.
 #[derive(Debug, thiserror::Error)]
 pub enum VideoError {
@@ -11,12 +15,12 @@ pub enum VideoError {
     #[error("template video not found: {0}")]
     Missing(PathBuf),
     /// FFmpeg could not open or read the file.
-    #[error("could not read video {path}: {message} (expected a video file FFmpeg can demux, e.g. H.264 MP4)")]
+    #[error("could not read video {path}: {source} (expected a video file FFmpeg can demux, e.g. H.264 MP4)")]
     Open {
         /// The file.
         path: PathBuf,
-        /// FFmpeg's message.
-        message: String,
+        /// What went wrong.
+        source: ReadFailure,
     },
     /// The file has no video stream.
     #[error("{0} has no video stream")]
@@ -25,12 +29,12 @@ pub enum VideoError {
     #[error("{0} has no frames")]
     NoFrames(PathBuf),
     /// A frame file could not be read as an image.
-    #[error("could not read frame image {path}: {message} (expected a JPEG or PNG file)")]
+    #[error("could not read frame image {path}: {source} (expected a JPEG or PNG file)")]
     BadFrame {
         /// The frame file.
         path: PathBuf,
-        /// What went wrong.
-        message: String,
+        /// Why it could not be read.
+        source: ImageError,
     },
     /// Frames of a directory differ in size.
     #[error("frame {path} is {got_w}x{got_h}, but the first frame is {want_w}x{want_h}: all frames must be one size")]
@@ -54,6 +58,87 @@ pub enum VideoError {
         /// The I/O error.
         source: std::io::Error,
     },
+}
+
+impl VideoError {
+    /// A [`VideoError::Open`] of `path` caused by `source`.
+    pub fn open(path: &Path, source: impl Into<ReadFailure>) -> Self {
+        VideoError::Open { path: path.to_path_buf(), source: source.into() }
+    }
+}
+
+/// The error a frame visitor returns (see [`crate::template::Visitor`]).
+pub type VisitError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What went wrong reading a template video (the cause of a [`VideoError::Open`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadFailure {
+    /// An FFmpeg call failed.
+    #[error("{0}")]
+    Ffmpeg(#[from] ff::Error),
+    /// An FFmpeg call failed at a named step.
+    #[error("{step}: {source}")]
+    FfmpegAt {
+        /// What was being done.
+        step: &'static str,
+        /// FFmpeg's error.
+        source: ff::Error,
+    },
+    /// FFmpeg stopped decoding part way.
+    #[error("decoding failed after {frames} frames: {source} (corrupt or truncated video?)")]
+    Corrupt {
+        /// Frames decoded before it stopped.
+        frames: usize,
+        /// FFmpeg's error.
+        source: ff::Error,
+    },
+    /// The video stream states no frame size.
+    #[error("video stream has no frame size")]
+    NoFrameSize,
+    /// A frame of another size than the stream's first.
+    #[error("frame {frame} is {width}x{height}, the stream started at {first_width}x{first_height}")]
+    SizeChanged {
+        /// The frame's index.
+        frame: usize,
+        /// Its width.
+        width: u32,
+        /// Its height.
+        height: u32,
+        /// The first frame's width.
+        first_width: u32,
+        /// The first frame's height.
+        first_height: u32,
+    },
+    /// A frame past the template's end.
+    #[error("frame {frame} asked for, but the template holds {frames} frames")]
+    OutOfRange {
+        /// The frame asked for.
+        frame: usize,
+        /// Frames the template holds.
+        frames: usize,
+    },
+    /// Decoding again ended before a frame the first decode gave.
+    #[error("the stream ended before frame {frame} decoding again, but held {frames} frames at open")]
+    EndedEarly {
+        /// The frame not reached.
+        frame: usize,
+        /// Frames decoded at open.
+        frames: usize,
+    },
+    /// Decoding again gave other pixels than at open.
+    #[error("decoding again gave other frames than at open (a decoder that is not deterministic?)")]
+    NotDeterministic,
+    /// zstd failed on a stored frame.
+    #[error("zstd: {0}")]
+    Zstd(#[source] std::io::Error),
+    /// The visitor of [`crate::template::SharedTemplate::open_with`] stopped the decode.
+    #[error("{0}")]
+    Visitor(#[source] VisitError),
+}
+
+/// A [`ReadFailure::FfmpegAt`] at `step`.
+pub(crate) fn at(step: &'static str) -> impl Fn(ff::Error) -> ReadFailure {
+    move |source| ReadFailure::FfmpegAt { step, source }
 }
 
 /// What a template source holds.
@@ -133,9 +218,9 @@ fn probe_dir(dir: &Path) -> Result<VideoInfo, VideoError> {
     let files = frame_files(dir)?;
     let first = files.first().ok_or_else(|| VideoError::NoFrames(dir.to_path_buf()))?;
     let size = |p: &Path| {
-        imagesize::size(p)
-            .map(|s| (s.width as u32, s.height as u32))
-            .map_err(|e| VideoError::BadFrame { path: p.to_path_buf(), message: e.to_string() })
+        crate::image_io::image_size(p)
+            .map(|(w, h)| (w as u32, h as u32))
+            .map_err(|source| VideoError::BadFrame { path: p.to_path_buf(), source })
     };
     let (width, height) = size(first)?;
     for file in &files[1..] {
@@ -168,8 +253,7 @@ pub(crate) fn open_video(path: &Path) -> Result<OpenedVideo, VideoError> {
     if !path.exists() {
         return Err(VideoError::Missing(path.to_path_buf()));
     }
-    let open = |message: String| VideoError::Open { path: path.to_path_buf(), message };
-    let input = ffmpeg_next::format::input(path).map_err(|e| open(e.to_string()))?;
+    let input = ffmpeg_next::format::input(path).map_err(|e| VideoError::open(path, e))?;
     let stream = input
         .streams()
         .best(ffmpeg_next::media::Type::Video)
@@ -177,10 +261,11 @@ pub(crate) fn open_video(path: &Path) -> Result<OpenedVideo, VideoError> {
     let index = stream.index();
     let rate = stream.avg_frame_rate();
     let fps = (rate.denominator() != 0 && rate.numerator() > 0).then(|| f64::from(rate));
-    let ctx =
-        ffmpeg_next::codec::context::Context::from_parameters(stream.parameters()).map_err(|e| open(e.to_string()))?;
+    let ctx = ffmpeg_next::codec::context::Context::from_parameters(stream.parameters())
+        .map_err(|e| VideoError::open(path, e))?;
     let codec = ctx.id().name().to_string();
-    let decoder = ctx.decoder().video().map_err(|e| open(format!("no decoder for the video stream: {e}")))?;
+    let decoder =
+        ctx.decoder().video().map_err(|e| VideoError::open(path, at("no decoder for the video stream")(e)))?;
     Ok(OpenedVideo { input, index, fps, codec, decoder })
 }
 
@@ -188,7 +273,7 @@ fn probe_file(path: &Path) -> Result<VideoInfo, VideoError> {
     let OpenedVideo { mut input, index, fps, codec, decoder } = open_video(path)?;
     let (width, height) = (decoder.width(), decoder.height());
     if width == 0 || height == 0 {
-        return Err(VideoError::Open { path: path.to_path_buf(), message: "video stream has no frame size".into() });
+        return Err(VideoError::open(path, ReadFailure::NoFrameSize));
     }
     let mut frames = 0usize;
     for result in input.packets() {
@@ -201,4 +286,41 @@ fn probe_file(path: &Path) -> Result<VideoInfo, VideoError> {
         return Err(VideoError::NoFrames(path.to_path_buf()));
     }
     Ok(VideoInfo { frames, width, height, fps, codec })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+    use crate::frame::BgrFrame;
+    use crate::image_io::CodecError;
+
+    #[test]
+    fn a_bad_frame_file_keeps_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("0.png"), b"not a png").unwrap();
+        let e = probe(dir.path()).unwrap_err();
+        assert!(
+            matches!(&e, VideoError::BadFrame { source: ImageError::Decode { source: CodecError::Header(_), .. }, .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().starts_with("could not read frame image"), "{e}");
+    }
+
+    #[test]
+    fn a_visitors_error_is_the_opens_cause() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("enough")]
+        struct Enough;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut png, mut scratch) = (Vec::new(), Vec::new());
+        crate::image_io::encode_png(&BgrFrame::new(16, 16), &mut png, &mut scratch).unwrap();
+        std::fs::write(dir.path().join("0.png"), &png).unwrap();
+        let e = crate::template::SharedTemplate::open_with(dir.path(), usize::MAX, &mut |_, _| Err(Enough.into()))
+            .unwrap_err();
+        assert!(e.to_string().contains("could not read video") && e.to_string().contains("enough"), "{e}");
+        let failure = e.source().expect("the failure");
+        assert!(failure.source().is_some_and(|c| c.is::<Enough>()), "{failure:?}");
+    }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use ffmpeg_next as ff;
 
 use crate::frame::BgrFrame;
-use crate::io::video::{open_video, OpenedVideo, VideoError};
+use crate::io::video::{at, open_video, OpenedVideo, ReadFailure, VideoError};
 
 /// Pulls the next decoded frame into `frame`, calling `feed` for packets as the decoder asks
 /// (`feed` sends one and returns `true`, or returns `false` at the end of the packets, when the
@@ -45,7 +45,7 @@ pub(crate) struct ToBgr {
 
 impl ToBgr {
     /// Converts `frame` into `out` (reusing its allocation).
-    pub(crate) fn convert(&mut self, frame: &ff::frame::Video, out: &mut BgrFrame) -> Result<(), String> {
+    pub(crate) fn convert(&mut self, frame: &ff::frame::Video, out: &mut BgrFrame) -> Result<(), ReadFailure> {
         let (format, w, h) = (frame.format(), frame.width(), frame.height());
         if !matches!(&self.scaler, Some((f, sw, sh, _)) if *f == format && *sw == w && *sh == h) {
             let ctx = ff::software::scaling::Context::get(
@@ -57,12 +57,12 @@ impl ToBgr {
                 h,
                 ff::software::scaling::Flags::BICUBIC,
             )
-            .map_err(|e| format!("no BGR conversion: {e}"))?;
+            .map_err(at("no BGR conversion"))?;
             self.scaler = Some((format, w, h, ctx));
         }
         let scaler = &mut self.scaler.as_mut().expect("set above").3;
         let bgr = self.bgr.get_or_insert_with(ff::frame::Video::empty);
-        scaler.run(frame, bgr).map_err(|e| format!("BGR conversion failed: {e}"))?;
+        scaler.run(frame, bgr).map_err(at("BGR conversion failed"))?;
         let (w, h) = (w as usize, h as usize);
         out.reshape(w, h);
         let stride = bgr.stride(0);
@@ -142,30 +142,28 @@ impl VideoReader {
             }
             Ok(false)
         })
-        .map_err(|e| corrupt(&self.path, self.frames, &e))?;
+        .map_err(|e| corrupt(&self.path, self.frames, e))?;
         if !got {
             return Ok(false);
         }
         let (w, h) = (self.yuv.width(), self.yuv.height());
         if (w, h) != (self.width, self.height) {
-            return Err(VideoError::Open {
-                path: self.path.clone(),
-                message: format!(
-                    "frame {} is {w}x{h}, the stream started at {}x{}",
-                    self.frames, self.width, self.height
-                ),
-            });
+            let changed = ReadFailure::SizeChanged {
+                frame: self.frames,
+                width: w,
+                height: h,
+                first_width: self.width,
+                first_height: self.height,
+            };
+            return Err(VideoError::open(&self.path, changed));
         }
-        self.to_bgr.convert(&self.yuv, out).map_err(|message| VideoError::Open { path: self.path.clone(), message })?;
+        self.to_bgr.convert(&self.yuv, out).map_err(|e| VideoError::open(&self.path, e))?;
         self.frames += 1;
         Ok(true)
     }
 }
 
 /// The error for a stream FFmpeg stops decoding after `frames` frames.
-pub(crate) fn corrupt(path: &Path, frames: usize, e: &ff::Error) -> VideoError {
-    VideoError::Open {
-        path: path.to_path_buf(),
-        message: format!("decoding failed after {frames} frames: {e} (corrupt or truncated video?)"),
-    }
+pub(crate) fn corrupt(path: &Path, frames: usize, source: ff::Error) -> VideoError {
+    VideoError::open(path, ReadFailure::Corrupt { frames, source })
 }

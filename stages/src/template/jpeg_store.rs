@@ -6,7 +6,7 @@
 
 use crate::crop::CropBox;
 use crate::frame::BgrFrame;
-use crate::image_io::ImageError;
+use crate::image_io::{CodecError, ImageError};
 use crate::jpeg::{JpegEncoder, JpegLayout, McuRegion};
 
 /// One template frame, ready for JPEG output.
@@ -21,6 +21,25 @@ pub struct JpegFrame {
     pixels: Box<[u8]>,
 }
 
+/// Why a template frame's region could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    /// The zstd context could not be made.
+    #[error("zstd: {0}")]
+    Zstd(#[source] std::io::Error),
+    /// The region's bytes did not decompress.
+    #[error("a template region did not unpack: {0}")]
+    Unpack(#[source] std::io::Error),
+    /// They decompressed to another size than the region's.
+    #[error("a template region unpacked to {got} bytes, expected {expected}")]
+    Size {
+        /// Bytes unpacked.
+        got: usize,
+        /// Bytes of the region.
+        expected: usize,
+    },
+}
+
 /// Reads regions' pixels back (a reused zstd context: one per reading thread).
 pub struct RegionReader(zstd::bulk::Decompressor<'static>);
 
@@ -32,19 +51,19 @@ impl std::fmt::Debug for RegionReader {
 
 impl RegionReader {
     /// A reader.
-    pub fn new() -> Result<Self, String> {
-        zstd::bulk::Decompressor::new().map(Self).map_err(|e| format!("zstd: {e}"))
+    pub fn new() -> Result<Self, RegionError> {
+        zstd::bulk::Decompressor::new().map(Self).map_err(RegionError::Zstd)
     }
 }
 
 impl JpegFrame {
     /// Writes the region's pixels into `out` (reshaped to the region).
-    pub fn read_region(&self, reader: &mut RegionReader, out: &mut BgrFrame) -> Result<(), String> {
+    pub fn read_region(&self, reader: &mut RegionReader, out: &mut BgrFrame) -> Result<(), RegionError> {
         out.reshape(self.region.width, self.region.height);
         match reader.0.decompress_to_buffer(&self.pixels[..], &mut out.data[..]) {
             Ok(n) if n == out.data.len() => Ok(()),
-            Ok(n) => Err(format!("a template region unpacked to {n} bytes, expected {}", out.data.len())),
-            Err(e) => Err(format!("a template region did not unpack: {e}")),
+            Ok(got) => Err(RegionError::Size { got, expected: out.data.len() }),
+            Err(e) => Err(RegionError::Unpack(e)),
         }
     }
 }
@@ -139,7 +158,7 @@ impl JpegTemplateBuilder {
                 format: "zstd",
                 width: 0,
                 height: 0,
-                message: e.to_string(),
+                source: CodecError::Zstd(e),
             })?,
             pixels: BgrFrame::default(),
             size: (0, 0),
@@ -154,12 +173,9 @@ impl JpegTemplateBuilder {
         if self.over || index >= self.boxes.len() {
             return Ok(());
         }
-        let err = |format, message| ImageError::Encode { format, width: frame.width, height: frame.height, message };
+        let err = |format, source| ImageError::Encode { format, width: frame.width, height: frame.height, source };
         if index != self.frames.len() {
-            return Err(err(
-                "JPEG",
-                format!("template frame {index} came out of order (expected {})", self.frames.len()),
-            ));
+            return Err(err("JPEG", CodecError::OutOfOrder { index, expected: self.frames.len() }));
         }
         if index == 0 {
             self.size = (frame.width, frame.height);
@@ -167,10 +183,10 @@ impl JpegTemplateBuilder {
         let region = McuRegion::around(self.boxes[index], frame.width, frame.height);
         let jpeg = self.encoder.encode(frame)?;
         let mut layout = JpegLayout::default();
-        layout.parse(jpeg).map_err(|m| err("JPEG", m))?;
+        layout.parse(jpeg).map_err(|e| err("JPEG", e.into()))?;
         layout.runs.shrink_to_fit();
         region.copy_out(frame, &mut self.pixels);
-        let pixels = self.zstd.compress(&self.pixels.data).map_err(|e| err("zstd", e.to_string()))?;
+        let pixels = self.zstd.compress(&self.pixels.data).map_err(|e| err("zstd", CodecError::Zstd(e)))?;
         let bytes = jpeg.len() + pixels.len() + layout.runs.len() * 8;
         if self.bytes + bytes > self.limit {
             // Over the limit: the caller decodes frames as they are needed instead.

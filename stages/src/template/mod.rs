@@ -29,10 +29,12 @@ use ffmpeg_next as ff;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::frame::BgrFrame;
-use crate::io::video::{frame_files, open_video, OpenedVideo, VideoError};
+use crate::io::video::{frame_files, open_video, OpenedVideo, ReadFailure, VideoError};
+
+pub use crate::io::video::VisitError;
 
 pub use decode::VideoReader;
-pub use jpeg_store::{JpegFrame, JpegTemplate, JpegTemplateBuilder, RegionReader};
+pub use jpeg_store::{JpegFrame, JpegTemplate, JpegTemplateBuilder, RegionError, RegionReader};
 pub use reader::TemplateReader;
 
 /// Default byte budget of a reader's ring of decoded frames (and of the raw frames a frames
@@ -233,12 +235,12 @@ impl SharedTemplate {
     }
 }
 
-/// What [`SharedTemplate::open_with`] shows each frame: its index and pixels.
-pub type Visitor<'a> = dyn FnMut(usize, &BgrFrame) -> Result<(), String> + 'a;
+/// What [`SharedTemplate::open_with`] shows each frame: its index and pixels. Its error stops
+/// the decode and is the cause of the open's [`VideoError::Open`].
+pub type Visitor<'a> = dyn FnMut(usize, &BgrFrame) -> Result<(), VisitError> + 'a;
 
 fn open_file(path: &Path, visit: &mut Visitor<'_>) -> Result<SharedTemplate, VideoError> {
     let OpenedVideo { mut input, index, fps, mut decoder, .. } = open_video(path)?;
-    let open = |message: String| VideoError::Open { path: path.to_path_buf(), message };
     let params = input.stream(index).ok_or_else(|| VideoError::NoVideoStream(path.to_path_buf()))?.parameters();
     // A deep copy, owned by nobody else.
     let params = params.clone();
@@ -254,7 +256,7 @@ fn open_file(path: &Path, visit: &mut Visitor<'_>) -> Result<SharedTemplate, Vid
         }
         None => Ok(false),
     })
-    .map_err(|e| decode::corrupt(path, pts.len(), &e))?
+    .map_err(|e| decode::corrupt(path, pts.len(), e))?
     {
         let (w, h) = (frame.width(), frame.height());
         match size {
@@ -262,13 +264,15 @@ fn open_file(path: &Path, visit: &mut Visitor<'_>) -> Result<SharedTemplate, Vid
                 size = Some((w, h));
                 frame_bytes = decode::frame_bytes(&frame);
             }
-            Some(s) if s != (w, h) => {
-                return Err(open(format!("frame {} is {w}x{h}, the stream started at {}x{}", pts.len(), s.0, s.1)))
+            Some((first_width, first_height)) if (first_width, first_height) != (w, h) => {
+                let changed =
+                    ReadFailure::SizeChanged { frame: pts.len(), width: w, height: h, first_width, first_height };
+                return Err(VideoError::open(path, changed));
             }
             Some(_) => {}
         }
-        to_bgr.convert(&frame, &mut bgr).map_err(open)?;
-        visit(pts.len(), &bgr).map_err(open)?;
+        to_bgr.convert(&frame, &mut bgr).map_err(|e| VideoError::open(path, e))?;
+        visit(pts.len(), &bgr).map_err(|e| VideoError::open(path, ReadFailure::Visitor(e)))?;
         hashes.push(xxh3_64(&bgr.data));
         pts.push(frame.timestamp());
     }
@@ -307,7 +311,7 @@ fn open_dir(path: &Path, budget: usize, visit: &mut Visitor<'_>) -> Result<Share
     let mut frame = BgrFrame::default();
     for file in &files {
         crate::image_io::read_image(file, &mut frame)
-            .map_err(|e| VideoError::BadFrame { path: file.clone(), message: e.to_string() })?;
+            .map_err(|source| VideoError::BadFrame { path: file.clone(), source })?;
         let (w, h) = *size.get_or_insert((frame.width, frame.height));
         if (frame.width, frame.height) != (w, h) {
             return Err(VideoError::SizeMismatch {
@@ -318,12 +322,11 @@ fn open_dir(path: &Path, budget: usize, visit: &mut Visitor<'_>) -> Result<Share
                 want_h: h as u32,
             });
         }
-        visit(frames.len(), &frame).map_err(|message| VideoError::Open { path: file.clone(), message })?;
+        visit(frames.len(), &frame).map_err(|e| VideoError::open(file, ReadFailure::Visitor(e)))?;
         let stored = if bytes + frame.data.len() <= budget {
             Stored::Raw(frame.data.clone().into_boxed_slice())
         } else {
-            let z = zstd::bulk::compress(&frame.data, 1)
-                .map_err(|e| VideoError::Open { path: file.clone(), message: format!("zstd: {e}") })?;
+            let z = zstd::bulk::compress(&frame.data, 1).map_err(|e| VideoError::open(file, ReadFailure::Zstd(e)))?;
             Stored::Zstd(z.into_boxed_slice())
         };
         bytes += match &stored {
@@ -343,7 +346,7 @@ fn copy_stored(t: &SharedTemplate, frames: &[Stored], i: usize, out: &mut BgrFra
         Stored::Raw(b) => out.data.copy_from_slice(b),
         Stored::Zstd(z) => {
             let n = zstd::bulk::decompress_to_buffer(z, &mut out.data[..])
-                .map_err(|e| VideoError::Open { path: t.path.clone(), message: format!("zstd: {e}") })?;
+                .map_err(|e| VideoError::open(&t.path, ReadFailure::Zstd(e)))?;
             debug_assert_eq!(n, out.data.len());
         }
     }

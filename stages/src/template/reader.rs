@@ -11,7 +11,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::decode::{corrupt, decode_next, ToBgr};
 use super::{copy_stored, SharedTemplate, Store, VideoStore};
 use crate::frame::BgrFrame;
-use crate::io::video::VideoError;
+use crate::io::video::{at, ReadFailure, VideoError};
 
 /// Frames a ring of `cache` bytes holds (at least 1).
 pub(crate) fn ring_frames(cache: usize, frame_bytes: usize) -> usize {
@@ -94,10 +94,7 @@ impl TemplateReader {
     pub fn get(&mut self, i: usize, out: &mut BgrFrame) -> Result<(), VideoError> {
         let shared = self.shared.clone();
         if i >= shared.len {
-            return Err(VideoError::Open {
-                path: shared.path.clone(),
-                message: format!("frame {i} asked for, but the template holds {} frames", shared.len),
-            });
+            return Err(VideoError::open(&shared.path, ReadFailure::OutOfRange { frame: i, frames: shared.len }));
         }
         match &shared.store {
             Store::Images(frames) => copy_stored(&shared, frames, i, out),
@@ -116,9 +113,7 @@ impl TemplateReader {
             if let Some(cursor) = &self.cursor {
                 let held = cursor.ring.front().and_then(|(d, _)| i.checked_sub(*d)).and_then(|k| cursor.ring.get(k));
                 if let Some((_, frame)) = held {
-                    self.to_bgr
-                        .convert(frame, out)
-                        .map_err(|message| VideoError::Open { path: t.path.clone(), message })?;
+                    self.to_bgr.convert(frame, out).map_err(|e| VideoError::open(&t.path, e))?;
                     if !cursor.verified() || xxh3_64(&out.data) == v.hashes[i] {
                         return Ok(());
                     }
@@ -153,13 +148,8 @@ impl TemplateReader {
                     Step::Gap => break,
                     Step::End if cursor.verified() => break,
                     Step::End => {
-                        return Err(VideoError::Open {
-                            path: t.path.clone(),
-                            message: format!(
-                                "the stream ended before frame {} decoding again, but held {} frames at open",
-                                cursor.next_display, t.len
-                            ),
-                        })
+                        let early = ReadFailure::EndedEarly { frame: cursor.next_display, frames: t.len };
+                        return Err(VideoError::open(&t.path, early));
                     }
                 }
             }
@@ -181,10 +171,7 @@ impl TemplateReader {
                 "decoding from this keyframe does not give the stream's frames; restarting earlier");
             v.restarts[cursor.restart].bad.store(true, Ordering::Relaxed);
         } else {
-            return Err(VideoError::Open {
-                path: t.path.clone(),
-                message: "decoding again gave other frames than at open (a decoder that is not deterministic?)".into(),
-            });
+            return Err(VideoError::open(&t.path, ReadFailure::NotDeterministic));
         }
         Ok(())
     }
@@ -200,7 +187,7 @@ impl TemplateReader {
         cap: usize,
     ) -> Result<Cursor, VideoError> {
         let params = v.params.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        let open = |e: ff::Error| VideoError::Open { path: t.path.clone(), message: format!("decoder: {e}") };
+        let open = |e: ff::Error| VideoError::open(&t.path, at("decoder")(e));
         let decoder =
             ff::codec::context::Context::from_parameters(params).map_err(open)?.decoder().video().map_err(open)?;
         let mut ring = match self.cursor.take() {
@@ -260,7 +247,7 @@ impl Cursor {
                 }
                 None => Ok(false),
             })
-            .map_err(|e| corrupt(&t.path, self.next_display, &e))?;
+            .map_err(|e| corrupt(&t.path, self.next_display, e))?;
             if !got {
                 return Ok(Step::End);
             }

@@ -7,7 +7,7 @@ use ort::session::{IoBinding, Session};
 use ort::value::Tensor;
 
 use super::ort_backend::unet_label;
-use super::{BackendInfo, Batch, Provider, UnetBackend, UnetError, UnetInputs, UnetModel};
+use super::{BackendInfo, Batch, Provider, RunFailure, UnetBackend, UnetError, UnetInputs, UnetModel};
 use crate::features::FRAME_AUDIO_LEN;
 use crate::onnx::{check_signature, ModelIo, OnnxError, OrtRuntime, SessionOptions};
 
@@ -90,7 +90,10 @@ impl CudaUnet {
         let s = self.size;
         let slot = &mut self.inputs[n - 1];
         if slot.is_none() {
-            let run = |e: ort::Error| UnetError::Run { batch: n, message: format!("pinned input tensors: {e}") };
+            let run = |source| UnetError::Run {
+                batch: n,
+                source: RunFailure::OrtAt { step: "pinned input tensors", source },
+            };
             *slot = Some(Inputs {
                 images: Tensor::new(&self.pinned, [n, 6, s, s]).map_err(run)?,
                 audio: Tensor::new(&self.pinned, [n, 32, 16, 16]).map_err(run)?,
@@ -122,7 +125,7 @@ impl UnetBackend for CudaUnet {
     }
 
     fn run(&mut self, n: usize) -> Result<&[f32], UnetError> {
-        let run = |e: ort::Error| UnetError::Run { batch: n, message: e.to_string() };
+        let run = |e: ort::Error| UnetError::Run { batch: n, source: e.into() };
         self.tensors(n)?;
         let t = self.inputs[n - 1].as_ref().expect("made by tensors");
         self.binding.bind_input(self.io.unet_image_input.as_str(), &t.images).map_err(run)?;
@@ -131,7 +134,7 @@ impl UnetBackend for CudaUnet {
         let outputs = self.session.run_binding(&self.binding).map_err(run)?;
         let value = outputs
             .get(self.io.unet_output.as_str())
-            .ok_or_else(|| UnetError::Run { batch: n, message: format!("no output `{}`", self.io.unet_output) })?;
+            .ok_or_else(|| UnetError::Run { batch: n, source: RunFailure::NoOutput(self.io.unet_output.clone()) })?;
         let (_, data) = value.try_extract_tensor::<f32>().map_err(run)?;
         let expected = n * 3 * self.size * self.size;
         if data.len() != expected {

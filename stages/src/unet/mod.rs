@@ -7,6 +7,7 @@ mod cuda;
 mod ort_backend;
 pub mod remote;
 
+use std::num::ParseIntError;
 use std::path::PathBuf;
 
 use crate::crop::CropParams;
@@ -14,7 +15,7 @@ use crate::features::FRAME_AUDIO_LEN;
 use crate::onnx::{ModelIo, OnnxError, OrtRuntime, SessionOptions};
 
 pub use ort_backend::OrtUnet;
-pub use remote::{RemoteSettings, RemoteUrlError};
+pub use remote::{RemoteFailure, RemoteSettings, RemoteUrlError, TensorMismatch};
 
 /// Largest batch accepted.
 pub const MAX_BATCH: usize = 32;
@@ -28,6 +29,30 @@ pub struct Batch(usize);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("batch size {0} is out of range: expected 1..={MAX_BATCH}")]
 pub struct BatchError(pub usize);
+
+/// A batch size or [`BatchSetting`] that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchParseError {
+    /// Not a number (for a [`Batch`]).
+    #[error("`{text}` is not a batch size: expected 1..={MAX_BATCH}")]
+    NotSize {
+        /// The text given.
+        text: String,
+        /// Why it is not a number.
+        source: ParseIntError,
+    },
+    /// Neither `auto` nor a number (for a [`BatchSetting`]).
+    #[error("`{text}` is not a batch setting: expected auto or 1..={MAX_BATCH}")]
+    NotSetting {
+        /// The text given.
+        text: String,
+        /// Why it is not a number.
+        source: ParseIntError,
+    },
+    /// A number out of range.
+    #[error(transparent)]
+    Range(#[from] BatchError),
+}
 
 impl Batch {
     /// One frame per run.
@@ -70,10 +95,10 @@ impl std::fmt::Display for Batch {
 }
 
 impl std::str::FromStr for Batch {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let n: usize = s.trim().parse().map_err(|_| format!("`{s}` is not a batch size: expected 1..={MAX_BATCH}"))?;
-        Batch::new(n).map_err(|e| e.to_string())
+    type Err = BatchParseError;
+    fn from_str(s: &str) -> Result<Self, BatchParseError> {
+        let n: usize = s.trim().parse().map_err(|source| BatchParseError::NotSize { text: s.into(), source })?;
+        Ok(Batch::new(n)?)
     }
 }
 
@@ -98,10 +123,10 @@ enum BatchRepr {
 }
 
 impl TryFrom<BatchRepr> for BatchSetting {
-    type Error = String;
-    fn try_from(r: BatchRepr) -> Result<Self, String> {
+    type Error = BatchParseError;
+    fn try_from(r: BatchRepr) -> Result<Self, BatchParseError> {
         match r {
-            BatchRepr::Size(n) => Batch::new(n).map(BatchSetting::Fixed).map_err(|e| e.to_string()),
+            BatchRepr::Size(n) => Ok(BatchSetting::Fixed(Batch::new(n)?)),
             BatchRepr::Word(s) => s.parse(),
         }
     }
@@ -117,14 +142,13 @@ impl From<BatchSetting> for BatchRepr {
 }
 
 impl std::str::FromStr for BatchSetting {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BatchParseError;
+    fn from_str(s: &str) -> Result<Self, BatchParseError> {
         if s.trim() == "auto" {
             return Ok(BatchSetting::Auto);
         }
-        let n: usize =
-            s.trim().parse().map_err(|_| format!("`{s}` is not a batch setting: expected auto or 1..={MAX_BATCH}"))?;
-        Batch::new(n).map(BatchSetting::Fixed).map_err(|e| e.to_string())
+        let n: usize = s.trim().parse().map_err(|source| BatchParseError::NotSetting { text: s.into(), source })?;
+        Ok(BatchSetting::Fixed(Batch::new(n)?))
     }
 }
 
@@ -199,20 +223,20 @@ pub enum UnetError {
     #[error("UNet run of {0} frames is outside the session's 1..={1}")]
     BadBatch(usize, usize),
     /// Running the model failed.
-    #[error("UNet failed on a batch of {batch}: {message}")]
+    #[error("UNet failed on a batch of {batch}: {source}")]
     Run {
         /// Batch size.
         batch: usize,
-        /// ONNX Runtime's message.
-        message: String,
+        /// What went wrong.
+        source: RunFailure,
     },
     /// The inference server failed, or does not serve the UNet this avatar needs.
-    #[error("remote UNet ({server}): {message}")]
+    #[error("remote UNet ({server}): {source}")]
     Remote {
         /// The model and server.
         server: String,
         /// What went wrong.
-        message: String,
+        source: RemoteFailure,
     },
     /// `--provider remote` without a server.
     #[error("--provider remote needs --remote-url grpc://HOST:PORT and --remote-model NAME")]
@@ -227,6 +251,37 @@ pub enum UnetError {
         /// Values expected.
         expected: usize,
     },
+}
+
+/// Why a UNet run failed (the cause of a [`UnetError::Run`]).
+#[derive(Debug, thiserror::Error)]
+pub enum RunFailure {
+    /// ONNX Runtime failed.
+    #[error("{0}")]
+    Ort(#[from] ort::Error),
+    /// ONNX Runtime failed at a named step.
+    #[error("{step}: {source}")]
+    OrtAt {
+        /// What was being done.
+        step: &'static str,
+        /// ONNX Runtime's error.
+        source: ort::Error,
+    },
+    /// The model gave no output of the UNet's output name.
+    #[error("no output `{0}`")]
+    NoOutput(String),
+    /// A run before its inputs were written.
+    #[error("inputs were not written for this batch (call inputs first)")]
+    NoInputs,
+    /// Caller slices too short for the batch ([`run_slices`]).
+    #[error("input or output slices shorter than the batch")]
+    ShortSlices,
+    /// The thread that runs the UNet could not start.
+    #[error("could not start the UNet thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// The run panicked (its message).
+    #[error("panicked: {0}")]
+    Panicked(String),
 }
 
 impl std::fmt::Display for Provider {
@@ -283,19 +338,22 @@ impl std::fmt::Display for PrecisionSetting {
 
 impl PrecisionSetting {
     /// The precision to run: `int8` is available when the avatar names an int8 model.
-    pub fn resolve(self, int8_available: bool, provider: Provider) -> Result<Precision, String> {
+    pub fn resolve(self, int8_available: bool, provider: Provider) -> Result<Precision, NoInt8Model> {
         match self {
             PrecisionSetting::Fp32 => Ok(Precision::Fp32),
             PrecisionSetting::Int8 if int8_available => Ok(Precision::Int8),
-            PrecisionSetting::Int8 => {
-                Err("int8 asked for, but the avatar names no int8 UNet (make one with `lipsync model quantize`)".into())
-            }
+            PrecisionSetting::Int8 => Err(NoInt8Model),
             // Static int8 pays on the CPU; a GPU runs the fp32 model (its int8 kernels differ).
             PrecisionSetting::Auto if int8_available && provider == Provider::Cpu => Ok(Precision::Int8),
             PrecisionSetting::Auto => Ok(Precision::Fp32),
         }
     }
 }
+
+/// [`PrecisionSetting::Int8`] for an avatar that names no int8 model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("int8 asked for, but the avatar names no int8 UNet (make one with `lipsync model quantize`)")]
+pub struct NoInt8Model;
 
 /// A UNet model to open: its file, its precision, its tensor names and the crop it serves.
 #[derive(Debug, Clone)]
@@ -420,7 +478,7 @@ pub fn run_slices(
     let s = unet.size();
     let (img_len, out_len) = (n * 6 * s * s, n * 3 * s * s);
     if images.len() < img_len || audio.len() < n * FRAME_AUDIO_LEN || output.len() < out_len {
-        return Err(UnetError::Run { batch: n, message: "input or output slices shorter than the batch".into() });
+        return Err(UnetError::Run { batch: n, source: RunFailure::ShortSlices });
     }
     let inputs = unet.inputs(n)?;
     inputs.images.copy_from_slice(&images[..img_len]);
@@ -489,7 +547,7 @@ mod tests {
         assert_eq!(Batch::new(0).unwrap_err().to_string(), "batch size 0 is out of range: expected 1..=32");
         assert!(Batch::new(33).is_err());
         assert_eq!("4".parse::<Batch>().unwrap(), Batch::new(4).unwrap());
-        assert!("x".parse::<Batch>().unwrap_err().contains("expected 1..=32"));
+        assert!("x".parse::<Batch>().unwrap_err().to_string().contains("expected 1..=32"));
         let b: Batch = serde_json::from_str("16").unwrap();
         assert_eq!(b.get(), 16);
         assert!(serde_json::from_str::<Batch>("64").is_err());
@@ -499,8 +557,12 @@ mod tests {
     fn batch_setting_is_auto_or_a_size() {
         assert_eq!("auto".parse::<BatchSetting>().unwrap(), BatchSetting::Auto);
         assert_eq!("4".parse::<BatchSetting>().unwrap(), BatchSetting::Fixed(Batch::new(4).unwrap()));
-        assert!("0".parse::<BatchSetting>().unwrap_err().contains("batch size 0 is out of range: expected 1..=32"));
-        assert!("big".parse::<BatchSetting>().unwrap_err().contains("expected auto or 1..=32"));
+        let e = "0".parse::<BatchSetting>().unwrap_err();
+        assert_eq!(e, BatchParseError::Range(BatchError(0)));
+        assert!(e.to_string().contains("batch size 0 is out of range: expected 1..=32"));
+        let e = "big".parse::<BatchSetting>().unwrap_err();
+        assert!(e.to_string().contains("expected auto or 1..=32"), "{e}");
+        assert!(std::error::Error::source(&e).is_some_and(|c| c.is::<ParseIntError>()), "the cause is kept");
         assert_eq!(serde_json::from_str::<BatchSetting>("\"auto\"").unwrap(), BatchSetting::Auto);
         assert_eq!(serde_json::from_str::<BatchSetting>("8").unwrap().to_string(), "8");
         assert!(serde_json::from_str::<BatchSetting>("40").is_err());

@@ -4,7 +4,7 @@
 use ort::session::Session;
 use ort::value::TensorRef;
 
-use super::{BackendInfo, Batch, Precision, Provider, UnetBackend, UnetError, UnetInputs, UnetModel};
+use super::{BackendInfo, Batch, Precision, Provider, RunFailure, UnetBackend, UnetError, UnetInputs, UnetModel};
 use crate::features::FRAME_AUDIO_LEN;
 use crate::onnx::{check_signature, ModelIo, OrtRuntime, SessionOptions};
 
@@ -106,20 +106,19 @@ impl UnetBackend for OrtUnet {
     fn run(&mut self, n: usize) -> Result<&[f32], UnetError> {
         self.check(n)?;
         let s = self.size;
-        let run = |message: String| UnetError::Run { batch: n, message };
+        let run = |e: RunFailure| UnetError::Run { batch: n, source: e };
         if self.images.len() < n * 6 * s * s {
-            return Err(run("inputs were not written for this batch (call inputs first)".into()));
+            return Err(run(RunFailure::NoInputs));
         }
-        let img = TensorRef::from_array_view(([n, 6, s, s], &self.images[..n * 6 * s * s]))
-            .map_err(|e| run(e.to_string()))?;
+        let img =
+            TensorRef::from_array_view(([n, 6, s, s], &self.images[..n * 6 * s * s])).map_err(|e| run(e.into()))?;
         let aud = TensorRef::from_array_view(([n, 32, 16, 16], &self.audio[..n * FRAME_AUDIO_LEN]))
-            .map_err(|e| run(e.to_string()))?;
+            .map_err(|e| run(e.into()))?;
         let outputs = self
             .session
             .run(ort::inputs![self.io.unet_image_input.as_str() => img, self.io.unet_audio_input.as_str() => aud])
-            .map_err(|e| run(e.to_string()))?;
-        let (_, data) =
-            outputs[self.io.unet_output.as_str()].try_extract_tensor::<f32>().map_err(|e| run(e.to_string()))?;
+            .map_err(|e| run(e.into()))?;
+        let (_, data) = outputs[self.io.unet_output.as_str()].try_extract_tensor::<f32>().map_err(|e| run(e.into()))?;
         let expected = n * 3 * s * s;
         if data.len() != expected {
             return Err(UnetError::OutputSize { batch: n, got: data.len(), expected });

@@ -77,6 +77,130 @@ pub struct RemoteUrlError {
     pub expected: &'static str,
 }
 
+/// What went wrong with the inference server (the cause of a [`UnetError::Remote`]).
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteFailure {
+    /// The server's URL cannot be used.
+    #[error(transparent)]
+    Url(#[from] RemoteUrlError),
+    /// tonic does not take the address.
+    #[error("{0}")]
+    Endpoint(#[source] tonic::transport::Error),
+    /// The async runtime the client runs on could not start.
+    #[error("no async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// Nothing answered at the address.
+    #[error("cannot connect: {0} (is the server running?)")]
+    Connect(#[source] tonic::transport::Error),
+    /// A call failed: the server's status (or tonic's), after `retries` retries.
+    #[error("{call}: {} ({:?}){}", .source.message(), .source.code(), retried(*.retries))]
+    Call {
+        /// The call (`model ready`, `model infer`...).
+        call: &'static str,
+        /// Retries made before giving up.
+        retries: u32,
+        /// The status it ended with.
+        source: tonic::Status,
+    },
+    /// A call got no answer within its deadline (the server's DEADLINE_EXCEEDED, or the client's
+    /// own timeout, which tonic reports as CANCELLED).
+    #[error(
+        "{call}: no answer within the {} ms deadline ({}){}",
+        .deadline.as_millis(), .source.message(), retried(*.retries)
+    )]
+    Deadline {
+        /// The call.
+        call: &'static str,
+        /// The deadline.
+        deadline: Duration,
+        /// Retries made before giving up.
+        retries: u32,
+        /// The status it ended with.
+        source: tonic::Status,
+    },
+    /// The server says it is not live.
+    #[error("the server says it is not live")]
+    NotLive,
+    /// The server says the model is not ready.
+    #[error("the server says the model is not ready")]
+    NotReady,
+    /// The model's metadata does not match the UNet signature.
+    #[error(transparent)]
+    Signature(Box<TensorMismatch>),
+    /// An answer without the UNet's output.
+    #[error("the answer has no output `{0}`")]
+    NoOutput(String),
+    /// An answer whose output is not FP32.
+    #[error("output `{name}` is {datatype}, expected FP32")]
+    OutputType {
+        /// The output.
+        name: String,
+        /// Its data type.
+        datatype: String,
+    },
+}
+
+impl RemoteFailure {
+    /// `call` failed with `source` after `retries` retries (each request given `deadline`).
+    fn call(call: &'static str, source: tonic::Status, deadline: Duration, retries: u32) -> Self {
+        match source.code() {
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                RemoteFailure::Deadline { call, deadline, retries, source }
+            }
+            _ => RemoteFailure::Call { call, retries, source },
+        }
+    }
+}
+
+/// ` after N retries`, when there were any.
+fn retried(retries: u32) -> String {
+    if retries > 0 {
+        format!(" after {retries} retries")
+    } else {
+        String::new()
+    }
+}
+
+/// A tensor of the server's model that does not fit the UNet signature (what was expected, what
+/// was found, and the whole of what the model has).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TensorMismatch {
+    /// No tensor of that name.
+    #[error("no {kind} `{name}`; the model has {model}")]
+    Missing {
+        /// `input` or `output`.
+        kind: &'static str,
+        /// The tensor's name.
+        name: String,
+        /// The model's inputs and outputs.
+        model: String,
+    },
+    /// A tensor of another type or shape.
+    #[error("{kind} `{name}` is {datatype} {shape:?}, expected {types} [-1, {dims:?}]; the model has {model}")]
+    Wrong {
+        /// `input` or `output`.
+        kind: &'static str,
+        /// The tensor's name.
+        name: String,
+        /// Its data type.
+        datatype: String,
+        /// Its shape.
+        shape: Vec<i64>,
+        /// The data types it may have.
+        types: &'static str,
+        /// The dimensions it should have after the batch.
+        dims: Vec<i64>,
+        /// The model's inputs and outputs.
+        model: String,
+    },
+}
+
+impl From<TensorMismatch> for RemoteFailure {
+    fn from(e: TensorMismatch) -> Self {
+        RemoteFailure::Signature(Box::new(e))
+    }
+}
+
 /// The UNet on a remote server (see the module docs).
 pub(crate) struct RemoteUnet {
     runtime: tokio::runtime::Runtime,
@@ -98,23 +222,23 @@ impl RemoteUnet {
     /// Connects, checks the server, the model and its signature.
     pub(crate) fn open(model: &UnetModel, max_batch: Batch, settings: &RemoteSettings) -> Result<Self, UnetError> {
         let where_ = format!("model `{}` on {}", settings.model, settings.url);
-        let fail = |message: String| UnetError::Remote { server: where_.clone(), message };
-        let endpoint = settings.endpoint().map_err(|e| fail(e.to_string()))?;
+        let fail = |source: RemoteFailure| UnetError::Remote { server: where_.clone(), source };
+        let endpoint = settings.endpoint().map_err(|e| fail(e.into()))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| fail(format!("no async runtime: {e}")))?;
+            .map_err(|e| fail(RemoteFailure::Runtime(e)))?;
         let size = model.crop.model_size as usize;
         // A batch's inputs and outputs with room for the protocol's framing.
         let limit = max_batch.get() * (6 + 3) * size * size * 4 + (FRAME_AUDIO_LEN * 4 + 4096) * max_batch.get();
         let client = runtime.block_on(async {
             let channel = Endpoint::from_shared(endpoint)
-                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| fail(RemoteFailure::Endpoint(e)))?
                 .connect_timeout(settings.timeout)
                 .timeout(settings.timeout)
                 .connect()
                 .await
-                .map_err(|e| fail(format!("cannot connect: {e} (is the server running?)")))?;
+                .map_err(|e| fail(RemoteFailure::Connect(e)))?;
             Ok::<_, UnetError>(
                 GrpcInferenceServiceClient::new(channel)
                     .max_decoding_message_size(limit)
@@ -145,10 +269,10 @@ impl RemoteUnet {
     }
 
     /// Server live, model ready, metadata matching the UNet signature.
-    fn check(&mut self) -> Result<(), String> {
+    fn check(&mut self) -> Result<(), RemoteFailure> {
         let (client, name) = (&mut self.client, self.settings.model.clone());
         let timeout = self.settings.timeout;
-        let status = |what: &str, e: tonic::Status| format!("{what}: {}", describe(&e, timeout));
+        let status = |call, e| RemoteFailure::call(call, e, timeout, 0);
         let (live, ready, meta) = self.runtime.block_on(async {
             let live = client.server_live(ServerLiveRequest {}).await.map_err(|e| status("server live", e))?;
             let ready = client
@@ -159,13 +283,13 @@ impl RemoteUnet {
                 .model_metadata(ModelMetadataRequest { name, version: String::new() })
                 .await
                 .map_err(|e| status("model metadata", e))?;
-            Ok::<_, String>((live.into_inner().live, ready.into_inner().ready, meta.into_inner()))
+            Ok::<_, RemoteFailure>((live.into_inner().live, ready.into_inner().ready, meta.into_inner()))
         })?;
         if !live {
-            return Err("the server says it is not live".into());
+            return Err(RemoteFailure::NotLive);
         }
         if !ready {
-            return Err("the server says the model is not ready".into());
+            return Err(RemoteFailure::NotReady);
         }
         let s = self.size as i64;
         let io = &self.io;
@@ -184,10 +308,11 @@ impl RemoteUnet {
         for (input, name, dims) in want {
             let list = if input { &meta.inputs } else { &meta.outputs };
             let kind = if input { "input" } else { "output" };
-            let t = list
-                .iter()
-                .find(|t| t.name == name)
-                .ok_or_else(|| format!("no {kind} `{name}`; the model has {has}"))?;
+            let t = list.iter().find(|t| t.name == name).ok_or_else(|| TensorMismatch::Missing {
+                kind,
+                name: name.into(),
+                model: has.clone(),
+            })?;
             // Batch first (any size, or -1), then the fixed dims (-1 allowed).
             // The image input may be UINT8 (sent as the 8-bit crop, module docs).
             let image = input && name == io.unet_image_input;
@@ -197,10 +322,16 @@ impl RemoteUnet {
                 && t.shape[1..].iter().zip(&dims).all(|(have, want)| *have == -1 || have == want);
             if !fits {
                 let types = if image { "FP32 or UINT8" } else { "FP32" };
-                return Err(format!(
-                    "{kind} `{name}` is {} {:?}, expected {types} [-1, {dims:?}]; the model has {has}",
-                    t.datatype, t.shape
-                ));
+                return Err(TensorMismatch::Wrong {
+                    kind,
+                    name: name.into(),
+                    datatype: t.datatype.clone(),
+                    shape: t.shape.clone(),
+                    types,
+                    dims,
+                    model: has,
+                }
+                .into());
             }
             if image {
                 self.image_u8 = u8_image;
@@ -254,7 +385,7 @@ impl UnetBackend for RemoteUnet {
         self.check_batch(n)?;
         let s = self.size;
         let server = format!("model `{}` on {}", self.settings.model, self.settings.url);
-        let fail = |message: String| UnetError::Remote { server: server.clone(), message };
+        let fail = |source: RemoteFailure| UnetError::Remote { server: server.clone(), source };
         let images = &self.images[..n * 6 * s * s];
         let (image_type, image_bytes) = if self.image_u8 {
             // Each value is k / 255 for a byte k (prep's table), so this gives k back exactly.
@@ -292,10 +423,7 @@ impl UnetBackend for RemoteUnet {
                         tokio::time::sleep(backoff).await;
                         backoff *= 2;
                     }
-                    Err(e) => {
-                        let tries = if attempt > 0 { format!(" after {} retries", attempt) } else { String::new() };
-                        break Err(fail(format!("{}{tries}", describe(&e, settings.timeout))));
-                    }
+                    Err(e) => break Err(fail(RemoteFailure::call("model infer", e, settings.timeout, attempt))),
                 }
             }
         })?;
@@ -304,10 +432,10 @@ impl UnetBackend for RemoteUnet {
             .outputs
             .iter()
             .position(|o| o.name == self.io.unet_output)
-            .ok_or_else(|| fail(format!("the answer has no output `{}`", self.io.unet_output)))?;
+            .ok_or_else(|| fail(RemoteFailure::NoOutput(self.io.unet_output.clone())))?;
         let out = &response.outputs[at];
         if out.datatype != "FP32" {
-            return Err(fail(format!("output `{}` is {}, expected FP32", out.name, out.datatype)));
+            return Err(fail(RemoteFailure::OutputType { name: out.name.clone(), datatype: out.datatype.clone() }));
         }
         if self.output.len() < expected {
             self.output.resize(expected, 0.0);
@@ -331,17 +459,6 @@ impl UnetBackend for RemoteUnet {
     }
 }
 
-/// What a failed call says: a call past its deadline (the server's DEADLINE_EXCEEDED, or the
-/// client's own timeout, which tonic reports as CANCELLED) names the deadline.
-fn describe(e: &tonic::Status, timeout: Duration) -> String {
-    match e.code() {
-        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-            format!("no answer within the {} ms deadline ({})", timeout.as_millis(), e.message())
-        }
-        code => format!("{} ({code:?})", e.message()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,5 +475,42 @@ mod tests {
         assert_eq!(s("http://h:1").endpoint().unwrap(), "http://h:1");
         assert!(s("https://h:1").endpoint().unwrap_err().to_string().contains("must start with grpc://"));
         assert!(s("grpc://h:1/models").endpoint().unwrap_err().to_string().contains("expected grpc://HOST:PORT"));
+    }
+
+    #[test]
+    fn failed_calls_name_the_call_and_keep_the_status() {
+        let slow = RemoteFailure::call(
+            "model infer",
+            tonic::Status::cancelled("Timeout expired"),
+            Duration::from_millis(300),
+            2,
+        );
+        assert_eq!(
+            slow.to_string(),
+            "model infer: no answer within the 300 ms deadline (Timeout expired) after 2 retries"
+        );
+        let missing =
+            RemoteFailure::call("model ready", tonic::Status::not_found("no model"), Duration::from_secs(1), 0);
+        assert_eq!(missing.to_string(), "model ready: no model (NotFound)");
+        let status = std::error::Error::source(&missing).and_then(|c| c.downcast_ref::<tonic::Status>());
+        assert_eq!(status.map(tonic::Status::code), Some(tonic::Code::NotFound));
+    }
+
+    #[test]
+    fn a_server_that_is_not_there_is_a_connect_failure_with_its_cause() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("grpc://127.0.0.1:{port}");
+        let settings = RemoteSettings::new(&url, "unet", Duration::from_secs(2), 0).unwrap();
+        let model = UnetModel {
+            path: "unet.onnx".into(),
+            precision: Precision::Fp32,
+            io: ModelIo::default(),
+            crop: crate::crop::CropParams::default(),
+        };
+        let e = RemoteUnet::open(&model, Batch::ONE, &settings).err().expect("nothing listens there");
+        assert!(matches!(&e, UnetError::Remote { source: RemoteFailure::Connect(_), .. }), "{e:?}");
+        assert!(e.to_string().contains("cannot connect") && e.to_string().contains(&url), "{e}");
+        let failure = std::error::Error::source(&e).expect("the failure");
+        assert!(failure.source().is_some_and(|c| c.is::<tonic::transport::Error>()), "{failure:?}");
     }
 }
