@@ -29,12 +29,12 @@ use crate::runtime::{panic_message, record, send_unless_cancelled, thread_cpu_se
 
 /// A UNet run that failed: every frame of the batch gets it.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("the UNet failed on frame {index}: {message}")]
+#[error("the UNet failed on frame {index}: {source}")]
 pub struct UnetFailure {
     /// The frame.
     pub index: usize,
-    /// What ONNX Runtime (or the panic) said.
-    pub message: String,
+    /// The run's error (ONNX Runtime's, the server's, or a panic), shared by the batch's frames.
+    pub source: Arc<UnetError>,
 }
 
 /// What the batcher sends back: the job with its output filled, or why it failed.
@@ -370,7 +370,7 @@ fn batch_loop(
         }
         let t = Instant::now();
         record(&stats.wait, t.duration_since(batch[0].arrived));
-        let result = run_batch(unet, crop, &prep, &mut batch);
+        let result = run_batch(unet, crop, &prep, &mut batch).map_err(Arc::new);
         record(&stats.service, t.elapsed());
         stats.sizes[n].fetch_add(1, Ordering::Relaxed);
         if result.is_err() {
@@ -380,7 +380,7 @@ fn batch_loop(
         for r in batch.drain(..) {
             let reply = match &result {
                 Ok(()) => Ok(r.job),
-                Err(e) => Err(UnetFailure { index: r.job.index, message: e.to_string() }),
+                Err(e) => Err(UnetFailure { index: r.job.index, source: e.clone() }),
             };
             // Room for every job of the producer: never blocks. A gone producer drops it.
             let _ = r.reply.try_send(reply);

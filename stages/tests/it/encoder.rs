@@ -1,7 +1,6 @@
 //! The batched audio encoder (tiny model) and the whole streaming audio path against offline.
 
-use std::path::PathBuf;
-
+use crate::common::fixture;
 use lipsync_stages::audio::load_16k;
 use lipsync_stages::features::{
     extract_windows, frame_audio, pad_features, AudioEncoder, FeatureAssembler, WindowTracker, FEATURE_DIM,
@@ -10,10 +9,6 @@ use lipsync_stages::features::{
 use lipsync_stages::io::npy::read_f32_2d;
 use lipsync_stages::mel::MelSpectrogram;
 use lipsync_stages::onnx::{ModelIo, OrtRuntime, SessionOptions};
-
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
-}
 
 fn encoder(batch: usize) -> AudioEncoder {
     let rt = OrtRuntime::load(None).expect("ONNX Runtime (run scripts/setup.sh)");

@@ -3,18 +3,13 @@
 //! frames (template fetch), prep, composite, encode (JPEG) and sink stages.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
+use crate::alloc_counter;
+use crate::common::{fixture, one_at_a_time};
 use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
 use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::OrtRuntime;
 use lipsync_stages::unet::{Batch, BatchSetting};
-
-mod alloc_counter;
-
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
-}
 
 /// Renders `frames` frames and returns allocations per stage thread name.
 fn allocations(rt: &OrtRuntime, frames: usize) -> HashMap<String, u64> {
@@ -39,6 +34,7 @@ fn allocations(rt: &OrtRuntime, frames: usize) -> HashMap<String, u64> {
 
 #[test]
 fn image_hot_path_allocates_nothing_per_frame() {
+    let _one = one_at_a_time();
     let rt = OrtRuntime::load(None).expect("ONNX Runtime (run scripts/setup.sh)");
     // Both runs cover the whole 5-frame template (ping-pong period 8) and cycle through every
     // pooled job, so buffers reach their working size in both; the longer run adds 24 frames.

@@ -2,10 +2,11 @@
 //! render's frames bit for bit, however the audio is chunked and however many sessions share
 //! the UNet service (which then batches frames across them).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::fixture;
 use lipsync_pipelines::graph::sink::{FrameSink, SinkError};
 use lipsync_pipelines::graph::unet::{UnetService, UnetServiceConfig};
 use lipsync_pipelines::graph::Layout;
@@ -21,10 +22,6 @@ use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
 use lipsync_stages::template::JpegTemplate;
 use lipsync_stages::unet::{Batch, BatchSetting, Provider};
-
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
-}
 
 /// The offline render's JPEG frames for `audio` (its template held as JPEG frames).
 fn offline(rt: &OrtRuntime, audio: &Path) -> Vec<Vec<u8>> {

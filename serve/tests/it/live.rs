@@ -1,9 +1,10 @@
 //! Live sessions of an in-process daemon: idle frames before, between and after speech;
 //! speech frames byte-identical to `render --first-index`; interrupts; frames on the clock.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
+use crate::common::{fixture, runtime};
 use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
 use lipsync_serve::client::live::{stream_live, LiveOutcome, LiveSpec};
 use lipsync_serve::client::{ClientError, Connection};
@@ -12,16 +13,7 @@ use lipsync_serve::settings::InferenceOptions;
 use lipsync_serve::{Daemon, ServeOptions};
 use lipsync_stages::audio::decode_file;
 use lipsync_stages::io::avatar::Avatar;
-use lipsync_stages::onnx::OrtRuntime;
 use lipsync_stages::unet::{Batch, BatchSetting};
-
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
-}
-
-fn runtime() -> OrtRuntime {
-    OrtRuntime::load(None).expect("ONNX Runtime (run scripts/setup.sh)")
-}
 
 fn daemon(tmp: &Path) -> Daemon {
     daemon_with(tmp, None)

@@ -5,16 +5,13 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::common::fixture;
 use lipsync_serve::client::live::{stream_live, LiveSpec};
 use lipsync_serve::settings::http::HttpOptions;
 use lipsync_serve::settings::InferenceOptions;
 use lipsync_serve::{Daemon, ServeOptions};
 use lipsync_stages::audio::decode_file;
 use lipsync_stages::onnx::OrtRuntime;
-
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -1,7 +1,6 @@
 //! Audio path against docs/spec.md sections 1, 2 and 7, the seed references and the librosa fixtures.
 
-use std::path::PathBuf;
-
+use crate::common::fixture;
 use lipsync_stages::audio::{self, pcm_to_mono, AudioError, PcmFormat, StreamResampler};
 use lipsync_stages::features::{
     extract_windows, frame_audio, pad_features, window_count, window_start, FeatureAssembler, FeatureError,
@@ -9,10 +8,6 @@ use lipsync_stages::features::{
 };
 use lipsync_stages::io::npy::read_f32_2d;
 use lipsync_stages::mel::{mel_filterbank, mel_frames, MelSpectrogram, N_BINS, N_MELS};
-
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
-}
 
 fn json(rel: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixture(rel)).unwrap()).unwrap()

@@ -1,14 +1,8 @@
 //! The image path against OpenCV and the Python reference's dumps.
 
-use std::path::PathBuf;
-
 use lipsync_stages::frame::BgrFrame;
 use lipsync_stages::image_io::read_image;
 use lipsync_stages::resize::CubicResizer;
-
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
-}
 
 fn load(rel: &str) -> BgrFrame {
     let mut f = BgrFrame::default();
@@ -38,6 +32,7 @@ fn cubic_resize_matches_opencv() {
     }
 }
 
+use crate::common::fixture;
 use lipsync_stages::crop::CropParams;
 use lipsync_stages::face::{input_len, output_len, template_index, template_len, Blend, Compositor, FacePrep};
 use lipsync_stages::features::{frame_audio, FRAME_AUDIO_LEN};

@@ -2,8 +2,7 @@
 //! library gives the offline render's JPEG bytes (from the avatar's JPEG frames or from decoded
 //! ones), a stop drains it and removes the socket, and a daemon that cannot start says why.
 
-use std::path::PathBuf;
-
+use crate::common::{fixture, runtime};
 use lipsync_pipelines::render::{render, ImageFormat, Output, RenderConfig};
 use lipsync_serve::client::{stream, ClientError, Connection, StreamSpec};
 use lipsync_serve::protocol::ErrorCode;
@@ -11,16 +10,7 @@ use lipsync_serve::settings::{InferenceOptions, TemplateOptions};
 use lipsync_serve::{Daemon, ServeError, ServeOptions};
 use lipsync_stages::audio::decode_file;
 use lipsync_stages::io::avatar::Avatar;
-use lipsync_stages::onnx::OrtRuntime;
 use lipsync_stages::unet::{Batch, BatchSetting};
-
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
-}
-
-fn runtime() -> OrtRuntime {
-    OrtRuntime::load(None).expect("ONNX Runtime (run scripts/setup.sh)")
-}
 
 #[test]
 fn an_in_process_daemon_serves_the_render_frames_and_drains() {

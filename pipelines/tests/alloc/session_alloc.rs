@@ -5,11 +5,12 @@
 //! template and sessions that splice into its JPEG frames are both checked.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::alloc_counter;
+use crate::common::{fixture, one_at_a_time};
 use lipsync_pipelines::graph::sink::{FrameSink, SinkError};
 use lipsync_pipelines::graph::unet::{UnetService, UnetServiceConfig};
 use lipsync_pipelines::graph::Layout;
@@ -24,12 +25,6 @@ use lipsync_stages::io::avatar::Avatar;
 use lipsync_stages::onnx::{OrtRuntime, SessionOptions};
 use lipsync_stages::template::JpegTemplate;
 use lipsync_stages::unet::{Batch, BatchSetting, Provider};
-
-mod alloc_counter;
-
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
-}
 
 /// A sink that keeps only a byte count (no allocation).
 struct Count(Arc<AtomicU64>);
@@ -118,12 +113,9 @@ fn idle_allocations(fx: &Fixture, id: u64, seconds: f64, jpeg: bool) -> (HashMap
     (alloc_counter::by_name_since(first_slot), frames)
 }
 
-/// Counts are per thread name: the tests of this file run one at a time.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
 #[test]
 fn session_hot_path_allocates_nothing_per_frame() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = one_at_a_time();
     let fx = fixture_models();
     let staged = &["ls-frames", "ls-prep", "ls-composite", "ls-encode", "ls-sink"][..];
     for (k, (layout, stages, jpeg)) in [
@@ -145,7 +137,7 @@ fn session_hot_path_allocates_nothing_per_frame() {
 /// frame either: 2 s more of idle adds no allocation to any of its threads.
 #[test]
 fn realtime_idle_frames_allocate_nothing_per_frame() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = one_at_a_time();
     let fx = fixture_models();
     for (id, jpeg) in [(101, false), (103, true)] {
         let (short, a) = idle_allocations(&fx, id, 1.0, jpeg);
