@@ -79,7 +79,7 @@ def main():
     log = open(os.path.join(tmp, "serve.log"), "w")
     daemon = subprocess.Popen(
         [args.binary, "serve", "--socket", sock, "--avatars", os.path.join(tmp, "avatars"),
-         "--preload", "soak", "--max-sessions", str(2 * args.sessions), "--intra-threads", "1"],
+         "--preload", "soak", "--max-sessions", str(2 * args.sessions), "--threads", "1"],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     failures = []
     try:

@@ -13,13 +13,19 @@ stage "setup"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 stage "cargo fmt --check"
 cargo fmt --all -- --check
-stage "cargo clippy"
-cargo clippy --workspace --all-targets --quiet -- -D warnings
-# Only lipsync-stages has CUDA code: checking it alone does not rebuild the crates above it.
-stage "cargo clippy -p lipsync-stages --features cuda (the CUDA backend builds without a GPU)"
-cargo clippy -p lipsync-stages --all-targets --features cuda --quiet -- -D warnings
-stage "cargo test"
-cargo test --workspace --all-targets
+# Clippy runs inside the builds: clippy-driver as the workspace's rustc wrapper lints each
+# workspace crate as it compiles (what `cargo clippy ... -- -D warnings` does, through the same
+# wrapper and arguments), so the dependencies are compiled once for the tests, not first checked
+# for clippy and then built again.
+linted() {
+  RUSTC_WORKSPACE_WRAPPER="$(rustc --print sysroot)/bin/clippy-driver" \
+    CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__" "$@"
+}
+stage "cargo test, linted by clippy as it builds"
+linted cargo test --workspace --all-targets
+# Only lipsync-stages has CUDA code: building it alone with the feature rebuilds only it and ort.
+stage "lipsync-stages with --features cuda, linted (the CUDA backend builds without a GPU)"
+linted cargo build -p lipsync-stages --all-targets --features cuda --quiet
 stage "python tests"
 .venv/bin/python -m unittest discover -s tests/python -v
 stage "fuzzing (AFL++, 15 s per target; scripts/fuzz.sh 150 is the 10-minute run)"
