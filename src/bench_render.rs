@@ -13,6 +13,15 @@ use lipsync_stages::unet::{Batch, Precision, PrecisionSetting, Provider};
 
 use crate::Cli;
 
+/// What `lipsync bench render` renders to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchOutput {
+    /// A frames directory of JPEGs.
+    Jpeg,
+    /// An MP4 with the sound track.
+    Mp4,
+}
+
 /// Arguments of `lipsync bench render`.
 #[derive(Debug, Args)]
 pub struct BenchRenderArgs {
@@ -35,8 +44,8 @@ pub struct BenchRenderArgs {
     #[arg(long, default_value_t = 40)]
     pub quality_frames: usize,
     /// Render output: jpeg (a frames directory) or mp4.
-    #[arg(long, default_value = "jpeg", value_parser = ["jpeg", "mp4"])]
-    pub output: String,
+    #[arg(long, value_enum, default_value_t = BenchOutput::Jpeg)]
+    pub output: BenchOutput,
 }
 
 /// Runs `lipsync bench render`.
@@ -67,7 +76,7 @@ pub fn run(cli: &Cli, args: &BenchRenderArgs) -> Result<()> {
         (batches * n) as f64 / t.elapsed().as_secs_f64()
     };
 
-    let mp4 = args.output == "mp4";
+    let mp4 = args.output == BenchOutput::Mp4;
     let int8 = match avatar.unet_int8.is_some() {
         true => Some(int8_figures(&rt, &avatar, args, threads, mp4)?),
         false => None,
@@ -78,7 +87,7 @@ pub fn run(cli: &Cli, args: &BenchRenderArgs) -> Result<()> {
         "frames": outcome.frames,
         "batch": n,
         "intra_threads": threads,
-        "output": args.output,
+        "output": if mp4 { "mp4" } else { "jpeg" },
         "inference_only_fps": inference_fps,
         "render_fps": render_fps,
         "render_fps_with_startup": outcome.report.frames_per_second,

@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use lipsync_serve::client::bench;
 use lipsync_serve::client::{stream, Connection, StreamSpec};
+use lipsync_serve::settings::LayoutSetting;
 use lipsync_stages::audio::decode_file;
 use lipsync_stages::unet::Batch;
 
@@ -32,8 +33,8 @@ pub struct BenchServeArgs {
     #[arg(long, default_value_t = Batch::new(8).expect("valid"))]
     pub max_batch: Batch,
     /// Threads of each session: staged, compact or auto (the daemon's --session-layout).
-    #[arg(long, default_value = "auto")]
-    pub session_layout: String,
+    #[arg(long, value_enum, default_value_t = LayoutSetting::Auto)]
+    pub session_layout: LayoutSetting,
     /// Longest a frame waits for its batch to fill, ms.
     #[arg(long, default_value_t = 2.0)]
     pub max_wait_ms: f64,
@@ -109,7 +110,7 @@ fn start_daemon(cli: &Cli, args: &BenchServeArgs, threads: usize) -> Result<(Dae
         .arg(dir.join("avatars"))
         .args(["--preload", &name, "--max-sessions", "64"])
         .args(["--max-batch", &args.max_batch.to_string()])
-        .args(["--session-layout", &args.session_layout])
+        .args(["--session-layout", &value_name(args.session_layout)])
         .args(["--max-wait-ms", &args.max_wait_ms.to_string()])
         .args(["--session-queue", &args.session_queue.to_string()])
         .args(["--threads", &threads.to_string()])
@@ -197,11 +198,16 @@ pub fn run(cli: &Cli, args: &BenchServeArgs) -> Result<()> {
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
         "session_queue": args.session_queue,
-        "session_layout": args.session_layout,
+        "session_layout": value_name(args.session_layout),
         "intra_threads": threads,
         "render_fps": render,
         "rounds": rounds,
     });
     println!("{out}");
     Ok(())
+}
+
+/// A choice's name on the command line.
+fn value_name(v: impl clap::ValueEnum) -> String {
+    v.to_possible_value().map_or_else(String::new, |p| p.get_name().to_string())
 }

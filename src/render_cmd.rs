@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lipsync_pipelines::render::{render, ImageFormat, Output, ProgressFn, RenderConfig, RenderOutcome};
-use lipsync_pipelines::runtime::PinPolicy;
+use lipsync_pipelines::runtime::PinSetting;
 use lipsync_serve::settings::{InferenceOptions, RemoteOptions, TemplateOptions};
 use lipsync_stages::face::Blend;
 use lipsync_stages::io::avatar::{read_boxes, Avatar};
@@ -62,7 +62,7 @@ pub struct RenderArgs {
     pub capacity: u16,
     /// Pin stage threads: auto, none, or a core list (0,1,2) (a daemon's sessions: none).
     #[arg(long, default_value = "auto")]
-    pub pin: String,
+    pub pin: PinSetting,
     #[command(flatten)]
     pub inference: InferenceOptions,
     #[command(flatten)]
@@ -171,7 +171,7 @@ pub fn run(cli: &Cli, args: &RenderArgs) -> Result<()> {
     let rt = cli.runtime()?;
     let output = output_of(args)?;
     let inference = args.inference.resolve(&args.remote)?;
-    let pin = PinPolicy::parse(&args.pin, inference.threads).map_err(anyhow::Error::msg)?;
+    let pin = args.pin.policy(inference.threads);
     let (progress, cb) = progress_bar(cli.quiet);
     let cfg = RenderConfig {
         jpeg_quality: args.jpeg_quality.unwrap_or(avatar.config.jpeg_quality),

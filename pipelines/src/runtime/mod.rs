@@ -26,7 +26,7 @@ mod pool;
 pub use chain::Chain;
 pub use error::{BoxError, ErrorKind, Message, PipelineError, StageError};
 pub use lipsync_stages::panic_message;
-pub use pin::{PinParseError, PinPolicy};
+pub use pin::{PinParseError, PinPolicy, PinSetting};
 pub use pool::Pool;
 
 /// How often blocked sends/receives look at the cancel flag.

@@ -24,19 +24,56 @@ pub enum PinPolicy {
 #[error("bad core id `{0}` in --pin (expected auto, none or a list like 0,1,2)")]
 pub struct PinParseError(pub String);
 
-impl PinPolicy {
-    /// Parses `auto`, `none` or a comma-separated list of core ids; `auto` reserves
-    /// `intra_threads` cores for inference.
-    pub fn parse(s: &str, intra_threads: usize) -> Result<Self, PinParseError> {
+/// A `--pin` setting as given: `auto` needs the inference threads to become a [`PinPolicy`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum PinSetting {
+    /// `none`.
+    None,
+    /// `auto`.
+    Auto,
+    /// A list of core ids.
+    List(Vec<usize>),
+}
+
+impl std::str::FromStr for PinSetting {
+    type Err = PinParseError;
+    fn from_str(s: &str) -> Result<Self, PinParseError> {
         match s {
-            "none" => Ok(PinPolicy::None),
-            "auto" => Ok(PinPolicy::Auto { reserved: intra_threads.max(1) }),
+            "none" => Ok(PinSetting::None),
+            "auto" => Ok(PinSetting::Auto),
             list => list
                 .split(',')
                 .map(|c| c.trim().parse::<usize>().map_err(|_| PinParseError(c.to_string())))
                 .collect::<Result<Vec<_>, _>>()
-                .map(PinPolicy::List),
+                .map(PinSetting::List),
         }
+    }
+}
+
+impl TryFrom<String> for PinSetting {
+    type Error = PinParseError;
+    fn try_from(s: String) -> Result<Self, PinParseError> {
+        s.parse()
+    }
+}
+
+impl PinSetting {
+    /// The policy, `auto` reserving `intra_threads` cores for inference.
+    pub fn policy(&self, intra_threads: usize) -> PinPolicy {
+        match self {
+            PinSetting::None => PinPolicy::None,
+            PinSetting::Auto => PinPolicy::Auto { reserved: intra_threads.max(1) },
+            PinSetting::List(ids) => PinPolicy::List(ids.clone()),
+        }
+    }
+}
+
+impl PinPolicy {
+    /// Parses `auto`, `none` or a comma-separated list of core ids; `auto` reserves
+    /// `intra_threads` cores for inference.
+    pub fn parse(s: &str, intra_threads: usize) -> Result<Self, PinParseError> {
+        s.parse::<PinSetting>().map(|p| p.policy(intra_threads))
     }
 
     /// The core for the `k`-th stage, if pinned.

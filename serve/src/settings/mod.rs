@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::Args;
 use lipsync_pipelines::graph::Layout;
-use lipsync_pipelines::runtime::PinPolicy;
+use lipsync_pipelines::runtime::{PinPolicy, PinSetting};
 use lipsync_stages::unet::{BatchSetting, PrecisionSetting, Provider, RemoteSettings, RemoteUrlError};
 use serde::{Deserialize, Serialize};
 
@@ -109,7 +109,7 @@ pub struct ServeOptions {
     #[serde(alias = "realtime_delay_ms")]
     pub live_delay_ms: Option<f64>,
     #[arg(long, help = "Pinning of each session's stage threads: none, auto or a core list (0,1,2) [default: none]")]
-    pub pin: Option<String>,
+    pub pin: Option<PinSetting>,
     #[arg(
         long,
         value_enum,
@@ -380,12 +380,7 @@ impl ServeOptions {
         }
         let socket_mode = socket_mode(self.socket_mode, self.allow_shared_socket)?;
         let inference = self.inference.resolve(&self.remote)?;
-        let pin = self.pin.unwrap_or_else(|| "none".into());
-        let pin = PinPolicy::parse(&pin, inference.threads).map_err(|_| SettingsError::Invalid {
-            name: "pin",
-            value: pin,
-            expected: "auto, none or a list like 0,1,2",
-        })?;
+        let pin = self.pin.unwrap_or(PinSetting::None).policy(inference.threads);
         let session_layout = match self.session_layout.unwrap_or_default() {
             LayoutSetting::Auto => auto_layout(cpus()),
             LayoutSetting::Staged => Layout::Staged,

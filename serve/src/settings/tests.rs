@@ -80,6 +80,10 @@ fn the_shared_groups_keep_their_old_keys_and_refuse_unknown_ones() {
         let e = toml::from_str::<ServeOptions>(bad).unwrap_err().to_string();
         assert!(e.contains("unknown field"), "{bad}: {e}");
     }
+    let o: ServeOptions = toml::from_str("pin = \"0,1\"").unwrap();
+    assert_eq!(o.pin, Some(lipsync_pipelines::runtime::PinSetting::List(vec![0, 1])));
+    let e = toml::from_str::<ServeOptions>("pin = \"0,x\"").unwrap_err().to_string();
+    assert!(e.contains("bad core id `x`"), "{e}");
     let e = toml::from_str::<ServeOptions>("provider = \"gpu\"").unwrap_err().to_string();
     assert!(e.contains("cpu") && e.contains("cuda") && e.contains("remote"), "{e}");
 }
